@@ -1,0 +1,95 @@
+"""Backend choices made once per process: a fast BLAS for MLX on Linux, and the compute dtype per device.
+
+MLX's Linux CPU wheel links the reference BLAS (measured here: ~5 GFLOP/s fp32 matmul against ~130 with
+OpenBLAS). `libmlx.so` leaves `cblas_sgemm` & co. undefined and resolves them at load time, so an OpenBLAS
+loaded into the global symbol scope *before* `mlx.core` is imported wins the lookup. This module does that
+on Linux only (macOS uses Accelerate/Metal and is never touched), before any MLX import, with:
+
+- `ZRECIPE_BLAS=off` (or `0`, `reference`) to opt out, `ZRECIPE_BLAS=/path/to/libopenblas.so` to choose;
+- otherwise the first OpenBLAS found among the system locations (Debian/Ubuntu `libopenblas0-pthread`,
+  Fedora, Arch) and the `cmeel-openblas` PyPI package.
+
+Importing this module is cheap (no MLX, no numpy).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+_SYSTEM_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+# What configure_blas() decided, for `zrecipe doctor` / --verbose.
+_blas_status: str | None = None
+
+
+def _cmeel_candidates() -> list[str]:
+    found = []
+    for entry in sys.path:
+        found += glob.glob(os.path.join(entry, "cmeel.prefix", "lib", "libopenblas.so.0"))
+    return found
+
+
+def configure_blas() -> str:
+    """Load a fast BLAS into the global symbol scope before MLX loads (Linux only). Idempotent.
+
+    Returns a one-line description of the BLAS MLX will use.
+    """
+    global _blas_status
+    if _blas_status is not None:
+        return _blas_status
+    choice = os.environ.get("ZRECIPE_BLAS", "").strip()
+    if not sys.platform.startswith("linux"):
+        _blas_status = "platform BLAS (not Linux: nothing changed)"
+    elif choice.lower() in {"off", "0", "reference", "none", "false"}:
+        _blas_status = "reference BLAS bundled with mlx (ZRECIPE_BLAS=off)"
+    elif "mlx.core" in sys.modules:
+        _blas_status = "unchanged: mlx was imported before zrecipe could select a fast BLAS"
+    else:
+        candidates = [choice] if choice else [*_SYSTEM_CANDIDATES, *_cmeel_candidates()]
+        _blas_status = "reference BLAS bundled with mlx (no OpenBLAS found; install libopenblas0-pthread)"
+        for path in candidates:
+            if not os.path.exists(path):
+                continue
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError as exc:
+                _blas_status = f"reference BLAS bundled with mlx ({path} failed to load: {exc})"
+                continue
+            _blas_status = f"OpenBLAS {path}"
+            break
+        else:
+            if choice:
+                _blas_status = f"reference BLAS bundled with mlx (ZRECIPE_BLAS={choice} not found)"
+    return _blas_status
+
+
+def blas_status() -> str:
+    """Which BLAS MLX uses in this process (configures it first if nobody has)."""
+    return configure_blas()
+
+
+def default_compute_dtype():
+    """fp32 on the CPU (bf16 matmul is slow there), bf16 on Metal/CUDA."""
+    import mlx.core as mx
+
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def resolve_dtype(name: str | None):
+    """Map a recipe's compute dtype ("auto", "float32", "bfloat16", None) to an mx.Dtype."""
+    import mlx.core as mx
+
+    if name in (None, "auto"):
+        return default_compute_dtype()
+    return {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[name]
