@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from zrecipe.backend import resolve_dtype
 from zrecipe.errors import ModelError
 from zrecipe.models.z_image.weights import load_strict, read_config, read_weights
 
@@ -64,9 +65,9 @@ class Qwen3Config:
         except (TypeError, ValueError) as exc:
             raise ModelError(f"{source}: invalid value in the Qwen3 config ({exc}).") from exc
         if data.get("hidden_act", "silu") != "silu":
-            raise ModelError(f"{source}: hidden_act {data['hidden_act']!r} is not supported (Qwen3 uses silu).")
+            raise ModelError(f"{source}: hidden_act {data['hidden_act']!r} is not supported (Qwen3: silu).")
         if data.get("use_sliding_window", False):
-            raise ModelError(f"{source}: use_sliding_window is true; sliding-window attention is not supported.")
+            raise ModelError(f"{source}: use_sliding_window is true; sliding-window attention unsupported.")
         if config.num_attention_heads % config.num_key_value_heads:
             raise ModelError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads.")
         return config
@@ -184,7 +185,7 @@ class Qwen3TextEncoder(nn.Module):
 
     @staticmethod
     def sanitize(weights: dict) -> dict:
-        """Checkpoint keys → module keys: drop the tied `lm_head`, add `model.` where a bare Qwen3Model lacks it."""
+        """Checkpoint → module keys: drop the tied `lm_head`; prefix `model.` where a bare Qwen3Model has none."""
         return {
             (key if key.startswith("model.") else "model." + key): value
             for key, value in weights.items()
@@ -198,23 +199,29 @@ def component_folder(path: str | Path, name: str) -> Path:
     return path / name if (path / name).is_dir() else path
 
 
-def default_dtype():
-    """fp32 on the CPU (exact, and bf16 matmuls are slow there); bf16 on a GPU (Metal / CUDA)."""
-    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
-
-
 def load_text_encoder(path: str | Path, dtype=None) -> Qwen3TextEncoder:
-    """Load the Qwen3 text encoder from a model folder (with `text_encoder/`) or the component folder."""
+    """Load the Qwen3 text encoder from a model folder (with `text_encoder/`) or the component folder.
+
+    `dtype`: an mx dtype or its name; default float32 on the CPU, bfloat16 on a GPU. Weights stay lazy
+    (memory-mapped) until first used, so the skipped last layer is never materialised.
+    """
+    if dtype is None or isinstance(dtype, str):
+        try:
+            dtype = resolve_dtype(dtype)
+        except KeyError as exc:
+            raise ModelError(f"unknown text encoder dtype {dtype!r}; use float32 or bfloat16.") from exc
     folder = component_folder(path, "text_encoder")
     config = Qwen3Config.from_dict(read_config(folder), source=folder / "config.json")
     model = Qwen3TextEncoder(config)
     weights = Qwen3TextEncoder.sanitize(read_weights(folder))
-    load_strict(model, weights, folder, dtype=dtype or default_dtype())
+    load_strict(model, weights, folder, dtype=dtype)
     model.eval()
     return model
 
 
-def encode_prompts(text_encoder: Qwen3TextEncoder, tokenizer, prompts: list[str], max_length: int = 512) -> list:
+def encode_prompts(
+    text_encoder: Qwen3TextEncoder, tokenizer, prompts: list[str], max_length: int = 512
+) -> list[mx.array]:
     """Caption embeddings as the Z-Image pipeline makes them: one (L_i, hidden) array per prompt.
 
     Each prompt is wrapped in the chat template, tokenized (truncated at `max_length`), and the rows of

@@ -9,6 +9,7 @@ model with a different template is honoured) and from `TEMPLATE` otherwise.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from zrecipe.errors import ModelError
@@ -17,6 +18,89 @@ TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 """What the Qwen3 chat template yields for one user message, add_generation_prompt, enable_thinking=True."""
 
 MAX_LENGTH = 512
+
+QWEN3_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+"""The Qwen3 (Qwen3-4B) chat template as published in its tokenizer_config.json; the tiny model carries it."""
 
 
 def apply_template(prompt: str, chat_template: str | None = None, special_tokens: dict | None = None) -> str:
@@ -35,6 +119,7 @@ def apply_template(prompt: str, chat_template: str | None = None, special_tokens
     )
 
 
+@lru_cache(maxsize=8)  # compiling the Qwen3 template costs ~ms; datasets have 100k captions
 def _compile(chat_template: str):
     """A sandboxed jinja environment set up as transformers sets it (trim/lstrip blocks, tojson, loops)."""
     import jinja2
@@ -46,7 +131,9 @@ def _compile(chat_template: str):
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # transformers replaces jinja's tojson (which HTML-escapes) by plain json.dumps.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
@@ -57,7 +144,9 @@ def _compile(chat_template: str):
 class PromptTokenizer:
     """A `tokenizers.Tokenizer` plus the chat template and pad token of a Qwen3 tokenizer folder."""
 
-    def __init__(self, tokenizer, chat_template: str | None, pad_token: str, source: str | Path = "tokenizer"):
+    def __init__(
+        self, tokenizer, chat_template: str | None, pad_token: str, source: str | Path = "tokenizer"
+    ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.source = Path(source)
@@ -92,7 +181,8 @@ class PromptTokenizer:
 
         if isinstance(prompts, str):
             prompts = [prompts]
-        encodings = self.tokenizer.encode_batch([self.apply_template(p) for p in prompts], add_special_tokens=True)
+        texts = [self.apply_template(p) for p in prompts]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         rows = [e.ids[:max_length] for e in encodings]
         width = max((len(r) for r in rows), default=0)
         input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int32)
