@@ -1,0 +1,248 @@
+"""`load_recipe(path)`: read a YAML/JSON recipe file, validate every section, return a frozen Recipe.
+
+Every problem found is collected and raised at once as one `RecipeError` whose lines read
+`FILE:LINE: key.path: message` (with a did-you-mean for unknown keys and misspelt choices). Nothing but
+`RecipeError` ever escapes, whatever the input.
+
+`model:` is a preset (`z-image`, `z-image-turbo`, `tiny`), a folder, or a Hugging Face repo id
+(`org/name`). A value starting with `/`, `./`, `../`, `~` or `$`, or naming an existing folder (relative
+to the recipe), is a folder and is made absolute; otherwise `org/name` is a repo id. Whether the model is
+actually there is checked when it is loaded, so data steps can run on a machine without it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from zrecipe.errors import RecipeError
+from zrecipe.recipe.datasets import RESOLUTION, read_datasets, read_examples
+from zrecipe.recipe.fields import (
+    MISSING,
+    Bad,
+    Context,
+    Reader,
+    format_path,
+    integer,
+    resolve_path,
+    suggest,
+    text,
+)
+from zrecipe.recipe.lora import read_lora
+from zrecipe.recipe.schema import (
+    DEFAULT_MODE,
+    DEFAULT_SEED,
+    MAX_SEED,
+    MODEL_PRESETS,
+    MODES,
+    FullFinetune,
+    Recipe,
+)
+from zrecipe.recipe.sections import (
+    OPTIMIZER,
+    SAMPLE,
+    SAMPLE_SETTINGS,
+    TRAINING_LOOP,
+    read_export,
+    read_full_finetune,
+    read_optimizer,
+    read_sample,
+    read_save,
+    read_training_loop,
+)
+from zrecipe.recipe.yamlsource import parse_recipe_text
+
+TOP_KEYS = (
+    "model",
+    "mode",
+    "seed",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "datasets",
+    "examples",
+    "training_loop",
+    "optimizer",
+    "lora_layers",
+    "lora",
+    "full_finetune",
+    "save",
+    "sample",
+    "export",
+    "cache",
+)
+# Where a key written at the top level by mistake belongs (for the hint in the error).
+_SECTION_OF = {
+    **{k: "training_loop" for k in TRAINING_LOOP},
+    **{k: "optimizer" for k in OPTIMIZER},
+    **{k: "sample" for k in SAMPLE if k not in SAMPLE_SETTINGS},
+    "checkpoint_frequency": "save",
+    "output_path": "save",
+    "keep_last": "save",
+    "formats": "export",
+    "dtype": "export",
+    "rank": "lora",
+    "alpha": "lora",
+    "targets": "lora",
+    "path": "datasets[]",
+    "captions": "datasets[]",
+    "repeats": "datasets[]",
+    "resolution": "datasets[]",
+    "trigger": "datasets[]",
+    "caption_dropout": "datasets[]",
+    "bucketing": "datasets[]",
+}
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_PATH_PREFIXES = ("/", "./", "../", "~", "$", ".\\", "..\\")
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Load and validate the recipe file at `path` (YAML or JSON). Raises RecipeError."""
+    try:
+        label = os.fspath(path)
+        file = Path(label)
+    except TypeError:
+        msg = f"a recipe path must be a file path, got {type(path).__name__}"
+        raise RecipeError(msg, [msg]) from None
+    try:
+        raw = file.read_bytes()
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            why = "no such recipe file"
+        elif isinstance(exc, IsADirectoryError) or os.path.isdir(file):
+            why = "is a folder; give the recipe file inside it"
+        else:
+            why = f"cannot read the recipe: {getattr(exc, 'strerror', None) or exc}"
+        msg = f"{label}: {why}"
+        raise RecipeError(msg, [msg]) from None
+    try:
+        text_ = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        msg = (
+            f"{label}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save the recipe as UTF-8"
+        )
+        raise RecipeError(msg, [msg]) from None
+    data, lines, structural = parse_recipe_text(text_, label)
+    return build_recipe(data, source=file, lines=lines, label=label, structural=structural)
+
+
+def build_recipe(
+    data: Any,
+    source: str | os.PathLike[str] | None = None,
+    lines: dict | None = None,
+    label: str | None = None,
+    structural: list = (),
+) -> Recipe:
+    """Validate parsed recipe data. `lines` maps key paths to line numbers (from the YAML parser);
+    `structural` are parser problems (duplicate keys...) to report with the rest."""
+    try:
+        source_path = None if source is None else Path(os.path.abspath(os.fspath(source)))
+    except (TypeError, ValueError):
+        msg = f"the recipe source must be a file path, got {source!r:.60}"
+        raise RecipeError(msg, [msg]) from None
+    label = label or (os.fspath(source) if source is not None else "<recipe>")
+    root = source_path.parent if source_path else Path(os.path.abspath(os.curdir))
+    ctx = Context(label, lines)
+    for path, message, line in structural:
+        ctx.add(path, message, line)
+    top = Reader.open(ctx, (), data)
+    if top is None:
+        ctx.raise_if_any()  # Reader.open recorded why; this raises
+        raise RecipeError(f"{label}: the recipe must be a mapping of keys")
+    top.check_keys(TOP_KEYS, hints=_SECTION_OF)
+
+    model = _model(top, root)
+    mode = top.get("mode", text(choices=MODES), DEFAULT_MODE)
+    seed = top.get("seed", integer(min=0, max=MAX_SEED), DEFAULT_SEED)
+    top_level = top.fill(SAMPLE_SETTINGS)
+    datasets = _datasets(top, root, top_level)
+    training_loop = read_training_loop(top)
+    optimizer = read_optimizer(top)
+    if training_loop.max_steps is not None and optimizer.warmup_steps > training_loop.max_steps:
+        ctx.add(
+            ("optimizer", "warmup_steps"),
+            f"longer than training_loop.max_steps ({training_loop.max_steps}), got {optimizer.warmup_steps}",
+        )
+    lora = read_lora(ctx, top, mode)
+    full_finetune = (
+        read_full_finetune(top, mode) if mode == "full" or top.has("full_finetune") else FullFinetune()
+    )
+    save = read_save(top, root, source_path.stem if source_path else "recipe")
+    sample = read_sample(top, seed, top_level)
+    export = read_export(top, root, save)
+    cache = None
+    if top.data.get("cache") is not None:
+        cache = resolve_path(ctx, ("cache",), top.data["cache"], root)
+    ctx.raise_if_any()
+    return Recipe(
+        source=source_path or Path(root, "<recipe>"),
+        root=root,
+        model=model,
+        mode=mode,
+        seed=seed,
+        datasets=datasets,
+        training_loop=training_loop,
+        optimizer=optimizer,
+        lora=lora,
+        full_finetune=full_finetune,
+        save=save,
+        sample=sample,
+        export=export,
+        cache=cache,
+    )
+
+
+def _model(top: Reader, root: Path) -> Any:
+    raw = top.require(
+        "model",
+        text(),
+        "a preset (z-image, z-image-turbo, tiny), a model folder or a "
+        "Hugging Face repo id such as Tongyi-MAI/Z-Image",
+    )
+    if raw is MISSING or raw in MODEL_PRESETS:
+        return raw
+    looks_like_path = raw.startswith(_PATH_PREFIXES) or raw in (".", "..") or os.path.isabs(raw)
+    if not looks_like_path and "\0" not in raw and os.path.isdir(os.path.join(root, raw)):
+        looks_like_path = True
+    if not looks_like_path:
+        if _REPO_ID.fullmatch(raw):
+            return raw
+        hint = suggest(raw, MODEL_PRESETS)
+        if hint and "/" not in raw:
+            top.ctx.add(("model",), f"unknown model preset {raw!r}{hint} (or give a folder as ./{raw})")
+            return MISSING
+    folder = resolve_path(top.ctx, ("model",), raw, root)
+    return MISSING if folder is None else str(folder)
+
+
+def _datasets(top: Reader, root: Path, top_level: dict[str, Any]) -> tuple:
+    found = []
+    if top.data.get("examples") is not None:
+        sides = [(k, top_level[k]) for k in ("width", "height") if k in top_level]
+        resolution = None
+        if sides:
+            key, resolution = max(sides, key=lambda kv: kv[1])
+            try:
+                RESOLUTION(resolution)
+            except Bad as exc:
+                top.ctx.add((key,), f"also the training resolution of `examples`: {exc.items[0][1]}")
+                resolution = None
+        dataset = read_examples(top.ctx, top.data["examples"], root, resolution)
+        if dataset is not None:
+            found.append((("examples",), dataset))
+    found += read_datasets(top.ctx, top.data.get("datasets", MISSING), root)
+    first: dict[str, tuple] = {}
+    for path, dataset in found:
+        if dataset.name in first:
+            top.ctx.add(
+                path + ("name",),
+                f"dataset name {dataset.name!r} is already used by "
+                f"{format_path(first[dataset.name])}; set a different `name:`",
+            )
+        first.setdefault(dataset.name, path)
+    return tuple(d for _, d in found)

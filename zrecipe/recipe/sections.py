@@ -1,0 +1,206 @@
+"""The run-level sections: training_loop, optimizer, full_finetune, save, sample, export.
+
+Each reader takes the top-level Reader and returns the section's object (built from the present, valid
+keys; the dataclass supplies every default) after recording any problem in the Context.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from zrecipe.recipe.fields import (
+    MISSING,
+    Bad,
+    Reader,
+    Spec,
+    boolean,
+    integer,
+    list_of,
+    number,
+    resolve_path,
+    suggest,
+    text,
+)
+from zrecipe.recipe.schema import (
+    BUCKET_STEP,
+    COMPUTE_DTYPES,
+    DEFAULT_EXPORT_SUBDIR,
+    DEFAULT_OUTPUT_DIR,
+    EXPORT_DTYPES,
+    EXPORT_FORMATS,
+    MAX_SEED,
+    MAX_SIDE,
+    OPTIMIZERS,
+    QUANTIZE_BITS,
+    SCHEDULES,
+    SIGMA_SAMPLINGS,
+    Export,
+    FullFinetune,
+    Optimizer,
+    Sample,
+    Save,
+    TrainingLoop,
+)
+
+
+def _one_of_ints(choices: tuple[int, ...]) -> Spec:
+    base = integer(nullable=True)
+
+    def check(value: Any) -> Any:
+        value = base(value)
+        if value is not None and value not in choices:
+            raise Bad(f"must be one of {', '.join(map(str, choices))} or null, got {value}")
+        return value
+
+    return check
+
+
+TRAINING_LOOP = {
+    "num_epochs": integer(min=1, nullable=True),
+    "max_steps": integer(min=1, nullable=True),
+    "batch_size": integer(min=1, words=("auto",)),
+    "gradient_accumulation_steps": integer(min=1),
+    "sigma_sampling": text(choices=SIGMA_SAMPLINGS),
+    "logit_mean": number(),
+    "logit_std": number(gt=0.0),
+    "shift": number(gt=0.0, nullable=True),
+    "gradient_checkpointing": boolean(),
+    "compute_dtype": text(choices=COMPUTE_DTYPES),
+    "max_grad_norm": number(gt=0.0, nullable=True),
+    "low_ram": boolean(),
+    "quantize": _one_of_ints(QUANTIZE_BITS),
+    "encode_on_the_fly": boolean(),
+}
+
+OPTIMIZER = {
+    "learning_rate": number(gt=0.0),
+    "betas": list_of(number(ge=0.0, lt=1.0), length=2),
+    "weight_decay": number(ge=0.0),
+    "eps": number(gt=0.0),
+    "warmup_steps": integer(min=0),
+    "schedule": text(choices=SCHEDULES),
+    "min_learning_rate": number(ge=0.0),
+}
+
+# The seed format's top-level steps / guidance / width / height are sample settings.
+SIDE = integer(min=BUCKET_STEP, max=MAX_SIDE, multiple_of=BUCKET_STEP)
+SAMPLE_SETTINGS = {
+    "guidance": number(ge=0.0, le=100.0),
+    "steps": integer(min=1, max=1000),
+    "width": SIDE,
+    "height": SIDE,
+}
+SAMPLE = {
+    "prompts": list_of(text(), unique=True),
+    "negative_prompt": text(allow_empty=True),
+    **SAMPLE_SETTINGS,
+    "seeds": list_of(integer(min=0, max=MAX_SEED), nonempty=True, unique=True),
+    "every": integer(min=1, nullable=True),
+    "cfg_normalization": boolean(),
+    "cfg_truncation": number(ge=0.0, le=1.0),
+}
+
+
+def read_training_loop(top: Reader) -> TrainingLoop:
+    """`training_loop:` — required, with at least one of num_epochs / max_steps."""
+    r = top.sub("training_loop")
+    if r is None:
+        if top.data.get("training_loop", MISSING) in (MISSING, None):
+            top.ctx.add(("training_loop",), "missing; set `training_loop: {num_epochs: N}` or `max_steps: N`")
+        return TrainingLoop()
+    r.check_keys(TRAINING_LOOP)
+    kwargs = r.fill(TRAINING_LOOP)
+    stops = [k for k in ("num_epochs", "max_steps") if r.data.get(k) is not None]
+    if not stops:
+        top.ctx.add(r.path, "set `num_epochs` or `max_steps` (or both: training stops at the first reached)")
+    return TrainingLoop(**kwargs)
+
+
+def read_optimizer(top: Reader) -> Optimizer:
+    """`optimizer:` — AdamW only; optional."""
+    r = top.sub("optimizer")
+    if r is None:
+        return Optimizer()
+    r.check_keys(("name",) + tuple(OPTIMIZER))
+    name = r.get("name", text(), Optimizer.name)
+    if name is not MISSING and name not in OPTIMIZERS:
+        r.ctx.add(r.path + ("name",), f"only AdamW is supported, got {name!r}{suggest(name, OPTIMIZERS)}")
+    kwargs = r.fill(OPTIMIZER)
+    low, lr = kwargs.get("min_learning_rate"), kwargs.get("learning_rate", Optimizer.learning_rate)
+    if low is not None and low > lr:
+        r.ctx.add(r.path + ("min_learning_rate",), f"must not exceed learning_rate ({lr:g}), got {low:g}")
+    return Optimizer(**kwargs)
+
+
+def read_full_finetune(top: Reader, mode: Any) -> FullFinetune:
+    """`full_finetune:` — only with `mode: full`; the VAE and text encoder stay frozen."""
+    r = top.sub("full_finetune")
+    if r is None:
+        return FullFinetune()
+    if mode == "lora":
+        r.ctx.add(r.path, "only used with `mode: full`; remove it or set `mode: full`")
+    specs = {"train_transformer": boolean(), "train_vae": boolean(), "train_text_encoder": boolean()}
+    r.check_keys(specs)
+    kwargs = r.fill(specs)
+    for key in ("train_vae", "train_text_encoder"):
+        if kwargs.get(key):
+            r.ctx.add(r.path + (key,), "not supported: the VAE and text encoder stay frozen; set it to false")
+    if kwargs.get("train_transformer") is False:
+        r.ctx.add(
+            r.path + ("train_transformer",),
+            "nothing left to train: full fine-tuning trains the "
+            "transformer; set it to true or use `mode: lora`",
+        )
+    return FullFinetune(**kwargs)
+
+
+def read_save(top: Reader, root: Path, stem: str) -> Save:
+    """`save:` — optional; output_path defaults to `<recipe folder>/output/<recipe stem>`."""
+    r = top.sub("save")
+    default = Path(root, DEFAULT_OUTPUT_DIR, stem)
+    if r is None:
+        return Save(output_path=default)
+    r.check_keys(("checkpoint_frequency", "output_path", "keep_last"))
+    kwargs = r.fill({"checkpoint_frequency": integer(min=1), "keep_last": integer(min=1, nullable=True)})
+    output = (
+        resolve_path(r.ctx, r.path + ("output_path",), r.data["output_path"], root)
+        if r.has("output_path")
+        else default
+    )
+    return Save(output_path=output or default, **kwargs)
+
+
+def read_sample(top: Reader, seed: Any, top_level: dict[str, Any]) -> Sample | None:
+    """`sample:` plus the seed format's top-level steps/guidance/width/height (`top_level`, already read
+    with SAMPLE_SETTINGS), which fill its defaults; keys inside `sample:` win. None when neither is
+    present."""
+    r = top.sub("sample")
+    if r is None and not any(top.has(k) for k in SAMPLE_SETTINGS):
+        return None
+    defaults = {"seeds": (seed,)} if isinstance(seed, int) else {}
+    if r is None:
+        return Sample(**{**defaults, **top_level})
+    r.check_keys(SAMPLE)
+    return Sample(**{**defaults, **top_level, **r.fill(SAMPLE)})
+
+
+def read_export(top: Reader, root: Path, save: Save) -> Export:
+    """`export:` — formats (none by default), dtype, output_path (default `<save.output_path>/exports`)."""
+    default = Path(save.output_path, DEFAULT_EXPORT_SUBDIR)
+    r = top.sub("export")
+    if r is None:
+        return Export(output_path=default)
+    r.check_keys(("formats", "dtype", "output_path"))
+    fmt = text(choices=EXPORT_FORMATS)
+    # A single format may be written without brackets.
+    formats = r.get("formats", lambda v: (fmt(v),) if isinstance(v, str) else list_of(fmt, unique=True)(v))
+    kwargs = r.fill({"dtype": text(choices=EXPORT_DTYPES)})
+    if formats is not MISSING:
+        kwargs["formats"] = formats
+    output = (
+        resolve_path(r.ctx, r.path + ("output_path",), r.data["output_path"], root)
+        if r.has("output_path")
+        else default
+    )
+    return Export(output_path=output or default, **kwargs)
