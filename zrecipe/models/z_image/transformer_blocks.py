@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 
 # Fixed by the diffusers reference (not config keys): the timestep sinusoid width, its MLP's hidden width and
 # the cap on the adaLN conditioning width (`min(dim, 256)`).
@@ -142,7 +142,9 @@ class TransformerBlock(nn.Module):
         if not self.modulation:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, rope))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        scale_msa, gate_msa, scale_mlp, gate_mlp = mx.split(self.adaLN_modulation[0](adaln)[:, None], 4, axis=-1)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mx.split(
+            self.adaLN_modulation[0](adaln)[:, None], 4, axis=-1
+        )
         attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), mask, rope)
         x = x + mx.tanh(gate_msa) * self.attention_norm2(attn)
         ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
