@@ -108,8 +108,9 @@ def test_tiny_is_created_once_in_the_cache(tmp_path, monkeypatch):
 
     fake = types.ModuleType("zrecipe.models.z_image.tiny")
     fake.create_tiny_model = create_tiny_model
+    fake.TINY_VERSION = 7
     monkeypatch.setitem(sys.modules, "zrecipe.models.z_image.tiny", fake)
-    expected = tmp_path / "cache" / "models" / "tiny"
+    expected = tmp_path / "cache" / "models" / "tiny-v7"
     assert resolve_model("tiny", cache_dir=tmp_path / "cache") == expected
     assert resolve_model("tiny", cache_dir=tmp_path / "cache") == expected
     assert calls == [(expected, 0)]

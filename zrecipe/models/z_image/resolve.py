@@ -88,11 +88,12 @@ def _snapshot(repo: Path) -> Path | None:
 
 
 def _tiny_model(cache_dir: Path) -> Path:
-    """`<cache>/models/tiny`, written once (create_tiny_model writes a temp folder and renames it)."""
-    target = cache_dir / "models" / TINY
+    """`<cache>/models/tiny-v<N>`, written once (create_tiny_model writes a temp folder and renames it)."""
+    from zrecipe.models.z_image.tiny import TINY_VERSION, create_tiny_model
+
+    target = cache_dir / "models" / f"{TINY}-v{TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
-    from zrecipe.models.z_image.tiny import create_tiny_model  # heavy (mlx, tokenizers): only when needed
 
     try:
         create_tiny_model(target, seed=0)  # seed 0: every machine gets the same tiny model (stable keys)

@@ -18,6 +18,10 @@ from pathlib import Path
 
 from zrecipe.errors import ModelError
 
+# Bump when the files this module writes change: the cached copy lives in `models/tiny-v<N>`, so a newer
+# zrecipe never keeps using an old tiny model (and model-dependent build keys change with it).
+TINY_VERSION = 1
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Added but not special in Qwen3 (decoded like text), as in the real tokenizer.json.
 THINK_TOKENS = ["<think>", "</think>"]
