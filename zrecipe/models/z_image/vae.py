@@ -12,9 +12,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
+from zrecipe.backend import resolve_dtype
 from zrecipe.errors import ModelError
 from zrecipe.models.z_image.vae_blocks import Decoder, Encoder
 from zrecipe.models.z_image.weights import load_strict, read_config, read_weights
@@ -67,14 +68,18 @@ class VAEConfig:
         if levels == 0:
             problems.append("block_out_channels is empty")
         if self.down_block_types != ("DownEncoderBlock2D",) * levels:
-            problems.append(f"down_block_types must be {levels}× DownEncoderBlock2D, got {self.down_block_types}")
+            problems.append(
+                f"down_block_types must be {levels}× DownEncoderBlock2D, got {self.down_block_types}"
+            )
         if self.up_block_types != ("UpDecoderBlock2D",) * levels:
             problems.append(f"up_block_types must be {levels}× UpDecoderBlock2D, got {self.up_block_types}")
         if self.act_fn not in ("silu", "swish"):
             problems.append(f"act_fn {self.act_fn!r} is not supported (only silu)")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            problems.append(f"block_out_channels {bad} not divisible by norm_num_groups {self.norm_num_groups}")
+            problems.append(
+                f"block_out_channels {bad} not divisible by norm_num_groups {self.norm_num_groups}"
+            )
         if problems:
             raise ModelError(f"{source}: unsupported AutoencoderKL config: " + "; ".join(problems) + ".")
 
@@ -111,8 +116,9 @@ class AutoencoderKL(nn.Module):
         """Posterior (mean, logvar), logvar clamped to [−30, 20] as diffusers does."""
         images = images.astype(self.encoder.conv_in.weight.dtype)
         f = self.config.downscale
-        if tile is not None and max(images.shape[1:3]) > tile:
-            moments = _tiled(self._moments, images, _tile_units(tile, f), in_unit=f, out_unit=1)
+        t = None if tile is None else _tile_units(tile, f)
+        if t is not None and max(images.shape[1:3]) > tile:
+            moments = _tiled(self._moments, images, t, in_unit=f, out_unit=1)
         else:
             moments = self._moments(images)
         mean, logvar = mx.split(moments, 2, axis=-1)
@@ -125,8 +131,9 @@ class AutoencoderKL(nn.Module):
         """
         latents = latents.astype(self.decoder.conv_in.weight.dtype)
         f = self.config.downscale
-        if tile is not None and max(latents.shape[1:3]) > tile // f:
-            return _tiled(self._decode, latents, _tile_units(tile, f), in_unit=1, out_unit=f)
+        t = None if tile is None else _tile_units(tile, f)
+        if t is not None and max(latents.shape[1:3]) > t:
+            return _tiled(self._decode, latents, t, in_unit=1, out_unit=f)
         return self._decode(latents)
 
     def sanitize(self, weights: dict) -> dict:
@@ -159,6 +166,8 @@ def _tiled(fn, x: mx.array, t: int, in_unit: int, out_unit: int) -> mx.array:
     and left neighbours (already blended, as diffusers mutates them in place) over `t/4`, then cropped
     to `t − t/4`. `in_unit` / `out_unit` are the pixels per latent unit of `fn`'s input and output.
     """
+    if x.shape[1] % in_unit or x.shape[2] % in_unit:
+        raise ValueError(f"tiled VAE input {x.shape[1]}×{x.shape[2]} must be a multiple of {in_unit} pixels.")
     blend = int(t * TILE_OVERLAP)
     stride = t - blend
     h, w = x.shape[1] // in_unit, x.shape[2] // in_unit
@@ -224,7 +233,9 @@ def from_model_latents(latents: mx.array, config) -> mx.array:
 
 # Older diffusers checkpoints name the mid-block attention projections like the deprecated AttentionBlock.
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_LEGACY_RE = re.compile(r"^(.*\.attentions\.\d+\.)(" + "|".join(LEGACY_ATTENTION_NAMES) + r")\.(weight|bias)$")
+_LEGACY_RE = re.compile(
+    r"^(.*\.attentions\.\d+\.)(" + "|".join(LEGACY_ATTENTION_NAMES) + r")\.(weight|bias)$"
+)
 _ATTENTION_PROJ_RE = re.compile(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
 
@@ -246,24 +257,16 @@ def sanitize(weights: dict) -> dict:
 
 def export_weights(model: AutoencoderKL) -> dict:
     """The model's parameters as a diffusers checkpoint dict (diffusers names, conv weights OIHW)."""
-    return {
-        k: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for k, v in tree_flatten(model.parameters())
-    }
+    return {k: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for k, v in tree_flatten(model.parameters())}
 
 
-def _default_dtype():
-    # fp32 on CPU (speed is the same and parity is exact); bf16 on a GPU (GroupNorm upcasts internally).
-    return mx.float32 if mx.default_device().type == mx.cpu else mx.bfloat16
-
-
-def _as_dtype(dtype):
-    if dtype is None:
-        return _default_dtype()
-    if isinstance(dtype, str):
-        names = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-        if dtype not in names:
-            raise ModelError(f"VAE dtype {dtype!r} is not supported; use one of {', '.join(names)}.")
-        return names[dtype]
+def _as_dtype(dtype) -> mx.Dtype:
+    """An mx dtype, or a name / None resolved by `backend.resolve_dtype` (fp32 on CPU, bf16 on GPU)."""
+    if dtype is None or isinstance(dtype, str):
+        try:
+            return resolve_dtype(dtype)
+        except KeyError as exc:
+            raise ModelError(f"unknown VAE dtype {dtype!r}; use float32, bfloat16 or float16.") from exc
     return dtype
 
 

@@ -10,14 +10,15 @@ Reference: diffusers 0.42 `models/autoencoders/vae.py`, `resnet.py`, `unets/unet
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 
 class GroupNorm(nn.GroupNorm):
-    """PyTorch-compatible GroupNorm that always computes its statistics in float32.
+    """PyTorch-compatible GroupNorm whose statistics are always computed in float32.
 
-    Over a 128×128 latent × 512 channels the sums lose too much precision in bfloat16, so the input is
-    upcast; the (possibly bf16) affine parameters promote the result, which is cast back to the input dtype.
+    A group holds up to ~10⁸ values at 1024 px; upcasting makes the mean/variance independent of how a
+    backend accumulates bf16 reductions (MLX's CPU reductions already accumulate in fp32: there the
+    result is bit-identical). The fp32 result is cast back to the input dtype.
     """
 
     def __init__(self, num_groups: int, dims: int, eps: float):
@@ -115,7 +116,9 @@ class DownEncoderBlock2D(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, eps: float, add_downsample: bool):
         super().__init__()
-        self.resnets = [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups, eps) for i in range(layers)]
+        self.resnets = [
+            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups, eps) for i in range(layers)
+        ]
         if add_downsample:
             self.downsamplers = [Downsample2D(out_ch)]
 
@@ -132,7 +135,9 @@ class UpDecoderBlock2D(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, eps: float, add_upsample: bool):
         super().__init__()
-        self.resnets = [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups, eps) for i in range(layers)]
+        self.resnets = [
+            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups, eps) for i in range(layers)
+        ]
         if add_upsample:
             self.upsamplers = [Upsample2D(out_ch)]
 
@@ -180,7 +185,12 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(rev[0], groups, eps, cfg.mid_block_add_attention)
         self.up_blocks = [
             UpDecoderBlock2D(
-                rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, groups, eps, add_upsample=i < len(ch) - 1
+                rev[max(i - 1, 0)],
+                rev[i],
+                cfg.layers_per_block + 1,
+                groups,
+                eps,
+                add_upsample=i < len(ch) - 1,
             )
             for i in range(len(ch))
         ]
