@@ -8,9 +8,6 @@ Pure Python: the planner calls this, so no PIL or numpy here.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import posixpath
 import re
@@ -20,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from zrecipe.data.manifest import Entry, inline_entries, manifest_entries, normalise_name
 from zrecipe.errors import DatasetError
 
 CAPTION_SOURCES = ("sidecar", "manifest", "filename", "inline", "template")
 TEMPLATE_FIELDS = ("trigger", "caption", "filename")
-_FILE_KEYS = ("file", "image")
-_CAPTION_KEYS = ("caption", "prompt")
 
 
 class _HasPaths(Protocol):
@@ -89,7 +85,7 @@ def resolve_captions(
             problem = None if text else f"{f.rel_path}: the file name gives an empty caption; rename the file"
             _store(result, f.rel_path, text, problem)
     elif source_kind in ("manifest", "inline"):
-        entries = _manifest_entries(manifest, Path(folder)) if source_kind == "manifest" else _inline_entries(inline)
+        entries = manifest_entries(manifest) if source_kind == "manifest" else inline_entries(inline)
         _match_entries(result, files, entries, Path(folder), source_kind, manifest)
     else:
         _apply_template(result, files, template, trigger, extension)
@@ -161,129 +157,10 @@ def _read_sidecar(f: _HasPaths, extension: str, required: bool = True) -> tuple[
     return text, None
 
 
-# An entry is (where, image name as written, caption or None, problem or None); `where` names its origin
-# (`manifest.csv:12`, `inline caption 3`) in messages.
-_Entry = tuple[str, str, "str | None", "str | None"]
-
-
-def _manifest_entries(manifest: str | os.PathLike[str] | None, folder: Path) -> list[_Entry]:
-    if manifest is None:
-        return [("captions", "", None, "caption source `manifest` needs a `file`; name the JSONL or CSV file")]
-    path = Path(manifest)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return [(str(path), "", None, f"{path}: manifest file does not exist; fix `captions.file`")]
-    except OSError as exc:
-        return [(str(path), "", None, f"{path}: cannot read manifest ({exc.strerror or exc})")]
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        return [(str(path), "", None, f"{path}: manifest is not UTF-8 (offset {exc.start}); re-save it as UTF-8")]
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _csv_entries(text, str(path))
-    if suffix in (".jsonl", ".ndjson"):
-        return _jsonl_entries(text, str(path))
-    if suffix == ".json":
-        return _json_list_entries(text, str(path))
-    return [(str(path), "", None, f"{path}: unknown manifest type {suffix or '(none)'}; use .jsonl or .csv")]
-
-
-def _record(where: str, obj: object) -> _Entry:
-    """One manifest record (a dict) → entry, accepting `file`/`image` and `caption`/`prompt`."""
-    if not isinstance(obj, dict):
-        return (where, "", None, f"{where}: expected an object with `file` and `caption`, got {type(obj).__name__}")
-    name = next((obj[k] for k in _FILE_KEYS if obj.get(k) not in (None, "")), None)
-    caption = next((obj[k] for k in _CAPTION_KEYS if k in obj and obj[k] is not None), None)
-    if not isinstance(name, str):
-        return (where, "", None, f"{where}: missing `file` (or `image`): the image's path in the dataset folder")
-    if not isinstance(caption, str):
-        what = "missing `caption` (or `prompt`)" if caption is None else "`caption` must be a string"
-        return (where, name, None, f"{where}: {what} for {name}; add the caption text")
-    caption = caption.strip()
-    if not caption:
-        return (where, name, None, f"{where}: empty caption for {name}; write a caption")
-    return (where, name, caption, None)
-
-
-def _jsonl_entries(text: str, label: str) -> list[_Entry]:
-    entries = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{label}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            entries.append((where, "", None, f"{where}: not valid JSON ({exc.msg}); fix the line"))
-            continue
-        entries.append(_record(where, obj))
-    return entries
-
-
-def _json_list_entries(text: str, label: str) -> list[_Entry]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return [(f"{label}:{exc.lineno}", "", None, f"{label}:{exc.lineno}: not valid JSON ({exc.msg})")]
-    if not isinstance(data, list):
-        return [(label, "", None, f"{label}: expected a JSON list of {{file, caption}} objects")]
-    return [_record(f"{label} item {i}", obj) for i, obj in enumerate(data, start=1)]
-
-
-def _csv_entries(text: str, label: str) -> list[_Entry]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-    except csv.Error as exc:
-        return [(f"{label}:1", "", None, f"{label}:1: cannot parse the CSV header ({exc})")]
-    if not any(k in header for k in _FILE_KEYS) or not any(k in header for k in _CAPTION_KEYS):
-        return [(f"{label}:1", "", None, f"{label}:1: header must have a `file` (or `image`) and a `caption` "
-                 f"(or `prompt`) column; found {', '.join(header) or 'nothing'}")]
-    reader.fieldnames = header
-    entries = []
-    try:
-        for row in reader:
-            where = f"{label}:{reader.line_num}"
-            if None in row:  # DictReader collects surplus fields under the key None
-                entries.append((where, "", None, f"{where}: more fields than the header has; quote the caption"))
-                continue
-            entries.append(_record(where, {k: v for k, v in row.items() if v is not None}))
-    except csv.Error as exc:
-        where = f"{label}:{reader.line_num}"
-        entries.append((where, "", None, f"{where}: cannot parse CSV ({exc}); fix the quoting"))
-    return entries
-
-
-def _inline_entries(inline: Iterable[tuple[str, str]] | None) -> list[_Entry]:
-    entries = []
-    for i, pair in enumerate(inline or (), start=1):
-        where = f"inline caption {i}"
-        try:
-            name, caption = pair
-        except (TypeError, ValueError):
-            entries.append((where, "", None, f"{where}: expected an (image, caption) pair"))
-            continue
-        entries.append(_record(where, {"file": name, "caption": caption}))
-    return entries
-
-
-def _normalise_name(name: str, folder: Path) -> str:
-    """Manifest spelling → scan's `rel_path`: `/` separators, no `./`, absolute paths made relative."""
-    name = name.strip().replace("\\", "/")
-    if posixpath.isabs(name) or os.path.isabs(name):
-        try:
-            name = Path(name).relative_to(folder.absolute()).as_posix()
-        except ValueError:
-            return name
-    return posixpath.normpath(name)
-
-
 def _match_entries(
     result: CaptionResult,
     files: Sequence[_HasPaths],
-    entries: list[_Entry],
+    entries: list[Entry],
     folder: Path,
     kind: str,
     manifest: str | os.PathLike[str] | None,
@@ -296,7 +173,7 @@ def _match_entries(
             result.problems.append(problem)
             fatal = fatal or not name  # a file-level problem (no manifest at all) hides per-image ones
             continue
-        rel = _normalise_name(name, folder)
+        rel = normalise_name(name, folder)
         if rel not in known:
             result.problems.append(
                 f"{where}: image {name} is not in the dataset folder {folder}; fix the name or remove the entry"
@@ -343,7 +220,9 @@ def _apply_template(
     extension: str,
 ) -> None:
     if not template:
-        result.problems.append("caption source `template` needs a `template` string, e.g. '{trigger}, {caption}'")
+        result.problems.append(
+            "caption source `template` needs a `template` string, e.g. '{trigger}, {caption}'"
+        )
         return
     pieces, problems = _parse_template(template)
     if not problems and not trigger and any(name == "trigger" for _, name in pieces):
@@ -361,7 +240,9 @@ def _apply_template(
                 continue
             values["caption"] = text or ""
         text = _tidy("".join(lit + (values[name] if name else "") for lit, name in pieces))
-        _store(result, f.rel_path, text, None if text else f"{f.rel_path}: the template gives an empty caption")
+        _store(
+            result, f.rel_path, text, None if text else f"{f.rel_path}: the template gives an empty caption"
+        )
 
 
 def _tidy(text: str) -> str:
