@@ -1,0 +1,65 @@
+"""The Z-Image build: recipe → graph → plan → execute → publish. What `zrecipe build` / `plan` call.
+
+Planning imports no MLX (scan, captions, stat cache, keys); the steps import it when they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zrecipe.pipeline.graph import KINDS, PipelineData, build_graph, default_cache_dir
+
+__all__ = ["KINDS", "BuildOutcome", "PipelineData", "build_recipe", "default_cache_dir", "plan_recipe"]
+
+
+@dataclass
+class BuildOutcome:
+    plan: Any
+    report: Any = None
+    published: dict[str, list[str]] | None = None
+    cache_dir: Path | None = None
+    skipped_at_plan: list[str] | None = None
+
+
+def _cache(recipe, cache: str | Path | None) -> Path:
+    path = Path(cache).expanduser() if cache else default_cache_dir(recipe)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def plan_recipe(recipe, cache: str | Path | None = None, until: str | None = None, force=()) -> BuildOutcome:
+    """What a build of `recipe` would run and why (takes the store lock briefly, runs nothing)."""
+    from zrecipe.build import Store, build
+
+    cache_dir = _cache(recipe, cache)
+    graph, data = build_graph(recipe, cache_dir, until=until)
+    plan, _ = build(graph, Store(cache_dir), data, force=force, dry_run=True, lock_timeout=60)
+    return BuildOutcome(plan, cache_dir=cache_dir, skipped_at_plan=data.options["skipped_at_plan"])
+
+
+def build_recipe(
+    recipe,
+    cache: str | Path | None = None,
+    until: str | None = None,
+    force=(),
+    jobs: int | None = None,
+    progress: bool = True,
+    battery_limit: int | None = None,
+) -> BuildOutcome:
+    """Plan and run the stale steps of `recipe`, then publish the results into its output folder."""
+    from zrecipe.build import Store, build
+    from zrecipe.pipeline.publish import publish
+
+    cache_dir = _cache(recipe, cache)
+    graph, data = build_graph(recipe, cache_dir, until=until)
+    data.options.update(progress=progress, battery_limit=battery_limit)
+    out = Path(recipe.save.output_path)
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(cache_dir)
+    plan, report = build(
+        graph, store, data, force=force, jobs=jobs, progress=progress, report_path=out / "build-report.json"
+    )
+    published = publish(plan, store, recipe)
+    return BuildOutcome(plan, report, published, cache_dir, data.options["skipped_at_plan"])

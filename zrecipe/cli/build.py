@@ -1,0 +1,129 @@
+"""`zrecipe build`, `zrecipe plan` and `zrecipe explain`: thin wrappers over zrecipe.pipeline."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+RecipeArg = typer.Argument(..., help="Recipe file (YAML or JSON).", show_default=False)
+CacheOpt = typer.Option(None, "--cache", help="Store folder (default: `cache:` in the recipe, $ZRECIPE_CACHE, "
+                        "or cache/ next to the recipe).")  # fmt: skip
+UntilOpt = typer.Option(None, "--until", help="Stop after this step (and what it needs), e.g. --until resize.")
+ForceOpt = typer.Option([], "--force", help="Rebuild every node of this step kind (repeatable).")
+
+
+def _load(recipe: Path):
+    from zrecipe.recipe import load_recipe
+
+    return load_recipe(recipe)
+
+
+def _print_skipped(skipped: list[str] | None) -> None:
+    for line in skipped or []:
+        typer.secho(f"skipped (on_error: skip): {line}", err=True, fg=typer.colors.YELLOW)
+
+
+def plan_cmd(
+    recipe: Path = RecipeArg,
+    cache: Optional[Path] = CacheOpt,
+    until: Optional[str] = UntilOpt,
+    force: list[str] = ForceOpt,
+    check: bool = typer.Option(False, "--check", help="Exit 1 when anything is stale."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="List every stale item and its reason."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show what a build would run and why (counts per step, reasons); runs nothing."""
+    from zrecipe.pipeline import plan_recipe
+
+    outcome = plan_recipe(_load(recipe), cache, until, force)
+    plan = outcome.plan
+    if as_json:
+        typer.echo(json.dumps(plan.to_json(verbose=verbose), indent=2, ensure_ascii=False))
+    else:
+        _print_skipped(outcome.skipped_at_plan)
+        typer.echo(plan.summary(verbose=verbose))
+    if check and plan.stale_count:
+        raise typer.Exit(1)
+
+
+def build_cmd(
+    recipe: Path = RecipeArg,
+    cache: Optional[Path] = CacheOpt,
+    until: Optional[str] = UntilOpt,
+    force: list[str] = ForceOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan only (same as `zrecipe plan`)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Worker processes for per-item steps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the build report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    battery: Optional[int] = typer.Option(
+        None, "--battery-percentage-stop-limit", "-B", help="Stop training (with a checkpoint) at this battery %."
+    ),
+) -> None:
+    """Build a recipe: run only the stale steps (resize, encode, train, sample, export)."""
+    from zrecipe.pipeline import build_recipe, plan_recipe
+
+    loaded = _load(recipe)
+    if dry_run:
+        outcome = plan_recipe(loaded, cache, until, force)
+        typer.echo(outcome.plan.summary())
+        return
+    outcome = build_recipe(loaded, cache, until, force, jobs, progress=not quiet and sys.stderr.isatty(),
+                           battery_limit=battery)  # fmt: skip
+    if as_json:
+        typer.echo(outcome.report.to_json())
+        return
+    _print_skipped(outcome.skipped_at_plan)
+    typer.echo(outcome.report.summary())
+    pub = outcome.published or {}
+    out = Path(loaded.save.output_path)
+    typer.echo(f"outputs in {out}")
+    if pub.get("final"):
+        typer.echo(f"  final:       {', '.join(Path(p).name for p in pub['final'])}")
+    if pub.get("checkpoints"):
+        typer.echo(f"  checkpoints: {out / 'checkpoints'} ({len(pub['checkpoints'])})")
+    if pub.get("samples"):
+        typer.echo(f"  samples:     {out / 'samples'} ({len(pub['samples'])} files)")
+    for path in pub.get("exports", []):
+        typer.echo(f"  export:      {path}")
+    typer.echo(f"  report:      {out / 'build-report.json'}")
+
+
+def explain_cmd(
+    recipe: Path = RecipeArg,
+    step: Optional[str] = typer.Argument(None, help="Only this step kind (e.g. train)."),
+    cache: Optional[Path] = CacheOpt,
+) -> None:
+    """Why each step is stale or up to date, with the recipe values that changed."""
+    from zrecipe.pipeline import KINDS, plan_recipe
+
+    if step is not None and step not in KINDS:
+        from zrecipe.errors import UserError
+
+        raise UserError(f"unknown step {step!r}; choose one of {', '.join(KINDS)}.")
+    outcome = plan_recipe(_load(recipe), cache)
+    plan = outcome.plan
+    for kind in plan.order:
+        if step is not None and kind != step:
+            continue
+        nodes = plan.nodes[kind]
+        stale = [p for p in nodes if p.stale]
+        if not stale:
+            typer.echo(f"{kind}: up to date ({len(nodes)} item{'s' if len(nodes) != 1 else ''})")
+            continue
+        typer.echo(f"{kind}: {len(stale)} of {len(nodes)} stale")
+        reasons: dict[str, list[str]] = {}
+        for p in stale:
+            reasons.setdefault(p.reason or "stale", []).append(p.node.item)
+        for reason, items in reasons.items():
+            shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+            typer.echo(f"  {reason}: {shown}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("build")(build_cmd)
+    app.command("plan")(plan_cmd)
+    app.command("explain")(explain_cmd)

@@ -1,0 +1,32 @@
+"""`zrecipe doctor`: what this machine gives zrecipe (backend, BLAS, dtype, memory)."""
+
+from __future__ import annotations
+
+import platform
+
+import typer
+
+
+def doctor_cmd() -> None:
+    """Print the MLX device, the BLAS MLX uses, the default compute dtype and memory."""
+    from zrecipe import __version__
+    from zrecipe.backend import blas_status, default_compute_dtype
+
+    status = blas_status()  # before importing mlx
+    import mlx.core as mx
+
+    typer.echo(f"zrecipe {__version__} on {platform.system()} {platform.machine()}, Python {platform.python_version()}")
+    typer.echo(f"mlx {mx.__version__}, default device: {mx.default_device()}")
+    typer.echo(f"BLAS: {status}")
+    typer.echo(f"default compute dtype: {default_compute_dtype()}")
+    try:
+        import os
+
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        typer.echo(f"memory: {pages * size / 2**30:.1f} GiB")
+    except (ValueError, OSError, AttributeError):
+        pass
+
+
+def register(app: typer.Typer) -> None:
+    app.command("doctor")(doctor_cmd)

@@ -1,0 +1,83 @@
+"""Model identity per component, from the weight files' content through the stat cache.
+
+A changed VAE file invalidates exactly the steps that use the VAE (encode-image, sample), a changed
+transformer shard exactly train / sample / export, and so on. Hashing goes through the stat cache, so a
+20 GB model is read once and afterwards costs a stat per file. The built-in `tiny` model is identified by
+its generator version (it is deterministic), so planning never has to create it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import xxhash
+
+# Which top-level folders of a diffusers model folder each component's identity covers.
+COMPONENT_FOLDERS = {
+    "transformer": ("transformer", "scheduler"),
+    "vae": ("vae",),
+    "text_encoder": ("text_encoder", "tokenizer"),
+}
+
+
+class ModelIdentity:
+    """Lazily resolved model folder and per-component content identities."""
+
+    def __init__(self, spec: str, cache_dir: str | Path, stat_cache):
+        self.spec = spec
+        self.cache_dir = Path(cache_dir)
+        self._stat_cache = stat_cache
+
+    @cached_property
+    def model_path(self) -> str | None:
+        """The resolved folder (None for `tiny` before it was created: it is created when a step needs it)."""
+        from zrecipe.models.z_image.resolve import resolve_model
+
+        if self.spec == "tiny":
+            return None
+        return str(resolve_model(self.spec, cache_dir=self.cache_dir))
+
+    @cached_property
+    def _digests(self) -> dict[str, str]:
+        if self.spec == "tiny":
+            from zrecipe.models.z_image.tiny import TINY_VERSION
+
+            return {c: f"tiny-v{TINY_VERSION}:{c}" for c in COMPONENT_FOLDERS}
+        from zrecipe.models.z_image.resolve import model_weight_files
+
+        root = Path(self.model_path)
+        files = model_weight_files(root)
+        hashes = self._stat_cache.hash_files([str(f) for f in files])
+        out = {}
+        for component, folders in COMPONENT_FOLDERS.items():
+            h = xxhash.xxh3_128()
+            for f in files:
+                rel = f.relative_to(root).as_posix()
+                if rel.split("/", 1)[0] in folders:
+                    h.update(f"{rel}\t{hashes[str(f)]}\n".encode())
+            out[component] = f"model:{h.hexdigest()}"
+        return out
+
+    @property
+    def transformer(self) -> str:
+        return self._digests["transformer"]
+
+    @property
+    def vae(self) -> str:
+        return self._digests["vae"]
+
+    @property
+    def text_encoder(self) -> str:
+        return self._digests["text_encoder"]
+
+
+def resolve_model_path(data) -> Path:
+    """The model folder for a running step (creates the tiny model in the cache on first use)."""
+    from zrecipe.models.z_image.resolve import resolve_model
+
+    if data.model_path:
+        return Path(data.model_path)
+    path = resolve_model(data.model_spec, cache_dir=data.cache_dir)
+    data.model_path = str(path)
+    return path

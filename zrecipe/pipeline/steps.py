@@ -1,0 +1,336 @@
+"""The Z-Image step kinds: what each build step does with its tasks (see zrecipe.build for the contract).
+
+Each run function loads what it needs once (a model per kind, not per item), batches where the model
+allows, writes one store entry per task and frees its model before returning, so the next kind's peak
+memory is its own (the text encoder and VAE are gone before training starts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from zrecipe.pipeline.identity import resolve_model_path
+
+ENCODE_BATCH = 8
+LATENTS_FILE = "latents.safetensors"
+EMBEDDING_FILE = "embedding.safetensors"
+
+
+def _free() -> None:
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+
+
+# --- resize (parallel, per image) -------------------------------------------------------------------------
+
+
+def run_resize(tasks, ctx) -> None:
+    from zrecipe.data.images import resize_to_file
+
+    for task in tasks:
+        dataset, rel = task.item.split("/", 1)
+        src = Path(ctx.data.dataset_folders[dataset]) / rel
+        p = task.params
+        with ctx.output(task) as folder:
+            w, h = resize_to_file(
+                src, folder / "image.png", p["resolution"], p["max_aspect"], p["bucketing"], p["upscale"],
+                step=p["step"],
+            )
+            (folder / "size.json").write_text(json.dumps({"width": w, "height": h}))
+
+
+# --- encode-image (per image, batched per bucket) ---------------------------------------------------------
+
+
+def run_encode_image(tasks, ctx) -> None:
+    import mlx.core as mx
+    import numpy as np
+    from PIL import Image
+
+    from zrecipe.models.z_image.vae import load_vae, to_model_latents
+
+    vae = load_vae(resolve_model_path(ctx.data), dtype=mx.float32)
+    by_size: dict[tuple[int, int], list] = defaultdict(list)
+    for task in tasks:
+        src = ctx.input_dir(task, 0)
+        size = json.loads((src / "size.json").read_text())
+        by_size[(size["height"], size["width"])].append((task, src))
+    for _, group in sorted(by_size.items()):
+        for start in range(0, len(group), ENCODE_BATCH):
+            batch = group[start : start + ENCODE_BATCH]
+            pixels = np.stack(
+                [np.asarray(Image.open(src / "image.png").convert("RGB"), dtype=np.float32) for _, src in batch]
+            )
+            mean = vae.encode(mx.array(pixels / 127.5 - 1.0))
+            latents = to_model_latents(mean, vae).transpose(0, 3, 1, 2).astype(mx.float32)  # (B, 16, h, w)
+            mx.eval(latents)
+            for i, (task, _) in enumerate(batch):
+                with ctx.output(task) as folder:
+                    mx.save_safetensors(str(folder / LATENTS_FILE), {"latents": latents[i]})
+    del vae
+    _free()
+
+
+# --- encode-text (per distinct text) ----------------------------------------------------------------------
+
+
+def run_encode_text(tasks, ctx) -> None:
+    import mlx.core as mx
+
+    from zrecipe.models.z_image.text_encoder import encode_prompts, load_text_encoder
+    from zrecipe.models.z_image.tokenizer import load_tokenizer
+
+    model_path = resolve_model_path(ctx.data)
+    tokenizer = load_tokenizer(model_path)
+    encoder = load_text_encoder(model_path, dtype=mx.float32)
+    for start in range(0, len(tasks), ENCODE_BATCH):
+        batch = tasks[start : start + ENCODE_BATCH]
+        embeds = encode_prompts(encoder, tokenizer, [t.params["text"] for t in batch], t_max(batch))
+        for task, emb in zip(batch, embeds):
+            with ctx.output(task) as folder:
+                mx.save_safetensors(str(folder / EMBEDDING_FILE), {"embedding": emb.astype(mx.float32)})
+    del encoder
+    _free()
+
+
+def t_max(batch) -> int:
+    return max(t.params["max_length"] for t in batch)
+
+
+# --- train (one task) -------------------------------------------------------------------------------------
+
+
+def _load_examples(task, ctx):
+    """Training examples from the encode-image / encode-text entries the train node references."""
+    import mlx.core as mx
+
+    from zrecipe.build import Ref
+    from zrecipe.training.data import Example
+
+    image_dirs, text_dirs = {}, {}
+    for index, ref in enumerate(task.node.inputs):
+        if not isinstance(ref, Ref):
+            continue
+        folder = ctx.input_dir(task, index)
+        if ref.kind == "encode-image":
+            image_dirs[ref.item] = (folder, task.inputs[index])
+        else:
+            text_dirs[ref.item] = folder
+    embeddings = {item: mx.load(str(d / EMBEDDING_FILE))["embedding"] for item, d in text_dirs.items()}
+    examples, skipped = [], []
+    for e in ctx.data.examples:
+        folder, key = image_dirs.get(e["image"], (None, None))
+        if folder is None:  # skipped upstream (on_error: skip)
+            skipped.append(e["image"])
+            continue
+        latents = mx.load(str(folder / LATENTS_FILE))["latents"]
+        examples.append(
+            Example(
+                latents=latents,
+                caption=embeddings[e["text"]],
+                bucket=(int(latents.shape[1]), int(latents.shape[2])),
+                dataset=e["dataset"],
+                repeats=int(e["repeats"]),
+                caption_dropout=float(e["caption_dropout"]),
+                key=key,
+            )
+        )
+    return examples, embeddings[ctx.data.empty_text], skipped
+
+
+def run_train(tasks, ctx) -> None:
+    import shutil
+
+    import mlx.core as mx
+
+    from zrecipe.models.z_image.sampler import read_scheduler_shift
+    from zrecipe.models.z_image.transformer import load_transformer
+    from zrecipe.recipe import recipe_hash
+    from zrecipe.training.checkpoint import list_checkpoints, read_checkpoint
+    from zrecipe.training.loop import train
+    from zrecipe.training.memory import resolve_batch_size
+    from zrecipe.training.settings import TrainSettings
+
+    (task,) = tasks
+    recipe = ctx.data.recipe
+    loop = recipe.training_loop
+    model_path = resolve_model_path(ctx.data)
+    examples, empty, skipped = _load_examples(task, ctx)
+    dtype = None if loop.compute_dtype == "auto" else loop.compute_dtype
+    transformer = load_transformer(model_path, dtype=dtype, quantize=loop.quantize)
+    largest = max(examples, key=lambda e: e.bucket[0] * e.bucket[1])
+    micro, accum, note = resolve_batch_size(
+        loop.batch_size,
+        loop.gradient_accumulation_steps,
+        transformer.config,
+        recipe.mode,
+        width=largest.bucket[1] * 8,
+        height=largest.bucket[0] * 8,
+        caption_tokens=max(e.caption.shape[0] for e in examples),
+        dtype="bfloat16" if transformer.dtype == mx.bfloat16 else "float32",
+        quantize=loop.quantize,
+        lora_targets=recipe.lora.targets if recipe.lora else None,
+        gradient_checkpointing=loop.gradient_checkpointing,
+    )
+    if note:
+        print(note)
+    settings = TrainSettings.from_recipe(recipe, read_scheduler_shift(model_path), batch_size=micro)
+    settings = dataclasses.replace(settings, gradient_accumulation_steps=accum)
+    # Checkpoints live in the step's persistent work folder, keyed like the step: an interrupted build
+    # resumes from the newest one of the *same* key (same data, parameters, model and code).
+    work = ctx.work_dir(task)
+    resume = None
+    for candidate in reversed(list_checkpoints(work)):
+        try:
+            read_checkpoint(candidate)  # a damaged zip (killed while writing) is skipped, never half-loaded
+        except Exception:  # noqa: BLE001 — any unreadable checkpoint is just not a resume point
+            continue
+        resume = candidate
+        break
+    if resume is not None:
+        print(f"train: resuming from {resume.name}")
+    meta = {"base_model": recipe.model, "recipe_hash": recipe_hash(recipe), "train_step_key": task.key}
+    result = train(
+        transformer,
+        examples,
+        empty,
+        settings,
+        work,
+        config=recipe.to_dict(),
+        model_identity=task.inputs[0],
+        train_step_key=task.key,
+        resume_from=resume,
+        progress=ctx.data.options.get("progress", True),
+        battery_limit=ctx.data.options.get("battery_limit"),
+        adapter_metadata_extra=meta,
+        checkpoint_meta={"recipe_source": str(recipe.source)},
+    )
+    if getattr(result, "stopped", False):
+        raise KeyboardInterrupt(f"training stopped at step {result.step}; run the build again to resume")
+    del transformer
+    _free()
+    with ctx.output(task) as folder:
+        for name in ("adapter.safetensors", "transformer.safetensors", "loss.json", "loss.png"):
+            if (work / name).exists():
+                shutil.copy2(work / name, folder / name)
+        steps = []
+        if recipe.mode == "lora":
+            # Intermediate adapters (small) for per-checkpoint samples; the zips stay in the work folder.
+            (folder / "adapters").mkdir()
+            for zpath in list_checkpoints(work):
+                ck = read_checkpoint(zpath)
+                steps.append(ck.step)
+                mx.save_safetensors(
+                    str(folder / "adapters" / f"{ck.step:07d}.safetensors"), ck.adapter, ck.adapter_metadata
+                )
+        (folder / "train.json").write_text(
+            json.dumps({"checkpoint_steps": steps, "skipped_items": skipped, "final_step": result.step}, indent=1)
+        )
+
+
+# --- sample (per prompt x seed; every adapter of the run) -------------------------------------------------
+
+
+def _sample_adapters(train_dir: Path, every: int | None) -> list[tuple[str, Path]]:
+    info = json.loads((train_dir / "train.json").read_text())
+    out = []
+    if every:
+        for step in info["checkpoint_steps"]:
+            if step % every == 0 and step != info["final_step"]:
+                out.append((f"step {step}", train_dir / "adapters" / f"{step:07d}.safetensors"))
+    final = train_dir / "adapter.safetensors"
+    if not final.exists():
+        final = train_dir / "transformer.safetensors"
+    out.append(("final", final))
+    return out
+
+
+def run_sample(tasks, ctx) -> None:
+    import mlx.core as mx
+
+    from zrecipe.generation.generate import GenerationSettings, decode_latents, png_metadata, sample_latents, save_png
+    from zrecipe.generation.samples import _swap_in as swap_in
+    from zrecipe.models.z_image.sampler import read_scheduler_config
+    from zrecipe.models.z_image.transformer import load_transformer
+    from zrecipe.models.z_image.vae import load_vae
+
+    model_path = resolve_model_path(ctx.data)
+    scheduler = read_scheduler_config(model_path)
+    transformer = load_transformer(model_path)
+    train_dir = ctx.input_dir(tasks[0], 0)
+    rendered = {}
+    for label, adapter in _sample_adapters(train_dir, tasks[0].params["every"]):
+        restore = swap_in(transformer, adapter, Path(model_path))
+        for task in tasks:
+            p = task.params
+            pos = mx.load(str(ctx.input_dir(task, 1) / EMBEDDING_FILE))["embedding"]
+            neg = mx.load(str(ctx.input_dir(task, 2) / EMBEDDING_FILE))["embedding"] if p["guidance"] > 0 else None
+            settings = GenerationSettings(
+                prompt=p["prompt"], negative_prompt=p["negative_prompt"], guidance=p["guidance"], steps=p["steps"],
+                width=p["width"], height=p["height"], seeds=(p["seed"],),
+                cfg_normalization=p["cfg_normalization"], cfg_truncation=p["cfg_truncation"],
+            )  # fmt: skip
+            latents = sample_latents(transformer, scheduler, settings, p["seed"], pos, neg)
+            mx.eval(latents)
+            rendered.setdefault(task.key, []).append((label, settings, latents))
+        restore()
+    del transformer
+    _free()
+    vae = load_vae(model_path)
+    for task in tasks:
+        with ctx.output(task) as folder:
+            labels = []
+            for index, (label, settings, latents) in enumerate(rendered[task.key]):
+                image = decode_latents(vae, latents)[0]
+                meta = png_metadata(settings, ctx.data.model_spec)
+                meta.update({"seed": str(task.params["seed"]), "adapter": label})
+                save_png(image, folder / f"{index:02d}.png", meta)
+                labels.append(label)
+            (folder / "labels.json").write_text(json.dumps(labels))
+    del vae
+    _free()
+
+
+def run_contact_sheet(tasks, ctx) -> None:
+    from PIL import Image
+
+    from zrecipe.generation.samples import contact_sheet
+
+    (task,) = tasks
+    rows, row_labels, col_labels = [], [], None
+    for index, item in enumerate(task.params["items"]):
+        folder = ctx.input_dir(task, index)
+        labels = json.loads((folder / "labels.json").read_text())
+        col_labels = col_labels or labels
+        rows.append([Image.open(folder / f"{i:02d}.png").convert("RGB") for i in range(len(labels))])
+        node = ctx.data.recipe.sample
+        p_index, seed = item[1:].split("-s")
+        row_labels.append(f"{node.prompts[int(p_index)]} (seed {seed})")
+    with ctx.output(task) as folder:
+        contact_sheet(rows, row_labels, col_labels or [], folder / "contact_sheet.png")
+
+
+# --- export (per format) ----------------------------------------------------------------------------------
+
+
+def run_export(tasks, ctx) -> None:
+    from zrecipe.export.sources import run_export as export
+
+    recipe = ctx.data.recipe
+    stem = Path(recipe.source).stem
+    for task in tasks:
+        train_dir = ctx.input_dir(task, 0)
+        final = train_dir / "adapter.safetensors"
+        full = not final.exists()
+        if full:
+            final = train_dir / "transformer.safetensors"
+        fmt = task.params["format"]
+        with ctx.output(task) as folder:
+            dest = folder / (f"{stem}_{fmt}" if full else f"{stem}_{fmt}.safetensors")
+            export(final, [fmt], output=dest, dtype=task.params["dtype"], model=str(resolve_model_path(ctx.data)))
