@@ -1,0 +1,128 @@
+"""Stat cache: hashes reused while the stat signature holds, racy entries re-hashed, damage tolerated."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+import xxhash
+
+from zrecipe.build.statcache import StatCache, hash_file
+
+
+def _files(tmp_path, n=3):
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"f{i}.bin"
+        p.write_bytes(f"content {i}".encode())
+        old = 1_600_000_000_000_000_000 + i  # well in the past: not racy
+        os.utime(p, ns=(old, old))
+        paths.append(p)
+    return paths
+
+
+def test_hashes_are_content_hashes_and_cached(tmp_path):
+    paths = _files(tmp_path)
+    with StatCache(tmp_path / "db" / "stat.sqlite") as sc:
+        got = sc.hash_files(paths)
+        assert sc.hashed == 3
+        assert got == {str(p): xxhash.xxh128_hexdigest(p.read_bytes()) for p in paths}
+        assert sc.hash_files(paths) == got
+        assert sc.hashed == 0
+    # persisted across instances
+    with StatCache(tmp_path / "db" / "stat.sqlite") as sc:
+        assert sc.hash_files([str(p) for p in paths]) == got
+        assert sc.hashed == 0
+
+
+def test_changed_file_is_rehashed_and_touch_keeps_hash(tmp_path):
+    paths = _files(tmp_path)
+    sc = StatCache(tmp_path / "stat.sqlite")
+    first = sc.hash_files(paths)
+    paths[1].write_bytes(b"new bytes!")
+    t = 1_600_000_100_000_000_000
+    os.utime(paths[1], ns=(t, t))
+    os.utime(paths[2], ns=(t, t))  # touched, same bytes
+    second = sc.hash_files(paths)
+    assert sc.hashed == 2
+    assert second[str(paths[0])] == first[str(paths[0])]
+    assert second[str(paths[1])] != first[str(paths[1])]
+    assert second[str(paths[2])] == first[str(paths[2])]
+
+
+def _poison(db, path):
+    # Pretend the file changed after we hashed it without its stat signature changing (same tick,
+    # same size): the cached hash is now wrong, and only the racy rule can save us.
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE files SET hash = 'stale' WHERE path = ?", (str(path),))
+
+
+def test_racy_entries_are_rehashed(tmp_path):
+    fresh = tmp_path / "fresh.txt"
+    fresh.write_text("aaaa")  # mtime = now: within the granularity of the moment it is recorded
+    old = _files(tmp_path, 1)[0]
+    db = tmp_path / "stat.sqlite"
+    sc = StatCache(db)
+    sc.hash_files([fresh, old])
+    _poison(db, fresh)
+    _poison(db, old)
+    got = sc.hash_files([fresh, old])
+    assert sc.hashed == 1
+    assert got[str(fresh)] == hash_file(fresh)  # racy: re-hashed
+    assert got[str(old)] == "stale"  # not racy: the stat signature is trusted (that is the point)
+
+
+def test_entry_stops_being_racy_once_recorded_late_enough(tmp_path):
+    p = tmp_path / "f.txt"
+    p.write_text("x")
+    db = tmp_path / "stat.sqlite"
+    sc = StatCache(db, granularity_ns=10**18)  # everything counts as racy
+    sc.hash_files([p])
+    sc.hash_files([p])
+    assert sc.hashed == 1
+    sc.granularity_ns = 0  # a filesystem with exact timestamps: nothing is racy
+    sc.hash_files([p])
+    assert sc.hashed == 0
+
+
+def test_precomputed_stats_are_used(tmp_path, monkeypatch):
+    paths = _files(tmp_path, 2)
+    sc = StatCache(tmp_path / "stat.sqlite")
+    sc.hash_files(paths)
+    stats = {str(p): os.stat(p) for p in paths}
+
+    def no_stat(*a, **k):
+        raise AssertionError("os.stat called although stats were given")
+
+    monkeypatch.setattr("zrecipe.build.statcache.os.stat", no_stat)
+    assert len(sc.hash_files(paths, stats)) == 2 and sc.hashed == 0
+
+
+def test_missing_file_raises(tmp_path):
+    sc = StatCache(tmp_path / "stat.sqlite")
+    with pytest.raises(FileNotFoundError):
+        sc.hash_files([tmp_path / "nope"])
+
+
+def test_corrupted_database_is_recreated_with_a_warning(tmp_path):
+    paths = _files(tmp_path, 2)
+    db = tmp_path / "stat.sqlite"
+    db.write_bytes(b"this is not an sqlite database" * 100)
+    with pytest.warns(RuntimeWarning, match="recreating"):
+        sc = StatCache(db)
+    assert sc.hash_files(paths)[str(paths[0])] == hash_file(paths[0])
+    sc.close()
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert con.execute("SELECT count(*) FROM files").fetchone()[0] == 2
+
+
+def test_prune_forgets_deleted_files(tmp_path):
+    paths = _files(tmp_path, 3)
+    sc = StatCache(tmp_path / "stat.sqlite")
+    sc.hash_files(paths)
+    paths[0].unlink()
+    assert sc.prune() == 1
+    sc.hash_files(paths[1:])
+    assert sc.hashed == 0
