@@ -8,8 +8,9 @@ The iterator's whole state is (epoch, position, the epoch's batches), so a check
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,9 @@ class BatchIterator:
                 f"{where}: saved with batch size {state.get('batch_size')}, now {self.batch_size}; "
                 "resume with the same batch size."
             )
-        if any(not 0 <= i < len(self.examples) for b in batches for i in b) or not 0 <= position <= len(batches):
+        if any(not 0 <= i < len(self.examples) for b in batches for i in b) or not 0 <= position <= len(
+            batches
+        ):
             raise CheckpointError(f"{where}: the saved data order does not fit the current examples.")
         self.epoch, self.position, self.batches = epoch, position, batches
 
@@ -132,7 +135,17 @@ def dataset_fingerprint(examples: Sequence[Example]) -> str:
             h.update(example.key.encode())
         else:
             for array in (example.latents, example.caption):
-                data = np.asarray(array, dtype=np.float32)
+                data = _as_numpy(array)
                 h.update(repr(data.shape).encode())
                 h.update(np.ascontiguousarray(data).tobytes())
     return h.hexdigest()
+
+
+def _as_numpy(array: Any) -> np.ndarray:
+    """float32 NumPy view of a NumPy or MLX array (MLX bfloat16 has no NumPy dtype: cast first)."""
+    if not isinstance(array, np.ndarray) and hasattr(array, "astype") and hasattr(array, "dtype"):
+        import mlx.core as mx
+
+        if isinstance(array, mx.array):
+            array = array.astype(mx.float32)
+    return np.asarray(array, dtype=np.float32)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from zrecipe.errors import CheckpointError, RecipeError
@@ -37,7 +38,7 @@ class LoRALinear(nn.Module):
     """A frozen base Linear (or QuantizedLinear) plus a trainable low-rank update."""
 
     @staticmethod
-    def from_base(linear: nn.Module, rank: int = 8, alpha: float | None = None) -> "LoRALinear":
+    def from_base(linear: nn.Module, rank: int = 8, alpha: float | None = None) -> LoRALinear:
         """Wrap `linear`; A ~ U(±1/sqrt(in)) as in mlx-examples, B = 0, scale = alpha / rank."""
         out_dims, in_dims = linear.weight.shape
         if isinstance(linear, nn.QuantizedLinear):
@@ -92,7 +93,9 @@ def _children(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _block_count(modules: dict[str, nn.Module], block_type: str) -> int:
-    indices = {int(p.split(".")[1]) for p in modules if p.startswith(block_type + ".") and p.split(".")[1].isdigit()}
+    indices = {
+        int(p.split(".")[1]) for p in modules if p.startswith(block_type + ".") and p.split(".")[1].isdigit()
+    }
     return max(indices) + 1 if indices else 0
 
 
@@ -108,9 +111,12 @@ def resolve_targets(model: nn.Module, targets: Iterable[Any]) -> list[tuple[str,
     for target in targets:
         count = _block_count(modules, target.block_type)
         if target.block_type not in BLOCK_TYPES or count == 0:
-            problems.append(f"block type {target.block_type!r} does not exist (use one of {', '.join(BLOCK_TYPES)})")
+            problems.append(
+                f"block type {target.block_type!r} does not exist (use one of {', '.join(BLOCK_TYPES)})"
+            )
             continue
-        if not 0 <= target.start < target.end or target.start >= count:
+        end = count if target.end is None else target.end  # None: through the last block
+        if not 0 <= target.start < end or target.start >= count:
             problems.append(
                 f"{target.block_type} block range start={target.start}, end={target.end} selects no block "
                 f"(the model has {count}: 0..{count - 1}; end is exclusive)"
@@ -119,13 +125,13 @@ def resolve_targets(model: nn.Module, targets: Iterable[Any]) -> list[tuple[str,
         for layer_type in target.layer_types:
             paths = [
                 f"{target.block_type}.{i}.{layer_type}"
-                for i in range(target.start, min(target.end, count))
+                for i in range(target.start, min(end, count))
                 if f"{target.block_type}.{i}.{layer_type}" in modules
             ]
             usable = [p for p in paths if isinstance(modules[p], (nn.Linear, nn.QuantizedLinear, LoRALinear))]
             if not usable:
                 problems.append(
-                    f"layer type {layer_type!r} matches nothing in {target.block_type}[{target.start}:{target.end}]"
+                    f"layer type {layer_type!r} matches nothing in {target.block_type}[{target.start}:{end}]"
                     + (" (context_refiner blocks have no adaLN_modulation)" if "adaLN" in layer_type else "")
                 )
             for path in usable:
@@ -250,7 +256,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, mx.array], where: 
         alpha = parts[".alpha"].item()
         if isinstance(base, LoRALinear) and base.rank == a.shape[0]:
             layer = base  # update in place: keeps the module tree the optimiser state refers to
-            layer.alpha = float(alpha)
+            if float(mx.array(layer.alpha, dtype=mx.float32).item()) != alpha:
+                layer.alpha = float(alpha)  # (the file stores float32: keep the exact Python value if equal)
         else:
             base = base.linear if isinstance(base, LoRALinear) else base
             layer = LoRALinear.from_base(base, rank=a.shape[0], alpha=alpha)

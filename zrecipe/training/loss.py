@@ -6,7 +6,7 @@ velocity ε − x0, so the loss is mean((x0 + (−out) − ε)²) — the seed's
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np

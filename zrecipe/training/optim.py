@@ -10,7 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from zrecipe.errors import CheckpointError, RecipeError
 
@@ -83,5 +83,15 @@ def restore_state(optimizer: optim.Optimizer, flat: dict[str, mx.array], where: 
             if items
         )
         raise CheckpointError(f"{where}: optimizer state does not match this model/recipe ({detail}).")
-    restored = tree_unflatten([(k, flat[k].astype(current[k].dtype)) for k in current])
-    optimizer.state.update(restored)
+    # Set leaves in place: the state tree keeps empty sub-trees for frozen modules that a flat dict loses,
+    # and `optimizer.update` walks the state alongside the gradient tree.
+    for key in current:
+        node: Any = optimizer.state
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        value = flat[key].astype(current[key].dtype)
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value

@@ -50,7 +50,9 @@ def parse_pmset(text: str) -> BatteryStatus | None:
 
 def _read_macos_battery() -> BatteryStatus | None:
     try:
-        out = subprocess.run(["pmset", "-g", "batt"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(
+            ["pmset", "-g", "batt"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return parse_pmset(out)
@@ -75,7 +77,7 @@ class StopMonitor:
         self._signal: str | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopMonitor":
+    def __enter__(self) -> StopMonitor:  # noqa: PYI034 (typing.Self needs Python 3.11)
         # Handlers can only be installed from the main thread (a build running training in a worker skips it).
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,98 @@
+"""`zrecipe train` / `zrecipe memory` end to end on the tiny model with the seed's JSON config form."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import mlx.core as mx
+import pytest
+import typer
+from PIL import Image
+
+from zrecipe.cli import memory as memory_cli
+from zrecipe.cli import train as train_cli
+from zrecipe.cli.main import run_app
+from zrecipe.models.z_image.tiny import create_tiny_model
+from zrecipe.training.checkpoint import MEMBERS
+
+
+@pytest.fixture(scope="module")
+def app():
+    application = typer.Typer()
+    train_cli.register(application)
+    memory_cli.register(application)
+    return application
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return create_tiny_model(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+def seed_lora_config(tmp_path, tiny_path) -> dict:
+    """The seed's lora_config.json with only the machine-specific values changed."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (64, 64), colour).save(images / f"img{i + 1}.jpg")
+    return {
+        "model": str(tiny_path),
+        "mode": "lora",
+        "seed": 42,
+        "steps": 50,
+        "guidance": 3.5,
+        "width": 64,
+        "height": 64,
+        "training_loop": {"num_epochs": 2, "batch_size": 2},
+        "optimizer": {"name": "AdamW", "learning_rate": 1e-4},
+        "lora_layers": {
+            "main_layers": {
+                "block_range": {"start": 0, "end": 30},
+                "layer_types": ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"],
+                "lora_rank": 32,
+            }
+        },
+        "save": {"checkpoint_frequency": 1, "output_path": str(tmp_path / "out")},
+        "examples": {
+            "path": "./images",
+            "images": [
+                {"image": "img1.jpg", "prompt": "description 1"},
+                {"image": "img2.jpg", "prompt": "description 2"},
+            ],
+        },
+    }
+
+
+def test_train_seed_config_then_resume_from_checkpoint(app, tmp_path, tiny_path, capsys):
+    config = tmp_path / "lora_config.json"
+    config.write_text(json.dumps(seed_lora_config(tmp_path, tiny_path), indent=2))
+    assert run_app(app, ["train", "--train-config", str(config), "--cache", str(tmp_path / "cache")]) == 0
+    out = tmp_path / "out"
+    adapter, meta = mx.load(str(out / "adapter.safetensors"), return_metadata=True)
+    assert meta["format"] == "zrecipe" and meta["rank"] == "32" and meta["base_model"] == str(tiny_path)
+    assert len(adapter) == 3 * 4 * 2  # (A, B, alpha) × 4 layer types × the tiny model's 2 blocks
+    first = out / "checkpoints" / "0000001_checkpoint.zip"
+    with zipfile.ZipFile(first) as zf:
+        assert sorted(zf.namelist()) == sorted(MEMBERS)
+        assert json.loads(zf.read("config.json"))["mode"] == "lora"
+    final = mx.load(str(out / "adapter.safetensors"))
+    (out / "adapter.safetensors").unlink()
+    assert run_app(app, ["train", "--train-checkpoint", str(first), "--cache", str(tmp_path / "cache")]) == 0
+    resumed = mx.load(str(out / "adapter.safetensors"))
+    assert all(mx.array_equal(final[k], resumed[k]) for k in final)
+    assert "resuming" in capsys.readouterr().err
+
+
+def test_train_flags_are_checked(app, tmp_path):
+    assert run_app(app, ["train"]) == 2
+    bad = tmp_path / "full.json"
+    bad.write_text(json.dumps({"model": "tiny", "mode": "full", "full_finetune": {"train_vae": True}}))
+    assert run_app(app, ["train", "--train-config", str(bad), "--cache", str(tmp_path)]) == 2
+
+
+def test_memory_command(app, capsys):
+    assert run_app(app, ["memory", "--mode", "lora", "--available-memory-gb", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended batch size" in out and "trainable parameters 29,491,200" in out
+    assert run_app(app, ["memory", "--mode", "full", "--available-memory-gb", "64", "--quantize", "4"]) == 2

@@ -1,0 +1,115 @@
+"""One standalone training run from a recipe (what `zrecipe train` does): resolve the model, encode the
+datasets, load the transformer, size the batch, train. The build's train step calls `train()` directly
+with examples from its store instead."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from zrecipe.errors import RecipeError
+from zrecipe.training.loop import TrainResult, train
+
+
+def model_identity(folder: str | Path, cache_dir: str | Path | None = None) -> str:
+    """xxh128 over the model's weight and config files (relative path + content hash, stat-cached)."""
+    import xxhash
+
+    from zrecipe.build.statcache import StatCache
+    from zrecipe.models.z_image.resolve import default_cache_dir, model_weight_files
+
+    folder = Path(folder)
+    files = model_weight_files(folder)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with StatCache(cache / "statcache.sqlite") as stat_cache:
+        hashes = stat_cache.hash_files(files)
+    h = xxhash.xxh3_128()
+    for f in files:
+        h.update(f"{f.relative_to(folder).as_posix()}\0{hashes[str(f)]}\n".encode())
+    return h.hexdigest()
+
+
+def recipe_from_checkpoint(path: str | Path) -> tuple[Any, Any]:
+    """(Recipe, verified Checkpoint) for `--train-checkpoint`: the zip's config.json is the resolved recipe."""
+    from zrecipe.recipe import Recipe
+    from zrecipe.training.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    source = checkpoint.meta.get("recipe_source")
+    return Recipe.from_dict(checkpoint.config, source=source), checkpoint
+
+
+def run_recipe(
+    recipe: Any,
+    *,
+    resume_from: str | Path | None = None,
+    low_ram: bool = False,
+    battery_limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train `recipe` end to end, resuming from `resume_from` when given."""
+    import mlx.core as mx
+
+    from zrecipe.models.z_image.resolve import resolve_model
+    from zrecipe.models.z_image.sampler import read_scheduler_shift
+    from zrecipe.models.z_image.transformer import load_transformer
+    from zrecipe.recipe import recipe_hash
+    from zrecipe.training.encode import encode_recipe_datasets
+    from zrecipe.training.memory import resolve_batch_size
+    from zrecipe.training.settings import TrainSettings
+
+    loop = recipe.training_loop
+    if recipe.mode == "full" and loop.quantize:
+        raise RecipeError(
+            f"{recipe.source}: training_loop.quantize applies to LoRA only; full fine-tuning needs unquantised "
+            "weights. Remove `quantize` or use mode: lora."
+        )
+    cache_dir = cache_dir or recipe.cache
+    folder = resolve_model(recipe.model, cache_dir)
+    identity = model_identity(folder, cache_dir)
+    low_ram = low_ram or loop.low_ram
+    log(f"encoding {len(recipe.datasets)} dataset(s) with {folder.name}")
+    examples, empty = encode_recipe_datasets(recipe, folder, low_ram=low_ram, log=log)
+    dtype = None if loop.compute_dtype == "auto" else loop.compute_dtype
+    transformer = load_transformer(folder, dtype=dtype, quantize=loop.quantize)
+
+    largest = max(examples, key=lambda e: e.bucket[0] * e.bucket[1])
+    micro, accum, note = resolve_batch_size(
+        loop.batch_size,
+        loop.gradient_accumulation_steps,
+        transformer.config,
+        recipe.mode,
+        width=largest.bucket[1] * 8,
+        height=largest.bucket[0] * 8,
+        caption_tokens=max(e.caption.shape[0] for e in examples),
+        dtype="bfloat16" if transformer.dtype == mx.bfloat16 else "float32",
+        quantize=loop.quantize,
+        lora_targets=recipe.lora.targets if recipe.lora else None,
+        gradient_checkpointing=loop.gradient_checkpointing,
+    )
+    if note:
+        log(note)
+    settings = TrainSettings.from_recipe(recipe, read_scheduler_shift(folder), batch_size=micro)
+    settings = dataclasses.replace(settings, gradient_accumulation_steps=accum, low_ram=low_ram)
+    meta = {"base_model": recipe.model, "recipe_hash": recipe_hash(recipe)}
+    result = train(
+        transformer,
+        examples,
+        empty,
+        settings,
+        recipe.save.output_path,
+        config=recipe.to_dict(),
+        model_identity=identity,
+        train_step_key=meta["recipe_hash"],
+        resume_from=resume_from,
+        force=force,
+        battery_limit=battery_limit,
+        adapter_metadata_extra=meta,
+        checkpoint_meta={"recipe_source": str(recipe.source)},
+    )
+    return result
