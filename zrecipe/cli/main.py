@@ -16,7 +16,7 @@ from zrecipe import __version__
 from zrecipe.errors import ZRecipeError
 
 # Modules under zrecipe.cli that define `register(app)`. Only working commands are listed here.
-COMMAND_MODULES: list[str] = ["build", "store", "doctor"]
+COMMAND_MODULES: list[str] = ["build", "train", "generate", "export", "memory", "store", "doctor"]
 
 app = typer.Typer(
     name="zrecipe",
@@ -47,7 +47,8 @@ for _name in COMMAND_MODULES:
 def run_app(application: typer.Typer, argv: list[str] | None = None) -> int:
     """Run a typer app, turning zrecipe errors into a one-paragraph message and their exit code."""
     try:
-        application(args=argv, standalone_mode=False)
+        # With standalone_mode=False click *returns* the code of a typer.Exit instead of raising it.
+        result = application(args=argv, standalone_mode=False)
     except ZRecipeError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         return exc.exit_code
@@ -66,7 +67,7 @@ def run_app(application: typer.Typer, argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def main(argv: list[str] | None = None) -> None:
