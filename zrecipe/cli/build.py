@@ -87,8 +87,9 @@ def build_cmd(
         typer.echo(f"  checkpoints: {out / 'checkpoints'} ({len(pub['checkpoints'])})")
     if pub.get("samples"):
         typer.echo(f"  samples:     {out / 'samples'} ({len(pub['samples'])} files)")
-    for path in pub.get("exports", []):
-        typer.echo(f"  export:      {path}")
+    export_dir = Path(loaded.export.output_path)
+    for top in sorted({export_dir / Path(p).relative_to(export_dir).parts[0] for p in pub.get("exports", [])}):
+        typer.echo(f"  export:      {top}")
     typer.echo(f"  report:      {out / 'build-report.json'}")
 
 

@@ -1,0 +1,100 @@
+"""`zrecipe generate` (also installed as the seed's `mflux-generate-z-image-base`): text → PNG.
+
+Width and height must be multiples of 16 (the VAE's 8× times the transformer's 2× patch); other sizes are
+refused with the nearest valid ones rather than silently cropped. Without `--seed` the seed is 0, so a
+command always reproduces the same image; several `--seed`s write `<output>_<seed>.png` each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def generate(
+    prompt: str = typer.Option(..., "--prompt", help="Text prompt."),
+    negative_prompt: str = typer.Option(
+        "", "--negative-prompt", help="Negative prompt (used when guidance > 0)."
+    ),
+    guidance: float = typer.Option(
+        3.5, "--guidance", help="CFG scale in the Z-Image convention; 0 disables CFG."
+    ),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    width: int = typer.Option(1024, "--width", help="Image width in pixels (a multiple of 16)."),
+    height: int = typer.Option(1024, "--height", help="Image height in pixels (a multiple of 16)."),
+    seeds: list[int] | None = typer.Option(
+        None, "--seed", help="Seed; repeat for several images (default 0)."
+    ),
+    model: str = typer.Option(
+        "z-image",
+        "--model",
+        help="Model folder, preset (z-image, z-image-turbo, tiny) or Hugging Face repo id.",
+    ),
+    lora_paths: list[Path] | None = typer.Option(
+        None, "--lora-paths", help="LoRA file (any common convention); repeat for several."
+    ),
+    lora_scales: list[float] | None = typer.Option(
+        None, "--lora-scales", help="Strength per LoRA, in --lora-paths order (default 1.0 each)."
+    ),
+    quantize: int | None = typer.Option(
+        None, "--quantize", "-q", help="Quantise the transformer to 4 or 8 bits."
+    ),
+    cfg_normalization: bool = typer.Option(
+        False, "--cfg-normalization", help="Clip the guided prediction's norm to the positive one's."
+    ),
+    cfg_truncation: float = typer.Option(
+        1.0, "--cfg-truncation", help="Drop guidance once 1 − σ exceeds this (1.0: never)."
+    ),
+    output: Path = typer.Option(Path("image.png"), "--output", "-o", help="PNG file to write."),
+    low_ram: bool = typer.Option(False, "--low-ram", help="Free each model after use; tiled VAE decoding."),
+    fuse_loras: bool = typer.Option(
+        False, "--fuse-loras", help="Merge LoRAs into the weights (faster steps)."
+    ),
+    allow_unmatched: bool = typer.Option(
+        False,
+        "--allow-unmatched",
+        help="Apply a LoRA even if some of its keys match no layer (they are listed).",
+    ),
+) -> None:
+    """Generate images with Z-Image (CFG, negative prompt, LoRAs)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from zrecipe.generation.generate import GenerationSettings, output_paths, save_png
+    from zrecipe.generation.generate import generate as run
+    from zrecipe.models.z_image.resolve import resolve_model
+
+    seed_list = tuple(seeds) if seeds else (0,)
+    paths = output_paths(output, seed_list)  # validate before any model loads
+    settings = GenerationSettings(
+        prompt, negative_prompt, guidance, steps, width, height, seed_list, cfg_normalization, cfg_truncation
+    )
+    folder = resolve_model(model)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        tasks = {}
+
+        def on_step(index: int, step: int, total: int) -> None:
+            if index not in tasks:
+                tasks[index] = progress.add_task(f"seed {seed_list[index]}", total=total)
+            progress.update(tasks[index], completed=step)
+
+        images = run(
+            folder,
+            settings,
+            list(lora_paths or []),
+            list(lora_scales) if lora_scales else None,
+            quantize,
+            low_ram,
+            fuse_loras,
+            allow_unmatched,
+            model_name=model,
+            on_step=on_step,
+        )
+    for item, path in zip(images, paths):
+        save_png(item.image, path, item.metadata)
+        typer.echo(f"wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
