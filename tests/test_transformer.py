@@ -196,7 +196,10 @@ def test_batch_items_equal_their_single_runs():
     batched = model(x, t, caps)
     for i in range(3):
         single = model(x[i : i + 1], t[i : i + 1], [caps[i]])
-        assert mx.abs(batched[i] - single[0]).max().item() <= 1e-5
+        # Relative: with OpenBLAS a matmul's rounding depends on the matrix height (blocking), so a row of
+        # a batched product is not bit-identical to the same row computed alone.
+        err = mx.abs(batched[i] - single[0]).max().item() / mx.abs(single[0]).max().item()
+        assert err <= 1e-5
 
 
 def test_output_depends_on_time_caption_and_pad_tokens():
