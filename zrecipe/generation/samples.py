@@ -32,7 +32,7 @@ def _is_full_weights(tensors: dict, metadata: dict) -> bool:
     return metadata.get("format") == "zrecipe-full" or not any("lora" in k for k in tensors)
 
 
-def _swap_in(transformer, adapter: Path | None, model_path: Path) -> Callable[[], None]:
+def swap_in(transformer, adapter: Path | None, model_path: Path) -> Callable[[], None]:
     """Apply `adapter` to `transformer`; returns the function that puts the base model back."""
     from zrecipe.errors import CheckpointError
     from zrecipe.export.apply import apply_loras, linear_shapes
@@ -94,7 +94,7 @@ def render_sample_grid(
     results: dict[str, list[Path]] = {}
     grid: list[list] = [[None] * len(adapters) for _ in range(len(prompts) * len(seeds))]
     for col, (label, adapter) in enumerate(adapters):
-        restore = _swap_in(transformer, Path(adapter) if adapter else None, model_path)
+        restore = swap_in(transformer, Path(adapter) if adapter else None, model_path)
         folder = out_dir / label
         paths = []
         for p_index, prompt in enumerate(prompts):

@@ -255,7 +255,7 @@ def run_sample(tasks, ctx) -> None:
     import mlx.core as mx
 
     from zrecipe.generation.generate import GenerationSettings, decode_latents, png_metadata, sample_latents, save_png
-    from zrecipe.generation.samples import _swap_in as swap_in  # noqa: PLC2701
+    from zrecipe.generation.samples import swap_in
     from zrecipe.models.z_image.sampler import read_scheduler_config
     from zrecipe.models.z_image.transformer import load_transformer
     from zrecipe.models.z_image.vae import load_vae

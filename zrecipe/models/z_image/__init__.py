@@ -34,6 +34,7 @@ _EXPORTS = {
     "sigmas": "sampler",
     "read_scheduler_config": "sampler",
     "read_scheduler_shift": "sampler",
+    "SchedulerConfig": "sampler",
     "resolve_model": "resolve",
     "model_weight_files": "resolve",
     "create_tiny_model": "tiny",
