@@ -62,17 +62,65 @@ def build_cmd(
     battery: Optional[int] = typer.Option(
         None, "--battery-percentage-stop-limit", "-B", help="Stop training (with a checkpoint) at this battery %."
     ),
+    ranks: Optional[int] = typer.Option(
+        None, "--ranks", "-n", help="Build on N MLX ranks (re-runs under mlx.launch; with --hosts: per host)."
+    ),
+    hosts: Optional[str] = typer.Option(
+        None, "--hosts", help="Comma-separated host IPs, one rank each (ssh, same paths, shared --cache)."
+    ),
+    hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="An mlx.launch hostfile (JSON)."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help="mlx.launch backend: ring, mpi, nccl, jaccl (default: the hostfile's, else nccl "
+        "with CUDA, else ring)."
+    ),
 ) -> None:
     """Build a recipe: run only the stale steps (resize, encode, train, sample, export)."""
+    from zrecipe.pipeline.launch import rank_status, relaunch
+    from zrecipe.training.distributed import launched
+
+    if (ranks or hosts or hostfile) and not launched():
+        args = _rank_args(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery)
+        raise typer.Exit(relaunch(args, ranks, hosts, hostfile, backend))
+    with rank_status():
+        _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery)
+
+
+def _rank_args(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) -> list[str]:
+    """The build's own options, for the command every rank runs (paths made absolute)."""
+    args = [str(recipe.resolve())]
+    args += ["--cache", str(cache.resolve())] if cache else []
+    args += ["--until", until] if until else []
+    for kind in force:
+        args += ["--force", kind]
+    args += ["--dry-run"] if dry_run else []
+    args += ["--jobs", str(jobs)] if jobs else []
+    args += ["--json"] if as_json else []
+    args += ["--quiet"] if quiet else []
+    args += ["-B", str(battery)] if battery is not None else []
+    return args
+
+
+def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) -> None:
     from zrecipe.pipeline import build_recipe, plan_recipe
+    from zrecipe.training.distributed import launched, world
 
     loaded = _load(recipe)
     if dry_run:
+        if launched() and not world().main:
+            return  # one plan printout is enough
         outcome = plan_recipe(loaded, cache, until, force)
         typer.echo(outcome.plan.summary())
         return
-    outcome = build_recipe(loaded, cache, until, force, jobs, progress=not quiet and sys.stderr.isatty(),
-                           battery_limit=battery)  # fmt: skip
+    # Under mlx.launch stderr is a pipe: rank 0 still prints progress lines (line by line, not redrawn).
+    progress = not quiet and (sys.stderr.isatty() or launched())
+    try:
+        outcome = build_recipe(loaded, cache, until, force, jobs, progress=progress, battery_limit=battery)
+    except Exception as exc:
+        if launched() and not world().main and getattr(exc, "all_ranks", False):
+            raise typer.Exit(getattr(exc, "exit_code", 1)) from None  # rank 0 prints the same error
+        raise
+    if launched() and not world().main:
+        return  # rank 0 reports for the whole job
     if as_json:
         typer.echo(outcome.report.to_json())
         return

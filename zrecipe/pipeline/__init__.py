@@ -48,11 +48,25 @@ def build_recipe(
     progress: bool = True,
     battery_limit: int | None = None,
 ) -> BuildOutcome:
-    """Plan and run the stale steps of `recipe`, then publish the results into its output folder."""
+    """Plan and run the stale steps of `recipe`, then publish the results into its output folder.
+
+    Under a distributed launcher (`mlx.launch`) every rank calls this: the ranks share the per-item steps
+    and train together (zrecipe.pipeline.distributed); `published` is None on ranks > 0."""
     from zrecipe.build import Store, build
     from zrecipe.pipeline.publish import publish
+    from zrecipe.training.distributed import launched
 
     cache_dir = _cache(recipe, cache)
+    if launched():
+        from zrecipe.pipeline.distributed import build_distributed
+        from zrecipe.training.distributed import world
+
+        out = Path(recipe.save.output_path)
+        out.mkdir(parents=True, exist_ok=True)
+        plan, report, published = build_distributed(
+            recipe, cache_dir, until, force, jobs, progress, battery_limit, out / "build-report.json", world()
+        )
+        return BuildOutcome(plan, report, published, cache_dir, None)
     graph, data = build_graph(recipe, cache_dir, until=until)
     data.options.update(progress=progress, battery_limit=battery_limit)
     out = Path(recipe.save.output_path)

@@ -15,7 +15,11 @@ from pathlib import Path
 
 from zrecipe.pipeline.identity import resolve_model_path
 
-ENCODE_BATCH = 8
+# One item per model call: batched numerics depend on the batch (padding length, BLAS blocking by matrix
+# height — measured: every item of an 8-item VAE or text batch differed in its last bits from the same item
+# encoded alone). A store entry must be a function of its key alone, or a fresh build and an incremental
+# build (which re-encodes a different set of items together) would train on different bytes.
+ENCODE_BATCH = 1
 LATENTS_FILE = "latents.safetensors"
 EMBEDDING_FILE = "embedding.safetensors"
 
@@ -56,25 +60,46 @@ def run_encode_image(tasks, ctx) -> None:
     from zrecipe.models.z_image.vae import load_vae, to_model_latents
 
     vae = load_vae(resolve_model_path(ctx.data), dtype=mx.float32)
-    by_size: dict[tuple[int, int], list] = defaultdict(list)
-    for task in tasks:
-        src = ctx.input_dir(task, 0)
-        size = json.loads((src / "size.json").read_text())
-        by_size[(size["height"], size["width"])].append((task, src))
-    for _, group in sorted(by_size.items()):
-        for start in range(0, len(group), ENCODE_BATCH):
-            batch = group[start : start + ENCODE_BATCH]
-            pixels = np.stack(
-                [np.asarray(Image.open(src / "image.png").convert("RGB"), dtype=np.float32) for _, src in batch]
-            )
-            mean = vae.encode(mx.array(pixels / 127.5 - 1.0))
-            latents = to_model_latents(mean, vae).transpose(0, 3, 1, 2).astype(mx.float32)  # (B, 16, h, w)
-            mx.eval(latents)
-            for i, (task, _) in enumerate(batch):
-                with ctx.output(task) as folder:
-                    mx.save_safetensors(str(folder / LATENTS_FILE), {"latents": latents[i]})
+    for batch in _image_batches(tasks, ctx):
+        srcs = [ctx.input_dir(task, 0) for task in batch]
+        images = [Image.open(d / "image.png").convert("RGB") for d in srcs]
+        pixels = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+        mean = vae.encode(mx.array(pixels / 127.5 - 1.0))
+        latents = to_model_latents(mean, vae).transpose(0, 3, 1, 2).astype(mx.float32)  # (B, 16, h, w)
+        mx.eval(latents)
+        for i, task in enumerate(batch):
+            with ctx.output(task) as folder:
+                mx.save_safetensors(str(folder / LATENTS_FILE), {"latents": latents[i]})
     del vae
     _free()
+
+
+def _image_batches(tasks, ctx) -> list[list]:
+    """The VAE batches: tasks grouped by image size (size order), then runs of ENCODE_BATCH in task order."""
+    by_size: dict[tuple[int, int], list] = defaultdict(list)
+    for task in tasks:
+        size = json.loads((ctx.input_dir(task, 0) / "size.json").read_text())
+        by_size[(size["height"], size["width"])].append(task)
+    groups = [group for _, group in sorted(by_size.items())]
+    return [group[i : i + ENCODE_BATCH] for group in groups for i in range(0, len(group), ENCODE_BATCH)]
+
+
+def _text_batches(tasks) -> list[list]:
+    """The text-encoder batches: runs of ENCODE_BATCH in task order."""
+    return [tasks[i : i + ENCODE_BATCH] for i in range(0, len(tasks), ENCODE_BATCH)]
+
+
+def batches(kind: str, tasks, ctx) -> list[list]:
+    """The groups of `tasks` that `kind`'s run() computes together (one item each for per-item work).
+
+    Batched numerics depend on the batch (padding, matmul blocking), so a distributed build hands whole
+    groups to ranks: rank r's share then forms exactly these batches again, and every entry is
+    byte-identical to a single-process build of the same stale items."""
+    if kind == "encode-image":
+        return _image_batches(tasks, ctx)
+    if kind == "encode-text":
+        return _text_batches(tasks)
+    return [[task] for task in tasks]
 
 
 # --- encode-text (per distinct text) ----------------------------------------------------------------------
@@ -89,8 +114,7 @@ def run_encode_text(tasks, ctx) -> None:
     model_path = resolve_model_path(ctx.data)
     tokenizer = load_tokenizer(model_path)
     encoder = load_text_encoder(model_path, dtype=mx.float32)
-    for start in range(0, len(tasks), ENCODE_BATCH):
-        batch = tasks[start : start + ENCODE_BATCH]
+    for batch in _text_batches(tasks):
         embeds = encode_prompts(encoder, tokenizer, [t.params["text"] for t in batch], t_max(batch))
         for task, emb in zip(batch, embeds):
             with ctx.output(task) as folder:
@@ -153,6 +177,7 @@ def run_train(tasks, ctx) -> None:
     from zrecipe.models.z_image.transformer import load_transformer
     from zrecipe.recipe import recipe_hash
     from zrecipe.training.checkpoint import list_checkpoints, read_checkpoint
+    from zrecipe.training.distributed import world
     from zrecipe.training.loop import train
     from zrecipe.training.memory import resolve_batch_size
     from zrecipe.training.settings import TrainSettings
@@ -178,7 +203,7 @@ def run_train(tasks, ctx) -> None:
         lora_targets=recipe.lora.targets if recipe.lora else None,
         gradient_checkpointing=loop.gradient_checkpointing,
     )
-    if note:
+    if note and world().main:
         print(note)
     settings = TrainSettings.from_recipe(recipe, read_scheduler_shift(model_path), batch_size=micro)
     settings = dataclasses.replace(settings, gradient_accumulation_steps=accum)
@@ -193,7 +218,7 @@ def run_train(tasks, ctx) -> None:
             continue
         resume = candidate
         break
-    if resume is not None:
+    if resume is not None and world().main:
         print(f"train: resuming from {resume.name}")
     meta = {"base_model": recipe.model, "recipe_hash": recipe_hash(recipe), "train_step_key": task.key}
     result = train(
@@ -215,6 +240,8 @@ def run_train(tasks, ctx) -> None:
         raise KeyboardInterrupt(f"training stopped at step {result.step}; run the build again to resume")
     del transformer
     _free()
+    if result.world_size > 1 and not world().main:
+        return  # a distributed build: rank 0 commits the entry, the others learn its outcome from it
     with ctx.output(task) as folder:
         for name in ("adapter.safetensors", "transformer.safetensors", "loss.json", "loss.png"):
             if (work / name).exists():

@@ -4,6 +4,11 @@ Everything random in a step is a pure function of (seed, step, micro-batch): the
 dropout and the data order (per epoch). Together with the optimiser state (which holds the step counter the
 learning-rate schedule reads) and the adapter, a checkpoint therefore pins the rest of the run exactly:
 N straight steps and N/2 + resume + N/2 give byte-identical tensors.
+
+Under `mlx.launch` (see distributed.py) every rank walks the same global batches and takes its slice;
+σ, noise and caption dropout are drawn for the whole global batch and sliced too, so W ranks × B/W items
+train exactly what one process with B items trains (up to float rounding), and gradients are summed
+across ranks inside the compiled step. Rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from zrecipe.errors import CheckpointError, RecipeError
 from zrecipe.training import checkpoint as ckpt
+from zrecipe.training import distributed as dist
 from zrecipe.training.data import BatchIterator, Example, collate, dataset_fingerprint
 from zrecipe.training.lora import (
     adapter_metadata,
@@ -33,7 +39,7 @@ from zrecipe.training.lora import (
 )
 from zrecipe.training.loss import caption_dropout_mask, flow_matching_loss, sample_sigmas, step_key
 from zrecipe.training.optim import flatten_state, make_optimizer, restore_state
-from zrecipe.training.progress import Progress, plot_loss, write_loss_log
+from zrecipe.training.progress import plot_loss, write_loss_log
 from zrecipe.training.settings import TrainSettings, resolve_compute_dtype, total_steps
 from zrecipe.training.stop import StopMonitor
 
@@ -51,6 +57,7 @@ class TrainResult:
     trainable_parameters: int
     lora_paths: list[str]
     history: list[dict[str, Any]]
+    world_size: int = 1
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:
@@ -156,53 +163,78 @@ def train(
     On SIGINT/SIGTERM or the battery limit it writes a checkpoint and returns with `stopped` set.
     `model_identity` / the examples' fingerprint guard resumes (`force` skips the dataset check);
     `checkpoint_meta` adds fields to checkpoint.json, `adapter_metadata_extra` to the adapter metadata.
+    Under a distributed launcher every rank calls train() with the same arguments (checked) and trains
+    its slice of each global batch; only rank 0 writes files, and all ranks return after they exist.
     """
     output_path = Path(output_path).expanduser()
-    output_path.mkdir(parents=True, exist_ok=True)
+    w = dist.world()
     accum = int(settings.gradient_accumulation_steps)
-    if accum < 1:
-        raise RecipeError("training_loop.gradient_accumulation_steps must be at least 1.")
-    checkpoint_data = ckpt.read_checkpoint(resume_from) if resume_from is not None else None
-    fingerprint = dataset_fingerprint(examples)
-    if checkpoint_data is not None:
-        ckpt.check_compatible(checkpoint_data, model_identity, fingerprint, settings.mode, force=force)
+    with dist.phase("preparing training", w):  # a failure on one rank stops every rank
+        if accum < 1:
+            raise RecipeError("training_loop.gradient_accumulation_steps must be at least 1.")
+        if settings.batch_size % w.size:
+            raise RecipeError(
+                f"training_loop.batch_size: the global batch of {settings.batch_size} does not split evenly "
+                f"over {w.size} ranks; use a multiple of {w.size} (each rank trains batch_size / ranks "
+                "items of every batch)."
+            )
+        if w.main:
+            output_path.mkdir(parents=True, exist_ok=True)
+        checkpoint_data = ckpt.read_checkpoint(resume_from) if resume_from is not None else None
+        fingerprint = dataset_fingerprint(examples)
+        if checkpoint_data is not None:
+            ckpt.check_compatible(checkpoint_data, model_identity, fingerprint, settings.mode, force=force)
 
-    paths, dtype = _prepare(model, settings)
-    iterator = BatchIterator(examples, settings.batch_size, settings.seed)
-    steps_total = total_steps(settings, iterator.batches_per_epoch)
-    optimizer = make_optimizer(settings.optimizer, steps_total)
-    optimizer.init(model.trainable_parameters())
-    history: list[dict[str, Any]] = []
-    step = 0
-    if checkpoint_data is not None:
-        same = checkpoint_data.meta.get("dataset_fingerprint") == fingerprint
-        _apply_checkpoint(model, optimizer, iterator, settings, checkpoint_data, same)
-        step, history = checkpoint_data.step, list(checkpoint_data.loss)
+        paths, dtype = _prepare(model, settings)
+        iterator = BatchIterator(examples, settings.batch_size, settings.seed)
+        steps_total = total_steps(settings, iterator.batches_per_epoch)
+        optimizer = make_optimizer(settings.optimizer, steps_total)
+        optimizer.init(model.trainable_parameters())
+        history: list[dict[str, Any]] = []
+        step = 0
+        if checkpoint_data is not None:
+            same = checkpoint_data.meta.get("dataset_fingerprint") == fingerprint
+            _apply_checkpoint(model, optimizer, iterator, settings, checkpoint_data, same)
+            step, history = checkpoint_data.step, list(checkpoint_data.loss)
+    if w.distributed:
+        summary = dist.run_summary(settings, fingerprint, model_identity, step, steps_total)
+        hint = "Every rank needs the same recipe, data, model and checkpoints (and an explicit batch_size: "
+        dist.agree("the training run", summary, w, hint + "`auto` follows each machine's memory).")
+    if checkpoint_data is not None and w.main:
+        dist.note_world_change(int(checkpoint_data.meta.get("world_size", 1)), w.size)
     trainable = trainable_parameter_count(model)
     empty = mx.array(empty_embedding)
 
-    def loss_fn(model, x0, caps, key):
+    def loss_fn(model, x0, caps, key, layout=None):
+        # layout (start, n_global, weight): σ and noise are drawn for the whole global batch and this
+        # rank's rows taken, so they are the same numbers a single process draws; the loss is weighted by
+        # this rank's share so the summed gradients are the global batch mean's gradient.
         sigma_key, noise_key = mx.random.split(key)
+        n = x0.shape[0] if layout is None else layout[1]
         sigma = sample_sigmas(
             sigma_key,
-            x0.shape[0],
+            n,
             settings.sigma_sampling,
             settings.shift,
             settings.logit_mean,
             settings.logit_std,
         )
-        noise = mx.random.normal(x0.shape, key=noise_key).astype(x0.dtype)
-        return flow_matching_loss(model, x0, caps, sigma, noise)
+        noise = mx.random.normal((n, *x0.shape[1:]), key=noise_key).astype(x0.dtype)
+        if layout is None:
+            return flow_matching_loss(model, x0, caps, sigma, noise)
+        start, stop = layout[0], layout[0] + x0.shape[0]
+        return flow_matching_loss(model, x0, caps, sigma[start:stop], noise[start:stop]) * layout[2]
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def train_step(x0, caps, key, prev_grad, do_update):
-        loss, grad = loss_and_grad(model, x0, caps, key)
+    def train_step(x0, caps, key, prev_grad, do_update, layout=None):
+        loss, grad = loss_and_grad(model, x0, caps, key, layout)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
+            grad = dist.sum_gradients(grad, w)  # one bucketed all_sum per optimiser step (W > 1 only)
             if accum > 1:
                 grad = tree_map(lambda g: g / accum, grad)
             if settings.max_grad_norm is not None:
@@ -219,6 +251,7 @@ def train(
         "train_step_key": train_step_key,
         "total_steps": steps_total,
         "trainable_parameters": trainable,
+        "world_size": w.size,
         "started": (checkpoint_data.meta.get("started") if checkpoint_data else None)
         or time.strftime("%FT%T%z"),
     }
@@ -239,46 +272,58 @@ def train(
         return path
 
     mx.reset_peak_memory()
-    bar = Progress(steps_total, start=step, enabled=progress)
+    bar = dist.RankProgress(steps_total, start=step, enabled=progress and w.main)
     monitor = stop_monitor or StopMonitor(battery_limit)
     stopped: str | None = None
     with monitor:
         while step < steps_total:
             t0 = time.perf_counter()
-            grad, losses = None, []
+            grad, losses, items = None, [], 0
             for micro in range(accum):
                 indices, _ = iterator.next()
+                # Dropout is drawn per global example (then sliced), like σ and the noise in loss_fn.
                 drop = caption_dropout_mask(
                     settings.seed, step, micro, [examples[i].caption_dropout for i in indices]
                 )
+                layout = None
+                if w.distributed:
+                    indices, drop, layout = dist.rank_part(indices, drop, w)
+                    items += round(layout[2] * layout[1])
                 x0, caps = collate(examples, indices, drop, empty)
                 x0, caps = x0.astype(dtype), [c.astype(dtype) for c in caps]
                 key = step_key(settings.seed, step, micro)
-                loss, grad = train_step(x0, caps, key, grad, micro == accum - 1)
+                loss, grad = train_step(x0, caps, key, grad, micro == accum - 1, layout)
                 mx.eval(loss, grad, state)  # one evaluation per micro-batch (mlx-lm)
                 losses.append(loss.item())
+            reason = monitor.reason()
+            rates: list[float] = []
+            if w.distributed:
+                rate = items / (time.perf_counter() - t0)
+                losses, rates, reason = dist.step_stats(losses, rate, reason, w)
             step += 1
             lr = optimizer.learning_rate
             history.append({
                 "step": step, "loss": sum(losses) / len(losses), "lr": float(lr.item() if hasattr(lr, "item") else lr),
                 "time": time.perf_counter() - t0,
             })  # fmt: skip
-            bar.update(step, history[-1]["loss"])
+            bar.update_ranks(step, history[-1]["loss"], rates)
             if settings.low_ram:
                 mx.clear_cache()
-            stopped = monitor.reason()
+            stopped = reason  # agreed by every rank (_step_stats): all ranks stop after the same step
             if step % settings.checkpoint_frequency == 0 or step == steps_total or stopped:
-                last_checkpoint = save_checkpoint()
+                last_checkpoint = save_checkpoint() if w.main else ckpt.checkpoint_path(output_path, step)
             if stopped:
                 break
     bar.close()
     final_path = None
     if stopped is None:
-        if last_checkpoint is None or last_checkpoint != ckpt.checkpoint_path(output_path, step):
+        if w.main and (last_checkpoint is None or last_checkpoint != ckpt.checkpoint_path(output_path, step)):
             last_checkpoint = save_checkpoint()
-        final_path = _write_final(
-            model, settings, output_path, {**(adapter_metadata_extra or {}), "step": str(step)}
-        )
+        meta = {**(adapter_metadata_extra or {}), "step": str(step)}
+        final_path = output_path / _final(settings)
+        if w.main:
+            final_path = _write_final(model, settings, output_path, meta)
+    dist.barrier(w)  # ranks > 0 return once rank 0's checkpoint and final files exist
     return TrainResult(
         step=step,
         total_steps=steps_total,
@@ -289,15 +334,20 @@ def train(
         trainable_parameters=trainable,
         lora_paths=paths,
         history=history,
+        world_size=w.size,
     )
+
+
+def _final(settings: TrainSettings) -> str:
+    return "adapter.safetensors" if settings.mode == "lora" else "transformer.safetensors"
 
 
 def _write_final(model, settings: TrainSettings, output_path: Path, meta: dict[str, Any]) -> Path:
     """The trained result as one plain safetensors file with self-describing metadata."""
     if settings.mode == "lora":
-        return save_adapter(model, output_path / "adapter.safetensors", meta)
+        return save_adapter(model, output_path / _final(settings), meta)
     tensors, metadata = _weights_for_save(model, settings, meta)
-    path = output_path / "transformer.safetensors"
+    path = output_path / _final(settings)
     mx.eval(tensors)
     with ckpt.atomic_path(path) as tmp:
         mx.save_safetensors(str(tmp), tensors, metadata=metadata)
