@@ -7,7 +7,6 @@ memory is its own (the text encoder and VAE are gone before training starts).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 from collections import defaultdict
@@ -116,7 +115,7 @@ def run_encode_text(tasks, ctx) -> None:
     encoder = load_text_encoder(model_path, dtype=mx.float32)
     for batch in _text_batches(tasks):
         embeds = encode_prompts(encoder, tokenizer, [t.params["text"] for t in batch], t_max(batch))
-        for task, emb in zip(batch, embeds):
+        for task, emb in zip(batch, embeds, strict=True):
             with ctx.output(task) as folder:
                 mx.save_safetensors(str(folder / EMBEDDING_FILE), {"embedding": emb.astype(mx.float32)})
     del encoder
@@ -173,40 +172,18 @@ def run_train(tasks, ctx) -> None:
 
     import mlx.core as mx
 
-    from zrecipe.models.z_image.sampler import read_scheduler_shift
-    from zrecipe.models.z_image.transformer import load_transformer
     from zrecipe.recipe import recipe_hash
     from zrecipe.training.checkpoint import list_checkpoints, read_checkpoint
     from zrecipe.training.distributed import world
     from zrecipe.training.loop import train
-    from zrecipe.training.memory import resolve_batch_size
-    from zrecipe.training.settings import TrainSettings
+    from zrecipe.training.session import prepare_training
 
     (task,) = tasks
     recipe = ctx.data.recipe
-    loop = recipe.training_loop
     model_path = resolve_model_path(ctx.data)
     examples, empty, skipped = _load_examples(task, ctx)
-    dtype = None if loop.compute_dtype == "auto" else loop.compute_dtype
-    transformer = load_transformer(model_path, dtype=dtype, quantize=loop.quantize)
-    largest = max(examples, key=lambda e: e.bucket[0] * e.bucket[1])
-    micro, accum, note = resolve_batch_size(
-        loop.batch_size,
-        loop.gradient_accumulation_steps,
-        transformer.config,
-        recipe.mode,
-        width=largest.bucket[1] * 8,
-        height=largest.bucket[0] * 8,
-        caption_tokens=max(e.caption.shape[0] for e in examples),
-        dtype="bfloat16" if transformer.dtype == mx.bfloat16 else "float32",
-        quantize=loop.quantize,
-        lora_targets=recipe.lora.targets if recipe.lora else None,
-        gradient_checkpointing=loop.gradient_checkpointing,
-    )
-    if note and world().main:
-        print(note)
-    settings = TrainSettings.from_recipe(recipe, read_scheduler_shift(model_path), batch_size=micro)
-    settings = dataclasses.replace(settings, gradient_accumulation_steps=accum)
+    log = print if world().main else (lambda _msg: None)
+    transformer, settings = prepare_training(recipe, model_path, examples, log)
     # Checkpoints live in the step's persistent work folder, keyed like the step: an interrupted build
     # resumes from the newest one of the *same* key (same data, parameters, model and code).
     work = ctx.work_dir(task)
@@ -281,7 +258,13 @@ def _sample_adapters(train_dir: Path, every: int | None) -> list[tuple[str, Path
 def run_sample(tasks, ctx) -> None:
     import mlx.core as mx
 
-    from zrecipe.generation.generate import GenerationSettings, decode_latents, png_metadata, sample_latents, save_png
+    from zrecipe.generation.generate import (
+        GenerationSettings,
+        decode_latents,
+        png_metadata,
+        sample_latents,
+        save_png,
+    )
     from zrecipe.generation.samples import swap_in
     from zrecipe.models.z_image.sampler import read_scheduler_config
     from zrecipe.models.z_image.transformer import load_transformer

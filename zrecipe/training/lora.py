@@ -19,19 +19,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from zrecipe.errors import CheckpointError, RecipeError
-
-# Layer types a target may name, and which block groups carry them (context_refiner has no modulation).
-LAYER_TYPES = (
-    "attention.to_q",
-    "attention.to_k",
-    "attention.to_v",
-    "attention.to_out.0",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-    "adaLN_modulation.0",
-)
-BLOCK_TYPES = ("layers", "noise_refiner", "context_refiner")
+from zrecipe.recipe.schema import BLOCK_TYPES  # one list of targetable layers
 
 
 class LoRALinear(nn.Module):

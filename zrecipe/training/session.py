@@ -32,6 +32,39 @@ def model_identity(folder: str | Path, cache_dir: str | Path | None = None) -> s
     return h.hexdigest()
 
 
+
+def prepare_training(recipe: Any, model_path: str | Path, examples: list, log: Callable[[str], None] = print):
+    """Load the transformer for `recipe` and resolve its TrainSettings (batch size `auto` and micro-batching
+    from the memory optimiser, sized for the largest bucket and longest caption of `examples`)."""
+    import mlx.core as mx
+
+    from zrecipe.models.z_image.sampler import read_scheduler_shift
+    from zrecipe.models.z_image.transformer import load_transformer
+    from zrecipe.training.memory import resolve_batch_size
+    from zrecipe.training.settings import TrainSettings
+
+    loop = recipe.training_loop
+    dtype = None if loop.compute_dtype == "auto" else loop.compute_dtype
+    transformer = load_transformer(model_path, dtype=dtype, quantize=loop.quantize)
+    largest = max(examples, key=lambda e: e.bucket[0] * e.bucket[1])
+    micro, accum, note = resolve_batch_size(
+        loop.batch_size,
+        loop.gradient_accumulation_steps,
+        transformer.config,
+        recipe.mode,
+        width=largest.bucket[1] * 8,
+        height=largest.bucket[0] * 8,
+        caption_tokens=max(e.caption.shape[0] for e in examples),
+        dtype="bfloat16" if transformer.dtype == mx.bfloat16 else "float32",
+        quantize=loop.quantize,
+        lora_targets=recipe.lora.targets if recipe.lora else None,
+        gradient_checkpointing=loop.gradient_checkpointing,
+    )
+    if note:
+        log(note)
+    settings = TrainSettings.from_recipe(recipe, read_scheduler_shift(model_path), batch_size=micro)
+    return transformer, dataclasses.replace(settings, gradient_accumulation_steps=accum)
+
 def recipe_from_checkpoint(path: str | Path) -> tuple[Any, Any]:
     """(Recipe, verified Checkpoint) for `--train-checkpoint`: the zip's config.json is the resolved recipe."""
     from zrecipe.recipe import Recipe
@@ -53,15 +86,10 @@ def run_recipe(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `recipe` end to end, resuming from `resume_from` when given."""
-    import mlx.core as mx
 
     from zrecipe.models.z_image.resolve import resolve_model
-    from zrecipe.models.z_image.sampler import read_scheduler_shift
-    from zrecipe.models.z_image.transformer import load_transformer
     from zrecipe.recipe import recipe_hash
     from zrecipe.training.encode import encode_recipe_datasets
-    from zrecipe.training.memory import resolve_batch_size
-    from zrecipe.training.settings import TrainSettings
 
     loop = recipe.training_loop
     if recipe.mode == "full" and loop.quantize:
@@ -75,27 +103,8 @@ def run_recipe(
     low_ram = low_ram or loop.low_ram
     log(f"encoding {len(recipe.datasets)} dataset(s) with {folder.name}")
     examples, empty = encode_recipe_datasets(recipe, folder, low_ram=low_ram, log=log)
-    dtype = None if loop.compute_dtype == "auto" else loop.compute_dtype
-    transformer = load_transformer(folder, dtype=dtype, quantize=loop.quantize)
-
-    largest = max(examples, key=lambda e: e.bucket[0] * e.bucket[1])
-    micro, accum, note = resolve_batch_size(
-        loop.batch_size,
-        loop.gradient_accumulation_steps,
-        transformer.config,
-        recipe.mode,
-        width=largest.bucket[1] * 8,
-        height=largest.bucket[0] * 8,
-        caption_tokens=max(e.caption.shape[0] for e in examples),
-        dtype="bfloat16" if transformer.dtype == mx.bfloat16 else "float32",
-        quantize=loop.quantize,
-        lora_targets=recipe.lora.targets if recipe.lora else None,
-        gradient_checkpointing=loop.gradient_checkpointing,
-    )
-    if note:
-        log(note)
-    settings = TrainSettings.from_recipe(recipe, read_scheduler_shift(folder), batch_size=micro)
-    settings = dataclasses.replace(settings, gradient_accumulation_steps=accum, low_ram=low_ram)
+    transformer, settings = prepare_training(recipe, folder, examples, log)
+    settings = dataclasses.replace(settings, low_ram=low_ram)
     meta = {"base_model": recipe.model, "recipe_hash": recipe_hash(recipe)}
     result = train(
         transformer,
