@@ -1,97 +1,206 @@
-"""Forward time of zrecipe's ZImageTransformer vs diffusers' ZImageTransformer2DModel, same config, same run.
+"""Transformer forward and forward+backward: zrecipe (MLX) vs diffusers ZImageTransformer2DModel, same run.
 
-    python benchmarks/bench_transformer.py [--dim 384 --layers 4 --size 32 --caption 100 --repeat 5]
+    python benchmarks/bench_transformer.py [--quick] [--config bench-small] [--runs 5] [--no-backward] [--write]
 
-Both run in fp32 on the CPU with the same weights (built by diffusers, saved, loaded by zrecipe) and the
-same inputs; prints median seconds per forward, the ratio and the max relative difference of the outputs.
+Both sides run fp32 on the CPU with the same weights (built by diffusers, saved, loaded by zrecipe's loader)
+and the same inputs; runs are interleaved (zrecipe, torch, zrecipe, ...) so load from other processes hits
+both alike. Forward+backward takes gradients of a LoRA-sized trainable subset on both sides: the attention
+q/k/v/out weights of the main layers (everything else frozen), loss = mean(out²). Reported: median seconds
+with min–max, achieved GFLOP/s (matmul FLOPs counted below) and the ratio torch / zrecipe (> 1: zrecipe
+faster); the target is zrecipe ≤ 1.0× PyTorch's time.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 import tempfile
-import time
+from pathlib import Path
 
-import zrecipe  # noqa: F401  imported before mlx.core: selects a fast BLAS for MLX on Linux
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import zrecipe  # noqa: E402,F401  imported before mlx.core: selects a fast BLAS for MLX on Linux
+
+CONFIGS = {
+    # issue 7's bench-small: dim 768, 12 heads (head_dim 64), 6 + 2 + 2 layers, 32×32 latents, 64 caption tokens
+    "bench-small": dict(dim=768, heads=12, layers=6, refiners=2, cap_dim=256, side=32, caption=64, batch=4),
+    "quick": dict(dim=256, heads=4, layers=2, refiners=1, cap_dim=64, side=16, caption=32, batch=2),
+}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--size", type=int, default=32, help="latent height = width (tokens = (size/2)²)")
-    parser.add_argument("--caption", type=int, default=100, help="caption tokens")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
+def diffusers_config(c: dict) -> dict:
+    head = c["dim"] // c["heads"]
+    third = head // 3 // 2 * 2
+    return {
+        "dim": c["dim"], "n_heads": c["heads"], "n_kv_heads": c["heads"], "n_layers": c["layers"],
+        "n_refiner_layers": c["refiners"], "cap_feat_dim": c["cap_dim"],
+        "axes_dims": [head - 2 * third, third, third], "axes_lens": [1024, 512, 512],
+    }  # fmt: skip
 
+
+def count_flops(c: dict) -> dict:
+    """Matmul FLOPs of one forward and of forward+backward with the attention projections trainable.
+
+    Linear: 2·M·N·K; attention: 4·B·H·L²·d (QKᵀ and PV). Backward: every linear's input gradient (≈ its
+    forward), the trainable weights' gradients (4·d² per main-layer token) and 2× the attention forward.
+    """
+    d, b = c["dim"], c["batch"]
+    hidden = int(d / 3 * 8)
+    n_img = (c["side"] // 2) ** 2
+    n_img += -n_img % 32
+    n_cap = c["caption"] + (-c["caption"] % 32)
+    per_token = 2 * (4 * d * d + 3 * d * hidden)  # q, k, v, out + SwiGLU
+
+    def block(tokens: int, length: int) -> tuple[int, int]:
+        return b * tokens * per_token, 4 * b * length * length * d  # linear, attention (H·head_dim = d)
+
+    lin, attn = 0, 0
+    for tokens, count in ((n_img, c["refiners"]), (n_cap, c["refiners"]), (n_img + n_cap, c["layers"])):
+        bl, ba = block(tokens, tokens)
+        lin, attn = lin + count * bl, attn + count * ba
+    adaln = min(d, 256)
+    lin += 2 * b * (n_img * 64 * d + c["caption"] * c["cap_dim"] * d + n_img * d * 64)  # embedders, final
+    lin += 2 * b * adaln * 4 * d * (c["layers"] + c["refiners"])  # adaLN modulation (per item)
+    forward = lin + attn
+    wgrad = 2 * b * (n_img + n_cap) * 4 * d * d * c["layers"]
+    return {"forward": forward, "forward_backward": 2 * lin + wgrad + 3 * attn, "attention": attn}
+
+
+def build(c: dict):
+    """(diffusers model, zrecipe model, torch inputs, mlx inputs) with identical weights and inputs."""
     import mlx.core as mx
-    import numpy as np
     import torch
     from diffusers import ZImageTransformer2DModel
 
-    from zrecipe.backend import blas_status
     from zrecipe.models.z_image.transformer import load_transformer
 
-    head_dim = args.dim // args.heads
-    axes = [head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8]  # like 32/48/48 of 128
-    config = {
-        "dim": args.dim,
-        "n_heads": args.heads,
-        "n_kv_heads": args.heads,
-        "n_layers": args.layers,
-        "n_refiner_layers": 1,
-        "cap_feat_dim": 256,
-        "axes_dims": axes,
-        "axes_lens": [1024, 512, 512],
-    }
     torch.manual_seed(0)
-    reference = ZImageTransformer2DModel(in_channels=16, **config).eval()
+    reference = ZImageTransformer2DModel(in_channels=16, **diffusers_config(c)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
         ours = load_transformer(tmp, dtype=mx.float32)
+    b, side = c["batch"], c["side"]
+    x, t = torch.randn(b, 16, side, side), torch.rand(b)
+    caps = [torch.randn(c["caption"], c["cap_dim"]) for _ in range(b)]
+    mlx_in = (mx.array(x.numpy()), mx.array(t.numpy()), [mx.array(f.numpy()) for f in caps])
+    return reference, ours, (x, t, caps), mlx_in
 
-    x = torch.randn(args.batch, 16, args.size, args.size)
-    t = torch.rand(args.batch)
-    caps = [torch.randn(args.caption, 256) for _ in range(args.batch)]
-    x_mx, t_mx, caps_mx = mx.array(x.numpy()), mx.array(t.numpy()), [mx.array(c.numpy()) for c in caps]
+
+def runners(reference, ours, torch_in, mlx_in, backward: bool) -> dict:
+    import mlx.core as mx
+    import torch
+    from mlx import nn
+
+    x, t, caps = torch_in
+    frames = [xi[:, None] for xi in x]  # diffusers takes a list of (C, F=1, H, W)
+    if not backward:
+
+        def run_torch():
+            with torch.no_grad():
+                return reference(frames, t, caps, return_dict=False)[0]
+
+        return {"zrecipe": lambda: mx.eval(ours(*mlx_in)), "diffusers": run_torch}
+
+    ours.freeze()
+    for layer in ours.layers:
+        layer.attention.unfreeze()
+        for name in ("norm_q", "norm_k"):  # only the four projections are trainable, as on the torch side
+            if name in layer.attention:
+                layer.attention[name].freeze()
+    value_and_grad = nn.value_and_grad(ours, lambda m: mx.mean(m(*mlx_in) ** 2))
+    reference.requires_grad_(False)
+    for layer in reference.layers:
+        for proj in (
+            layer.attention.to_q,
+            layer.attention.to_k,
+            layer.attention.to_v,
+            layer.attention.to_out[0],
+        ):
+            proj.weight.requires_grad_(True)
 
     def run_torch():
-        with torch.no_grad():
-            return reference([xi[:, None] for xi in x], t, caps, return_dict=False)[0]
+        out = reference(frames, t, caps, return_dict=False)[0]
+        torch.stack(list(out)).pow(2).mean().backward()
+        reference.zero_grad(set_to_none=True)
 
-    def run_mlx():
-        out = ours(x_mx, t_mx, caps_mx)
-        mx.eval(out)
-        return out
+    return {"zrecipe": lambda: mx.eval(value_and_grad(ours)), "diffusers": run_torch}
 
-    runners = {"diffusers": run_torch, "zrecipe": run_mlx}
-    samples = {name: [] for name in runners}
-    for name, fn in runners.items():
-        fn()  # warm-up
-    for _ in range(args.repeat):  # interleaved, so load from other processes hits both alike
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    timings = {name: statistics.median(values) for name, values in samples.items()}
 
-    expected = torch.stack([o[:, 0] for o in run_torch()]).numpy()
-    diff = np.abs(np.array(run_mlx()) - expected).max() / np.abs(expected).max()
-    tokens = (args.size // 2) ** 2
-    print(
-        f"config: dim {args.dim}, {args.heads} heads, {args.layers} layers, batch {args.batch}, "
-        f"{tokens} image + {args.caption} caption tokens; torch threads {torch.get_num_threads()}"
-    )
-    print(f"MLX BLAS: {blas_status()}")
-    for name, seconds in timings.items():
-        print(f"  {name:10s} {seconds * 1000:8.1f} ms / forward (median of {args.repeat})")
-    print(
-        f"  ratio diffusers / zrecipe: {timings['diffusers'] / timings['zrecipe']:.2f}x; "
-        f"max relative difference {diff:.2e}"
-    )
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison; print it, optionally rewrite the RESULTS.md section, return the numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the small 'quick' config, 3 runs")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="bench-small")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (issue 7: 2)")
+    parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--write", action="store_true", help="rewrite the transformer table in RESULTS.md")
+    args = parser.parse_args(argv)
+    name, runs = ("quick", 3) if args.quick else (args.config, args.runs)
+    c = CONFIGS[name]
+
+    import numpy as np
+    import torch
+    from common import fmt_s, interleaved, machine_info, machine_lines, table, write_section
+
+    torch.set_num_threads(args.threads)
+    reference, ours, torch_in, mlx_in = build(c)
+    with torch.no_grad():
+        expected = torch.stack([o[:, 0] for o in reference([xi[:, None] for xi in torch_in[0]], *torch_in[1:],
+                                                           return_dict=False)[0]]).numpy()  # fmt: skip
+    got = np.array(ours(*mlx_in))
+    rel = float(np.abs(got - expected).max() / np.abs(expected).max())
+    flops = count_flops(c)
+    results = {"config": name, "max_relative_difference": rel, "flops": flops, "machine": machine_info()}
+    modes = ["forward"] + ([] if args.no_backward else ["forward_backward"])
+    for mode in modes:
+        fns = runners(reference, ours, torch_in, mlx_in, backward=mode == "forward_backward")
+        timing = interleaved(fns, runs)
+        for st in timing.values():
+            st["gflops"] = flops[mode] / st["median"] / 1e9
+        timing["ratio_torch_over_zrecipe"] = timing["diffusers"]["median"] / timing["zrecipe"]["median"]
+        results[mode] = timing
+        print(
+            f"{mode:17s} zrecipe {fmt_s(timing['zrecipe'])} {timing['zrecipe']['gflops']:.1f} GFLOP/s | "
+            f"diffusers {fmt_s(timing['diffusers'])} {timing['diffusers']['gflops']:.1f} GFLOP/s | "
+            f"torch/zrecipe {timing['ratio_torch_over_zrecipe']:.2f}x"
+        )
+    print(f"config {name}: {c}; {flops['forward'] / 1e9:.1f} GFLOP/forward; max rel diff {rel:.1e}")
+    if args.write:
+        rows = []
+        for mode in modes:
+            tm = results[mode]
+            rows.append([
+                mode.replace("_", "+"), fmt_s(tm["zrecipe"]), f"{tm['zrecipe']['gflops']:.1f}",
+                fmt_s(tm["diffusers"]), f"{tm['diffusers']['gflops']:.1f}",
+                f"{tm['zrecipe']['median'] / tm['diffusers']['median']:.2f}×", "≤ 1.00×",
+            ])  # fmt: skip
+        write_section(
+            f"transformer-{name}{'-coretype' if os.environ.get('OPENBLAS_CORETYPE') else ''}",
+            [
+                *machine_lines(results["machine"]),
+                f"Config `{name}`: {c}; {flops['forward'] / 1e9:.1f} GFLOP per forward "
+                f"({flops['attention'] / 1e9:.1f} of it attention), "
+                f"{flops['forward_backward'] / 1e9:.1f} per forward+backward; fp32; {runs} interleaved runs; "
+                f"max relative difference of the outputs {rel:.1e}.",
+                "",
+                *table(
+                    [
+                        "pass",
+                        "zrecipe median (min–max)",
+                        "GFLOP/s",
+                        "diffusers median (min–max)",
+                        "GFLOP/s",
+                        "zrecipe / torch time",
+                        "target",
+                    ],
+                    rows,
+                ),  # fmt: skip
+            ],
+        )
+    return results
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import mlx.nn as nn
 
 from zrecipe.backend import resolve_dtype
 from zrecipe.errors import ModelError
+from zrecipe.models.z_image.transformer_blocks import attention, swiglu
 from zrecipe.models.z_image.weights import load_strict, read_config, read_weights
 
 
@@ -111,8 +112,8 @@ class Attention(nn.Module):
         # traditional=False is the rotate-half (GPT-NeoX) pairing (i, i + d/2) that transformers uses.
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
-        # The fused kernel handles GQA (fewer kv heads) without materialising repeated keys.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        # GQA (fewer kv heads) is handled by broadcasting, without materialising repeated keys.
+        out = attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -126,7 +127,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
