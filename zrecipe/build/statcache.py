@@ -4,6 +4,9 @@ A no-op build must not reread the dataset (or a 20 GB model): a file whose stat 
 keeps its cached hash. Git's "racy" rule closes the hole left by coarse timestamps: a file written in the
 same timestamp tick as we hashed it could change again without changing its mtime, so an entry whose mtime
 is within `granularity_ns` of the moment it was recorded is re-hashed on the next lookup.
+
+The same signature check also caches the *content* of small text files (caption sidecars) in a second
+table, so a no-op plan over 100,000 captioned images stats each caption instead of opening and reading it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ _CHUNK = 1 << 20
 _SCHEMA = """CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER,
     hash TEXT, recorded_ns INTEGER) WITHOUT ROWID"""
+# A separate table (not a column of `files`): databases written before it existed keep working, and the
+# big SELECT of image rows does not drag caption bytes along.
+_TEXT_SCHEMA = """CREATE TABLE IF NOT EXISTS texts (
+    path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER,
+    recorded_ns INTEGER, data BLOB) WITHOUT ROWID"""
+# Files larger than this are read on every call but not cached (captions are a few hundred bytes).
+MAX_CACHED_BYTES = 64 * 1024
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
@@ -65,6 +75,7 @@ class StatCache:
             # NORMAL is durable enough for a cache under WAL and avoids an fsync per transaction.
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
+            db.execute(_TEXT_SCHEMA)
             db.execute("SELECT count(*) FROM files WHERE path = ''").fetchone()
         except sqlite3.DatabaseError:
             db.close()
@@ -94,12 +105,11 @@ class StatCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _rows(self) -> dict[str, tuple]:
+    def _rows(
+        self, query: str = "SELECT path, size, mtime_ns, ctime_ns, inode, hash, recorded_ns FROM files"
+    ):
         try:
-            cur = self._db.execute(
-                "SELECT path, size, mtime_ns, ctime_ns, inode, hash, recorded_ns FROM files"
-            )
-            return {r[0]: r for r in cur}
+            return {r[0]: r for r in self._db.execute(query)}
         except sqlite3.DatabaseError as exc:
             self._db.close()
             self._db = self._recreate(exc)
@@ -119,16 +129,68 @@ class StatCache:
             return self._hash_files(paths, stats)
 
     def _hash_files(self, paths, stats) -> dict[str, str]:
-        rows = self._rows()  # one SELECT for all: far cheaper than 100k single-row lookups
-        now = time.time_ns()
-        result: dict[str, str] = {}
-        updates = []
-        self.hashed = 0
+        sigs = []
         for p in paths:
             path = os.fspath(p)
             st = stats.get(path) if stats is not None else None
             if st is None:
                 st = os.stat(path)
+            sigs.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        return self._hash_signed(sigs)
+
+    def hash_signed(self, signatures: Iterable[tuple[str, int, int, int, int]]) -> dict[str, str]:
+        """`hash_files` for callers that already hold each file's stat signature, given as tuples
+        (path, size, mtime_ns, ctime_ns, inode) — e.g. a scan's records: no stat, no per-file object."""
+        with paused_gc():
+            return self._hash_signed(signatures)
+
+    def _hash_signed(self, signatures) -> dict[str, str]:
+        rows = self._rows()  # one SELECT for all: far cheaper than 100k single-row lookups
+        now = time.time_ns()
+        granularity = self.granularity_ns
+        result: dict[str, str] = {}
+        updates = []
+        self.hashed = 0
+        for sig in signatures:
+            path = sig[0]
+            row = rows.get(path)
+            # row = (path, size, mtime_ns, ctime_ns, inode, hash, recorded_ns): one tuple comparison checks
+            # the whole stat signature; racy entries (recorded too soon after their mtime) are re-hashed.
+            if row is not None and row[:5] == sig and row[6] - sig[2] >= granularity:
+                result[path] = row[5]
+                continue
+            digest = hash_file(path)
+            self.hashed += 1
+            result[path] = digest
+            updates.append((*sig, digest, now))
+        if updates:
+            self._write(updates)
+        return result
+
+    def read_small_files(self, paths: Iterable[str | os.PathLike[str]]) -> dict[str, bytes | OSError]:
+        """Content of every path as {os.fspath(path): bytes}, or the OSError met (missing file, no access).
+
+        A file whose stat signature matches its cached row (and is not racy) is not opened: its bytes come
+        from the cache. Meant for many small files read on every plan (caption sidecars); files over
+        MAX_CACHED_BYTES are read but not cached.
+        """
+        with paused_gc():
+            return self._read_small_files(paths)
+
+    def _read_small_files(self, paths) -> dict[str, bytes | OSError]:
+        rows = self._rows("SELECT path, size, mtime_ns, ctime_ns, inode, recorded_ns, data FROM texts")
+        now = time.time_ns()
+        granularity = self.granularity_ns
+        stat = os.stat
+        result: dict[str, bytes | OSError] = {}
+        updates = []
+        for p in paths:
+            path = os.fspath(p)
+            try:
+                st = stat(path)
+            except OSError as exc:
+                result[path] = exc
+                continue
             row = rows.get(path)
             if (
                 row is not None
@@ -136,22 +198,29 @@ class StatCache:
                 and row[2] == st.st_mtime_ns
                 and row[3] == st.st_ctime_ns
                 and row[4] == st.st_ino
-                and row[6] - st.st_mtime_ns >= self.granularity_ns  # racy entries are re-hashed
+                and row[5] - st.st_mtime_ns >= granularity
             ):
-                result[path] = row[5]
+                result[path] = row[6]
                 continue
-            digest = hash_file(path)
-            self.hashed += 1
-            result[path] = digest
-            updates.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest, now))
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                result[path] = exc
+                continue
+            result[path] = data
+            # The signature recorded is the one taken before reading: if the file changed in between, its
+            # new stat differs and the next call reads it again.
+            if len(data) == st.st_size and st.st_size <= MAX_CACHED_BYTES:
+                updates.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, now, data))
         if updates:
-            self._write(updates)
+            self._write(updates, "texts")
         return result
 
-    def _write(self, updates: list[tuple]) -> None:
+    def _write(self, updates: list[tuple], table: str = "files") -> None:
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", updates)
+            self._db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?)", updates)
             self._db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             # A cache that cannot be written (read-only medium, lock held too long) only costs speed.
@@ -161,9 +230,12 @@ class StatCache:
 
     def prune(self) -> int:
         """Forget files that no longer exist; returns how many rows were removed (used by gc)."""
-        gone = [(p,) for p in self._rows() if not os.path.exists(p)]
-        if gone:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM files WHERE path = ?", gone)
-            self._db.execute("COMMIT")
-        return len(gone)
+        removed = 0
+        for table in ("files", "texts"):
+            gone = [(p,) for p in self._rows(f"SELECT path FROM {table}") if not os.path.exists(p)]
+            if gone:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(f"DELETE FROM {table} WHERE path = ?", gone)
+                self._db.execute("COMMIT")
+            removed += len(gone)
+        return removed

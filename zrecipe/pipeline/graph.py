@@ -19,7 +19,7 @@ from typing import Any
 import xxhash
 
 from zrecipe.build import Graph, Node, Ref, StepKind
-from zrecipe.errors import DatasetError, ModelError
+from zrecipe.errors import DatasetError
 
 KINDS = ("resize", "encode-image", "encode-text", "train", "sample", "contact-sheet", "export")
 # Max caption tokens: the pipeline's truncation length.
@@ -27,8 +27,8 @@ MAX_TEXT_TOKENS = 512
 # Step versions: bump when a step's code changes its output, so every node of that kind rebuilds.
 VERSIONS = {
     "resize": 1,
-    "encode-image": 1,
-    "encode-text": 1,
+    "encode-image": 2,
+    "encode-text": 2,
     "train": 1,
     "sample": 1,
     "contact-sheet": 1,
@@ -92,9 +92,10 @@ class Scan:
     skipped: list[str] = field(default_factory=list)
 
 
-def scan_datasets(recipe) -> Scan:
+def scan_datasets(recipe, stat_cache=None) -> Scan:
     """Scan every dataset and resolve its captions. Problems of `on_error: fail` datasets raise one
-    DatasetError listing all of them; `skip` datasets drop the items and record why."""
+    DatasetError listing all of them; `skip` datasets drop the items and record why. With a `stat_cache`
+    (StatCache), caption files whose stat is unchanged are not reopened."""
     from zrecipe.data import resolve_captions, scan_images
 
     scan = Scan()
@@ -124,6 +125,7 @@ def scan_datasets(recipe) -> Scan:
             template=src.template,
             trigger=ds.trigger,
             extension=src.extension,
+            read=None if stat_cache is None else stat_cache.read_small_files,
         )
         if result.problems:
             lines = [f"dataset {ds.name!r}: {p}" for p in result.problems]
@@ -158,7 +160,7 @@ def _train_params(recipe) -> dict[str, Any]:
 
 def build_graph(recipe, cache_dir: Path, until: str | None = None, stat_cache=None) -> tuple[Graph, PipelineData]:
     """The build graph of `recipe` (only up to `until` when given) and the data its steps need."""
-    from zrecipe.build import StatCache
+    from zrecipe.build import StatCache, paused_gc
     from zrecipe.pipeline.identity import ModelIdentity
 
     wanted = _wanted_kinds(recipe, until)
@@ -180,13 +182,15 @@ def build_graph(recipe, cache_dir: Path, until: str | None = None, stat_cache=No
     own_cache = stat_cache is None
     sc = StatCache(Path(cache_dir) / "stat.sqlite") if own_cache else stat_cache
     try:
-        scan = scan_datasets(recipe)
-        paths = [f.path for files in scan.images.values() for f in files]
-        hashes = _hash_with_stats(sc, paths, scan)
-        identity = ModelIdentity(recipe.model, cache_dir, sc) if wanted & set(MODEL_KINDS) else None
-        _add_nodes(graph, recipe, scan, hashes, identity, data, wanted)
-        if identity is not None:
-            data.model_path = identity.model_path
+        # 100,000 images make several hundred thousand objects here (nodes, scan tuples, examples), none
+        # of them cyclic: the cyclic GC would only rescan them again and again.
+        with paused_gc():
+            scan = scan_datasets(recipe, sc)
+            hashes = _hash_with_stats(sc, scan)
+            identity = ModelIdentity(recipe.model, cache_dir, sc) if wanted & set(MODEL_KINDS) else None
+            _add_nodes(graph, recipe, scan, hashes, identity, data, wanted)
+            if identity is not None:
+                data.model_path = identity.model_path
     finally:
         if own_cache:
             sc.close()
@@ -194,22 +198,11 @@ def build_graph(recipe, cache_dir: Path, until: str | None = None, stat_cache=No
     return graph, data
 
 
-def _hash_with_stats(sc, paths: list[str], scan: Scan) -> dict[str, str]:
-    """Content hashes through the stat cache, reusing the scan's stat fields (no second stat)."""
-    stats = {}
-    for files in scan.images.values():
-        for f in files:
-            stats[f.path] = _StatLike(f)
-    return sc.hash_files(paths, stats)
+def _hash_with_stats(sc, scan: Scan) -> dict[str, str]:
+    """Content hashes through the stat cache, reusing the scan's stat fields (no second stat).
 
-
-class _StatLike:
-    """The stat fields StatCache reads, taken from a scanned ImageFile."""
-
-    __slots__ = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino")
-
-    def __init__(self, f):
-        self.st_size, self.st_mtime_ns, self.st_ctime_ns, self.st_ino = f.size, f.mtime_ns, f.ctime_ns, f.inode
+    An ImageFile is (rel_path, path, size, mtime_ns, ctime_ns, inode): its tail is the signature."""
+    return sc.hash_signed([f[1:] for files in scan.images.values() for f in files])
 
 
 def _wanted_kinds(recipe, until: str | None) -> set[str]:
@@ -246,8 +239,17 @@ def _wanted_kinds(recipe, until: str | None) -> set[str]:
 def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: PipelineData, wanted: set[str]) -> None:
     datasets = {ds.name: ds for ds in recipe.datasets}
     texts: dict[str, str] = {}
+    text_ids: dict[str, str] = {}  # caption → text_item(caption)
+    want_image, want_text, want_train = "encode-image" in wanted, "encode-text" in wanted, "train" in wanted
+    # One params object shared by every encode-image node: the planner computes a key prefix once per
+    # params object, so a fresh dict per image would cost a canonical encoding per node.
+    encode_params = {"dtype": "float32"}
+    vae = identity.vae if want_image else None
+    add = graph.add
     for name, files in scan.images.items():
         ds = datasets[name]
+        captions = scan.captions[name]
+        on_error = ds.on_error
         resize_params = {
             "resolution": ds.resolution,
             "bucketing": ds.bucketing.enabled,
@@ -255,25 +257,30 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
             "step": ds.bucketing.step,
             "upscale": ds.upscale,
         }
+        # The hot loop of a plan (100,000 iterations for 100,000 images): only what the wanted kinds need.
         for f in files:
-            item = image_item(name, f.rel_path)
-            graph.add(Node("resize", item, resize_params, [hashes[f.path]], on_error=ds.on_error))
-            if "encode-image" in wanted:
-                graph.add(
-                    Node("encode-image", item, {"dtype": "float32"}, [Ref("resize", item), identity.vae],
-                         on_error=ds.on_error)
+            rel = f.rel_path
+            item = f"{name}/{rel}"  # image_item(name, rel), inlined
+            add(Node("resize", item, resize_params, [hashes[f.path]], None, on_error))
+            if want_image:
+                add(Node("encode-image", item, encode_params, [Ref("resize", item), vae], None, on_error))
+            if not want_text:
+                continue
+            caption = captions[rel]
+            text_id = text_ids.get(caption)
+            if text_id is None:  # many images share a caption: hash each distinct text once
+                text_id = text_ids[caption] = text_item(caption)
+                texts[text_id] = caption
+            if want_train:  # only the train step reads the examples (and PipelineData travels to workers)
+                data.examples.append(
+                    {
+                        "image": item,
+                        "text": text_id,
+                        "dataset": name,
+                        "repeats": ds.repeats,
+                        "caption_dropout": ds.caption_dropout,
+                    }
                 )
-            caption = scan.captions[name][f.rel_path]
-            texts[text_item(caption)] = caption
-            data.examples.append(
-                {
-                    "image": item,
-                    "text": text_item(caption),
-                    "dataset": name,
-                    "repeats": ds.repeats,
-                    "caption_dropout": ds.caption_dropout,
-                }
-            )
     if "encode-text" not in wanted:
         return
     sample = recipe.sample if "sample" in wanted else None
