@@ -114,6 +114,25 @@ def bench_torch(c: dict, steps: int, warmup: int) -> list[float]:
     return times
 
 
+def _side(side: str, name: str, steps: int, warmup: int) -> list[float]:
+    """Time one side in a fresh process. In one process the OpenBLAS loaded for MLX (spinning worker threads)
+    slowed PyTorch 4.6x here, so the sides never share a process."""
+    import json
+    import subprocess
+
+    env = dict(os.environ)
+    if side == "torch":
+        env["ZRECIPE_BLAS"] = "off"  # PyTorch alone, as a user would run it: no OpenBLAS in its process
+    code = (
+        f"import json, os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_train_step as b; "
+        f"c = b.CONFIGS[{name!r}]; "
+        + ("import torch; torch.set_num_threads(os.cpu_count() or 1); " if side == "torch" else "")
+        + f"print(json.dumps(b.bench_{'torch' if side == 'torch' else 'zrecipe'}(c, {steps}, {warmup})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="quick config instead of bench-small")
@@ -121,20 +140,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     name = "small" if args.small else "bench-small"
-    c = CONFIGS[name]
-    import mlx.core as mx
-    import torch
-
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    print(f"config {name}: {c}; fp32 on {mx.default_device()}, torch threads {threads}")
-    z = bench_zrecipe(c, args.steps, args.warmup)
+    print(f"config {name}: {CONFIGS[name]}; fp32 on the CPU, each side in its own process")
+    z = _side("zrecipe", name, args.steps, args.warmup)
     zm = statistics.median(z)
     print(f"zrecipe (MLX, compiled LoRA step): median {zm * 1000:.1f} ms/step over {len(z)} steps", flush=True)
-    t = bench_torch(c, args.steps, args.warmup)
+    t = _side("torch", name, args.steps, args.warmup)
     tm = statistics.median(t)
     print(f"diffusers + peft (PyTorch):        median {tm * 1000:.1f} ms/step over {len(t)} steps")
-    print(f"ratio torch / zrecipe = {tm / zm:.2f}x ({'zrecipe faster' if zm < tm else 'torch faster'})")
+    print(f"zrecipe / torch = {zm / tm:.2f}x ({'zrecipe faster' if zm < tm else 'torch faster'})")
 
 
 if __name__ == "__main__":
