@@ -24,7 +24,7 @@ def model_identity(folder: str | Path, cache_dir: str | Path | None = None) -> s
     files = model_weight_files(folder)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    with StatCache(cache / "statcache.sqlite") as stat_cache:
+    with StatCache(cache / "stat.sqlite") as stat_cache:  # the same stat cache as the build
         hashes = stat_cache.hash_files(files)
     h = xxhash.xxh3_128()
     for f in files:
