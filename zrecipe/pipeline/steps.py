@@ -274,18 +274,23 @@ def run_sample(tasks, ctx) -> None:
     scheduler = read_scheduler_config(model_path)
     transformer = load_transformer(model_path)
     train_dir = ctx.input_dir(tasks[0], 0)
+    # Embeddings and settings once per task; only the adapter changes between passes.
+    prepared = []
+    for task in tasks:
+        p = task.params
+        pos = mx.load(str(ctx.input_dir(task, 1) / EMBEDDING_FILE))["embedding"]
+        neg = mx.load(str(ctx.input_dir(task, 2) / EMBEDDING_FILE))["embedding"] if p["guidance"] > 0 else None
+        settings = GenerationSettings(
+            prompt=p["prompt"], negative_prompt=p["negative_prompt"], guidance=p["guidance"], steps=p["steps"],
+            width=p["width"], height=p["height"], seeds=(p["seed"],),
+            cfg_normalization=p["cfg_normalization"], cfg_truncation=p["cfg_truncation"],
+        )  # fmt: skip
+        prepared.append((task, settings, pos, neg))
     rendered = {}
     for label, adapter in _sample_adapters(train_dir, tasks[0].params["every"]):
         restore = swap_in(transformer, adapter, Path(model_path))
-        for task in tasks:
+        for task, settings, pos, neg in prepared:
             p = task.params
-            pos = mx.load(str(ctx.input_dir(task, 1) / EMBEDDING_FILE))["embedding"]
-            neg = mx.load(str(ctx.input_dir(task, 2) / EMBEDDING_FILE))["embedding"] if p["guidance"] > 0 else None
-            settings = GenerationSettings(
-                prompt=p["prompt"], negative_prompt=p["negative_prompt"], guidance=p["guidance"], steps=p["steps"],
-                width=p["width"], height=p["height"], seeds=(p["seed"],),
-                cfg_normalization=p["cfg_normalization"], cfg_truncation=p["cfg_truncation"],
-            )  # fmt: skip
             latents = sample_latents(transformer, scheduler, settings, p["seed"], pos, neg)
             mx.eval(latents)
             rendered.setdefault(task.key, []).append((label, settings, latents))
