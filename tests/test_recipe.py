@@ -151,7 +151,6 @@ def test_every_section_default(proj):
         max_grad_norm=1.0,
         low_ram=False,
         quantize=None,
-        encode_on_the_fly=False,
     )
     assert r.optimizer == Optimizer("AdamW", 1e-4, (0.9, 0.999), 0.01, 1e-8, 0, "constant", 0.0)
     # mode lora with no LoRA section: attention q/k/v/out of every `layers` block, rank 16, alpha = rank.

@@ -89,7 +89,6 @@ _training_loop = st.fixed_dictionaries(
         "max_grad_norm": st.none() | st.floats(0.1, 10),
         "low_ram": st.booleans(),
         "quantize": st.sampled_from([None, 4, 8]),
-        "encode_on_the_fly": st.booleans(),
     },
 )
 _optimizer = _opt(

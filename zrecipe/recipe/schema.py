@@ -141,7 +141,6 @@ class TrainingLoop:
     max_grad_norm: float | None = 1.0
     low_ram: bool = False
     quantize: int | None = None
-    encode_on_the_fly: bool = False
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,6 @@ TRAINING_LOOP = {
     "max_grad_norm": number(gt=0.0, nullable=True),
     "low_ram": boolean(),
     "quantize": _one_of_ints(QUANTIZE_BITS),
-    "encode_on_the_fly": boolean(),
 }
 
 OPTIMIZER = {
