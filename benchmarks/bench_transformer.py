@@ -65,7 +65,22 @@ def count_flops(c: dict) -> dict:
     lin += 2 * b * adaln * 4 * d * (c["layers"] + c["refiners"])  # adaLN modulation (per item)
     forward = lin + attn
     wgrad = 2 * b * (n_img + n_cap) * 4 * d * d * c["layers"]
-    return {"forward": forward, "forward_backward": 2 * lin + wgrad + 3 * attn, "attention": attn}
+    # What a LoRA step on the main layers' attention must compute: the forward, then backward only from the
+    # loss down to the first main layer. Input gradients of every main-layer linear except that layer's
+    # q/k/v (nothing trainable lies below them), 2× the main layers' attention, the final layer's input
+    # gradient; nothing for refiners, embedders or adaLN (frozen, and their inputs need no gradient).
+    main_lin, main_attn = block(n_img + n_cap, n_img + n_cap)
+    lora_backward = (
+        c["layers"] * (main_lin + 2 * main_attn)
+        - (2 * b * (n_img + n_cap) * 3 * d * d if c["layers"] else 0)
+        + 2 * b * n_img * d * 64
+    )
+    return {
+        "forward": forward,
+        "forward_backward": 2 * lin + wgrad + 3 * attn,
+        "attention": attn,
+        "lora_step": forward + lora_backward,
+    }
 
 
 def build(c: dict):

@@ -30,7 +30,7 @@ def env(tmp_path_factory):
     folder = create_tiny_model(tmp_path_factory.mktemp("gen_parity") / "tiny", seed=11)
     pipe = diffusers.ZImagePipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    embeds = encode_text(folder, [PROMPT, NEGATIVE])
+    embeds = encode_text(folder, [PROMPT, NEGATIVE], dtype="float32")
     return folder, pipe, load_transformer(folder, dtype="float32"), embeds
 
 

@@ -105,7 +105,7 @@ def test_encode_prompts_equals_the_pipelines_prompt_embeddings(tiny_text):
         # A copy: the pipeline overwrites its prompt list with the templated strings.
         pos, neg = pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=True)
 
-    ours_model, ours_tok = load_text_encoder(tiny_text), load_tokenizer(tiny_text)
+    ours_model, ours_tok = load_text_encoder(tiny_text, dtype="float32"), load_tokenizer(tiny_text)
     ours = encode_prompts(ours_model, ours_tok, prompts)
     ours_neg = encode_prompts(ours_model, ours_tok, [""] * len(prompts))  # the default negative prompt
     for got, want in zip(ours + ours_neg, list(pos) + list(neg)):
@@ -125,6 +125,6 @@ def test_long_prompt_is_truncated_like_the_pipeline(tiny_text):
         (want,), _ = pipe.encode_prompt(
             prompt, device="cpu", do_classifier_free_guidance=False, max_sequence_length=64
         )
-    (got,) = encode_prompts(load_text_encoder(tiny_text), load_tokenizer(tiny_text), [prompt], max_length=64)
+    (got,) = encode_prompts(load_text_encoder(tiny_text, dtype="float32"), load_tokenizer(tiny_text), [prompt], max_length=64)
     assert got.shape == (64, 64) and tuple(want.shape) == (64, 64)
     assert max_rel_err(np.array(got), want.numpy()) <= MAX_REL

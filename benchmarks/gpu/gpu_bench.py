@@ -47,11 +47,10 @@ def model_config(c: dict) -> dict:
 
 
 def step_flops(c: dict) -> float:
-    """Matmul FLOPs of a LoRA step: 2× the frozen linears' forward (input grads) + 3× attention."""
+    """Matmul FLOPs a LoRA step must do (forward, then backward down to the first LoRA layer only)."""
     from bench_transformer import count_flops
 
-    f = count_flops(c)
-    return 2 * (f["forward"] - f["attention"]) + 3 * f["attention"]
+    return count_flops(c)["lora_step"]
 
 
 def bench_mlx(c: dict, steps: int, warmup: int, dtype: str) -> list[float]:
@@ -96,6 +95,7 @@ def bench_mlx(c: dict, steps: int, warmup: int, dtype: str) -> list[float]:
         return loss
 
     step = mx.compile(step, inputs=state, outputs=state)
+    mx.reset_peak_memory()
     times = []
     for i in range(warmup + steps):
         sigma, noise = mx.random.uniform(shape=(b,)), mx.random.normal(x0.shape).astype(x0.dtype)
@@ -105,7 +105,7 @@ def bench_mlx(c: dict, steps: int, warmup: int, dtype: str) -> list[float]:
         mx.eval(loss, state)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+    return times, mx.get_peak_memory()
 
 
 def bench_torch(c: dict, steps: int, warmup: int, dtype: str, device: str) -> list[float]:
@@ -143,6 +143,8 @@ def bench_torch(c: dict, steps: int, warmup: int, dtype: str, device: str) -> li
     x0 = torch.randn(b, 16, 1, s, s, device=device, dtype=tdtype)
     caps = [torch.randn(c["caption"], c["cap_dim"], device=device, dtype=tdtype) for _ in range(b)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
         sigma = torch.rand(b, device=device)
@@ -158,7 +160,7 @@ def bench_torch(c: dict, steps: int, warmup: int, dtype: str, device: str) -> li
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+    return times, (torch.cuda.max_memory_allocated() if device == "cuda" else 0)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -198,17 +200,18 @@ def main(argv: list[str] | None = None) -> dict:
         c = CONFIGS[name]
         flops = step_flops(c)
         row = {"config": c, "step_tflop": flops / 1e12}
-        z = bench_mlx(c, steps, warmup, dtype)
-        row["zrecipe"] = {"median": statistics.median(z), "min": min(z), "max": max(z)}
+        z, peak = bench_mlx(c, steps, warmup, dtype)
+        row["zrecipe"] = {"median": statistics.median(z), "min": min(z), "max": max(z), "peak_bytes": peak}
         if torch_ok:
-            t = bench_torch(c, steps, warmup, dtype, device)
-            row["torch"] = {"median": statistics.median(t), "min": min(t), "max": max(t)}
+            t, peak = bench_torch(c, steps, warmup, dtype, device)
+            row["torch"] = {"median": statistics.median(t), "min": min(t), "max": max(t), "peak_bytes": peak}
             row["ratio_zrecipe_over_torch"] = row["zrecipe"]["median"] / row["torch"]["median"]
         for side in ("zrecipe", "torch"):
             if side in row:
                 row[side]["tflops"] = flops / row[side]["median"] / 1e12
                 print(f"{name:12s} {side:8s} {row[side]['median'] * 1000:9.1f} ms/step "
-                      f"({row[side]['min'] * 1000:.1f}–{row[side]['max'] * 1000:.1f}) {row[side]['tflops']:7.1f} TFLOP/s")  # fmt: skip
+                      f"({row[side]['min'] * 1000:.1f}–{row[side]['max'] * 1000:.1f}) {row[side]['tflops']:7.1f} TFLOP/s "
+                      f"peak {row[side]['peak_bytes'] / 2**30:.2f} GiB")  # fmt: skip
         if "ratio_zrecipe_over_torch" in row:
             print(f"{name:12s} zrecipe / torch time = {row['ratio_zrecipe_over_torch']:.2f}×")
         results[name] = row

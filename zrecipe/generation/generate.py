@@ -76,13 +76,16 @@ def initial_noise(seed: int, width: int, height: int, downscale: int = 8) -> mx.
     return mx.random.normal(shape, dtype=mx.float32, key=mx.random.key(int(seed)))
 
 
-def encode_text(model_path: str | Path, prompts: list[str]) -> list[mx.array]:
-    """Caption embeddings for `prompts` (one (L_i, D) array each); the text encoder is freed afterwards."""
+def encode_text(model_path: str | Path, prompts: list[str], dtype=None) -> list[mx.array]:
+    """Caption embeddings for `prompts` (one (L_i, D) array each); the text encoder is freed afterwards.
+
+    `dtype` as in `load_text_encoder` (None: the backend's default, fp32 on the CPU, bf16 on a GPU).
+    """
     from zrecipe.models.z_image.text_encoder import encode_prompts, load_text_encoder
     from zrecipe.models.z_image.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
-    encoder = load_text_encoder(model_path)
+    encoder = load_text_encoder(model_path, dtype=dtype)
     embeds = encode_prompts(encoder, tokenizer, list(prompts))
     mx.eval(embeds)
     embeds = [mx.array(e) for e in embeds]  # detach from the encoder's graph before freeing it
