@@ -18,7 +18,14 @@ from pathlib import Path
 
 import zrecipe  # noqa: F401  (isort: split) — selects the BLAS before MLX loads
 
-SIZES = {"dim": 768, "n_heads": 12, "n_layers": 6, "n_refiner_layers": 2, "cap_feat_dim": 256, "axes_dims": [16, 24, 24]}
+SIZES = {
+    "dim": 768,
+    "n_heads": 12,
+    "n_layers": 6,
+    "n_refiner_layers": 2,
+    "cap_feat_dim": 256,
+    "axes_dims": [16, 24, 24],
+}
 
 
 def write_model(folder: Path, sizes: dict) -> int:

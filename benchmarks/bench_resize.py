@@ -85,16 +85,16 @@ def timed_pass(name: str, paths: list[Path], out_dir: Path, resolution: int, wor
     outs = [out_dir / (p.stem + ".png") for p in paths]
     start = time.perf_counter()
     if name == "baseline":
-        for p, o in zip(paths, outs):
+        for p, o in zip(paths, outs, strict=True):
             baseline_one(p, o, resolution)
     elif name == "baseline+zrecipe-png":
-        for p, o in zip(paths, outs):
+        for p, o in zip(paths, outs, strict=True):
             baseline_one(p, o, resolution, zrecipe_png=True)
     elif name == "zrecipe-1proc":
-        for p, o in zip(paths, outs):
+        for p, o in zip(paths, outs, strict=True):
             resize_to_file(p, o, resolution)
     else:
-        jobs = [(str(p), str(o), resolution) for p, o in zip(paths, outs)]
+        jobs = [(str(p), str(o), resolution) for p, o in zip(paths, outs, strict=True)]
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(zrecipe_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
     return len(paths) / (time.perf_counter() - start)

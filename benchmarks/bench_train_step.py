@@ -1,9 +1,11 @@
 """Training step time: zrecipe's compiled MLX LoRA step vs diffusers `ZImageTransformer2DModel` + peft.
 
 Same transformer config, batch, caption length, LoRA rank and targets (attention q/k/v/out of every main
-layer), same optimiser (AdamW), fp32, in one process run. The zrecipe number is the full training step as
-the loop runs it (batch assembly, compiled forward + backward + update, one evaluation); the PyTorch
-number is zero_grad + forward + MSE + backward + AdamW.step. Medians over the timed steps after warm-up.
+layer), same optimiser (AdamW), fp32. Each side runs in its own fresh process (benchmarks/common.py
+`run_side`: the torch one without zrecipe's OpenBLAS, with every core as PyTorch threads). The zrecipe
+number is the full training step as the loop runs it (batch assembly, compiled forward + backward +
+update, one evaluation); the PyTorch number is zero_grad + forward + MSE + backward + AdamW.step. Medians
+over the timed steps after warm-up.
 
     python benchmarks/bench_train_step.py            # bench-small (issue 7): dim 768, 6 layers, 32×32, batch 4
     python benchmarks/bench_train_step.py --small    # a quicker config for busy machines
@@ -12,7 +14,7 @@ number is zero_grad + forward + MSE + backward + AdamW.step. Medians over the ti
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import statistics
 import sys
 import tempfile
@@ -20,10 +22,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zrecipe.backend import configure_blas
-
-configure_blas()
+# No zrecipe import here: the torch child must not load zrecipe's OpenBLAS (in one process it slowed PyTorch
+# 4.6x). The zrecipe child imports zrecipe first thing (common.prepare_side), before mlx.core.
 
 CONFIGS = {
     "bench-small": {"dim": 768, "n_heads": 12, "n_layers": 6, "n_refiner_layers": 2, "cap_feat_dim": 256,
@@ -114,37 +116,36 @@ def bench_torch(c: dict, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def _side(side: str, name: str, steps: int, warmup: int) -> list[float]:
-    """Time one side in a fresh process. In one process the OpenBLAS loaded for MLX (spinning worker threads)
-    slowed PyTorch 4.6x here, so the sides never share a process."""
-    import json
-    import subprocess
-
-    env = dict(os.environ)
-    if side == "torch":
-        env["ZRECIPE_BLAS"] = "off"  # PyTorch alone, as a user would run it: no OpenBLAS in its process
-    code = (
-        f"import json, os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_train_step as b; "
-        f"c = b.CONFIGS[{name!r}]; "
-        + ("import torch; torch.set_num_threads(os.cpu_count() or 1); " if side == "torch" else "")
-        + f"print(json.dumps(b.bench_{'torch' if side == 'torch' else 'zrecipe'}(c, {steps}, {warmup})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
+    """Time each side in its own child process (or, with the hidden --side, be that child)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="quick config instead of bench-small")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--side", choices=("torch", "zrecipe"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     name = "small" if args.small else "bench-small"
+    from common import prepare_side, run_side
+
+    if args.side:
+        info = prepare_side(args.side)
+        bench = bench_zrecipe if args.side == "zrecipe" else bench_torch
+        print(json.dumps({"samples": {"step": bench(CONFIGS[name], args.steps, args.warmup)}, "info": info}))
+        return
     print(f"config {name}: {CONFIGS[name]}; fp32 on the CPU, each side in its own process")
-    z = _side("zrecipe", name, args.steps, args.warmup)
+    child_args = [
+        *(["--small"] if args.small else []),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
+    z = run_side(Path(__file__), "zrecipe", args=child_args)["samples"]["step"]
     zm = statistics.median(z)
-    print(f"zrecipe (MLX, compiled LoRA step): median {zm * 1000:.1f} ms/step over {len(z)} steps", flush=True)
-    t = _side("torch", name, args.steps, args.warmup)
+    print(
+        f"zrecipe (MLX, compiled LoRA step): median {zm * 1000:.1f} ms/step over {len(z)} steps", flush=True
+    )
+    t = run_side(Path(__file__), "torch", args=child_args)["samples"]["step"]
     tm = statistics.median(t)
     print(f"diffusers + peft (PyTorch):        median {tm * 1000:.1f} ms/step over {len(t)} steps")
     print(f"zrecipe / torch = {zm / tm:.2f}x ({'zrecipe faster' if zm < tm else 'torch faster'})")

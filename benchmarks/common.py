@@ -1,23 +1,38 @@
-"""Helpers shared by the benchmark scripts: timing statistics, machine description, RESULTS.md tables.
+"""Helpers shared by the benchmark scripts: per-side child processes, timing statistics, machine
+description, RESULTS.md tables.
 
-Every comparison runs both sides in one process and interleaves their runs (A, B, A, B, ...), so load from
-other processes on a shared machine hits both alike; medians of at least 5 runs are reported with min–max.
-Import this module after `import zrecipe` (which selects MLX's BLAS before MLX loads).
+Every zrecipe-vs-PyTorch comparison measures each side in its own fresh process: `import zrecipe` preloads
+a system OpenBLAS for MLX, and with it in the same process PyTorch ran 4.6x slower than alone (OpenBLAS's
+spinning worker threads against PyTorch's OpenMP threads). The parent builds a fixture once (reference
+weights saved with `save_pretrained`, inputs as .npy, a `spec.json`), then runs R rounds of one child per
+side, alternating torch, zrecipe, torch, ... so that load from other processes hits both alike
+(`alternate_sides`, `run_side`). A child (`python SCRIPT --side SIDE --fixture DIR`) loads the fixture,
+warms up, times k runs (`timed`), saves its final output for the parent's max-relative-difference check and
+prints one JSON line. Torch children get `ZRECIPE_BLAS=off`, all cores as PyTorch threads, and never import
+zrecipe; zrecipe children import zrecipe before MLX (`prepare_side`). Medians over all R×k samples are
+reported with min–max (`pooled`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MIN_RUNS = 5
+SIDES = ("torch", "zrecipe")  # the order of the children in each round
+# Environment per side on top of the parent's. The torch side runs as a user would run PyTorch: no OpenBLAS
+# preloaded into its process.
+SIDE_ENV = {"torch": {"ZRECIPE_BLAS": "off"}, "zrecipe": {}}
 
 
 def stats(samples: list[float]) -> dict:
@@ -30,18 +45,85 @@ def stats(samples: list[float]) -> dict:
     }
 
 
-def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, dict]:
-    """Time each callable `runs` times, round-robin, after `warmup` untimed calls of each; → {name: stats}."""
+def timed(fn: Callable[[], Any], runs: int, warmup: int = 1) -> tuple[list[float], Any]:
+    """Call `fn` `warmup` times untimed, then `runs` times timed; → (seconds per call, last return value)."""
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+        fn()
+    samples, out = [], None
     for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: stats(values) for name, values in samples.items()}
+        start = time.perf_counter()
+        out = fn()
+        samples.append(time.perf_counter() - start)
+    return samples, out
+
+
+def prepare_side(side: str, threads: int | None = None) -> dict:
+    """Set up a child process for `side` before its heavy imports; → facts about it for the report.
+
+    zrecipe: import zrecipe first (it selects MLX's BLAS before mlx.core loads). torch: use `threads`
+    (default: every core) and leave zrecipe unimported, so no OpenBLAS of ours shares the process.
+    """
+    if side == "zrecipe":
+        import zrecipe  # noqa: F401  (before mlx.core, see zrecipe.backend)
+        from zrecipe.backend import blas_status
+
+        return {"blas": blas_status()}
+    if side != "torch":
+        raise ValueError(f"unknown side {side!r}; expected one of {SIDES}")
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return {"threads": torch.get_num_threads()}
+
+
+def run_side(
+    script: str | Path, side: str, fixture: str | Path | None = None, args: Sequence[str] = ()
+) -> Any:
+    """Run `python SCRIPT --side SIDE [--fixture DIR] ARGS` in a fresh process; → its last JSON stdout line.
+
+    The child's environment is this one plus `SIDE_ENV[side]`. A failure (non-zero exit, no JSON line)
+    raises RuntimeError carrying the end of the child's stderr, so the cause is not lost.
+    """
+    cmd = [sys.executable, str(script), "--side", side]
+    cmd += ["--fixture", str(fixture)] if fixture is not None else []
+    cmd += list(args)
+    env = {**os.environ, **SIDE_ENV[side]}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode == 0:
+        for line in reversed(proc.stdout.strip().splitlines()):  # libraries may print before the result
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    why = f"exited with {proc.returncode}" if proc.returncode else "printed no JSON line"
+    raise RuntimeError(
+        f"{Path(script).name} --side {side} {why}: {' '.join(cmd[1:])}\n"
+        f"--- stderr (end) ---\n{proc.stderr[-4000:]}\n--- stdout (end) ---\n{proc.stdout[-1000:]}"
+    )
+
+
+def alternate_sides(
+    script: str | Path, fixture: str | Path, rounds: int, args: Sequence[str] = ()
+) -> dict[str, list]:
+    """`rounds` rounds of one child per side (torch, zrecipe, torch, ...); → {side: [child result per round]}."""
+    results: dict[str, list] = {side: [] for side in SIDES}
+    for _ in range(rounds):
+        for side in SIDES:
+            results[side].append(run_side(script, side, fixture, args))
+    return results
+
+
+def pooled(children: list[dict], key: str) -> dict:
+    """Stats over the samples under `key` of every child result (`{"samples": {key: [...]}}`) of one side."""
+    return stats([s for child in children for s in child["samples"][key]])
+
+
+def max_relative_difference(ours, reference) -> float:
+    """max |ours − reference| / max |reference|, in float64."""
+    import numpy as np
+
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 def fmt_s(st: dict, scale: float = 1000.0, unit: str = "ms") -> str:
@@ -100,6 +182,16 @@ def machine_info() -> dict:
             info[module] = _version(module)
     if "torch" in sys.modules:
         info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+def add_child_facts(info: dict, children: dict[str, list]) -> dict:
+    """`info` with the BLAS and PyTorch thread count that the measuring child processes reported.
+
+    `children` is what `alternate_sides` returned; each result carries the `"info"` of `prepare_side`.
+    """
+    info["blas"] = children["zrecipe"][-1]["info"]["blas"]
+    info["torch_threads"] = children["torch"][-1]["info"]["threads"]
     return info
 
 

@@ -53,7 +53,9 @@ def step_ablations(steps: int) -> dict[str, tuple[float, float, float]]:
     model.freeze()
     for layer in model.layers:
         att = layer.attention
-        att.to_q, att.to_k, att.to_v = (LoRALinear.from_base(m, RANK, RANK) for m in (att.to_q, att.to_k, att.to_v))
+        att.to_q, att.to_k, att.to_v = (
+            LoRALinear.from_base(m, RANK, RANK) for m in (att.to_q, att.to_k, att.to_v)
+        )
         att.to_out[0] = LoRALinear.from_base(att.to_out[0], RANK, RANK)
         for m in (att.to_q, att.to_k, att.to_v, att.to_out[0]):
             m.linear.freeze()
@@ -132,8 +134,8 @@ def sgemm_rates(runs: int) -> dict[str, tuple[float, float]]:
         mx.eval(a, b)
         an, bn = np.array(a), np.array(b)
         flop = 2 * m * kk * n
-        t_mlx = median_ms(lambda: mx.eval(a @ b), runs)[0]
-        t_np = median_ms(lambda: an @ bn, runs)[0]
+        t_mlx = median_ms(lambda a=a, b=b: mx.eval(a @ b), runs)[0]
+        t_np = median_ms(lambda an=an, bn=bn: an @ bn, runs)[0]
         out[f"{m}×{kk}×{n}"] = (flop / t_mlx / 1e6, flop / t_np / 1e6)
     return out
 
