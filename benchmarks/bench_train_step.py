@@ -5,10 +5,12 @@ layer), same optimiser (AdamW), fp32. Each side runs in its own fresh process (b
 `run_side`: the torch one without zrecipe's OpenBLAS, with every core as PyTorch threads). The zrecipe
 number is the full training step as the loop runs it (batch assembly, compiled forward + backward +
 update, one evaluation); the PyTorch number is zero_grad + forward + MSE + backward + AdamW.step. Medians
-over the timed steps after warm-up.
+over the timed steps of every round, achieved GFLOP/s (matmul FLOPs a LoRA step must do) and their share
+of the machine's peak (numpy 2048² sgemm, measured before and after in the parent process).
 
     python benchmarks/bench_train_step.py            # bench-small (issue 7): dim 768, 6 layers, 32×32, batch 4
     python benchmarks/bench_train_step.py --small    # a quicker config for busy machines
+    python benchmarks/bench_train_step.py --write    # also rewrite the train-step table in RESULTS.md
 """
 
 from __future__ import annotations
@@ -116,23 +118,59 @@ def bench_torch(c: dict, steps: int, warmup: int) -> list[float]:
     return times
 
 
+def step_flops(c: dict) -> float:
+    """Matmul FLOPs a LoRA step must do (`bench_transformer.count_flops(...)["lora_step"]`)."""
+    from bench_transformer import count_flops
+
+    keys = {"dim": "dim", "layers": "n_layers", "refiners": "n_refiner_layers", "cap_dim": "cap_feat_dim",
+            "side": "side", "caption": "caption_tokens", "batch": "batch"}  # fmt: skip
+    return count_flops({k: c[v] for k, v in keys.items()})["lora_step"]
+
+
+def numpy_sgemm_gflops(n: int = 2048, runs: int = 5) -> float:
+    """The machine's fp32 matmul peak as issue 7 defines it: numpy n×n sgemm, median GFLOP/s."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
 def main() -> None:
     """Time each side in its own child process (or, with the hidden --side, be that child)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="quick config instead of bench-small")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process, after --warmup")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per side, alternating")
+    parser.add_argument("--write", action="store_true", help="rewrite the train-step table in RESULTS.md")
     parser.add_argument("--side", choices=("torch", "zrecipe"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     name = "small" if args.small else "bench-small"
-    from common import prepare_side, run_side
+    from common import (
+        add_child_facts,
+        fmt_s,
+        machine_info,
+        machine_lines,
+        pooled,
+        prepare_side,
+        run_side,
+        table,
+        write_section,
+    )
 
     if args.side:
         info = prepare_side(args.side)
         bench = bench_zrecipe if args.side == "zrecipe" else bench_torch
         print(json.dumps({"samples": {"step": bench(CONFIGS[name], args.steps, args.warmup)}, "info": info}))
         return
-    print(f"config {name}: {CONFIGS[name]}; fp32 on the CPU, each side in its own process")
+    c = CONFIGS[name]
+    print(f"config {name}: {c}; fp32 on the CPU, each side in its own process", flush=True)
     child_args = [
         *(["--small"] if args.small else []),
         "--steps",
@@ -140,15 +178,47 @@ def main() -> None:
         "--warmup",
         str(args.warmup),
     ]
-    z = run_side(Path(__file__), "zrecipe", args=child_args)["samples"]["step"]
-    zm = statistics.median(z)
+    peaks = [numpy_sgemm_gflops()]
+    children: dict[str, list] = {"torch": [], "zrecipe": []}
+    for _ in range(args.rounds):  # alternate fresh processes so load from other jobs hits both alike
+        for side in ("zrecipe", "torch"):
+            children[side].append(run_side(Path(__file__), side, args=child_args))
+            print(f"  {side}: {[round(t, 3) for t in children[side][-1]['samples']['step']]} s", flush=True)
+    peaks.append(numpy_sgemm_gflops())
+    peak, flops = statistics.median(peaks), step_flops(c)
+    st = {side: pooled(children[side], "step") for side in children}
+    ratio = st["zrecipe"]["median"] / st["torch"]["median"]
+    rows = []
+    for side, label in (
+        ("zrecipe", "zrecipe (MLX, compiled LoRA step)"),
+        ("torch", "diffusers + peft (PyTorch)"),
+    ):
+        gflops = flops / st[side]["median"] / 1e9
+        rows.append([label, fmt_s(st[side]), f"{gflops:.0f}", f"{gflops / peak:.0%}"])
+        print(
+            f"{label:36s} {fmt_s(st[side])}/step  {gflops:.0f} GFLOP/s ({gflops / peak:.0%} of numpy sgemm)"
+        )
     print(
-        f"zrecipe (MLX, compiled LoRA step): median {zm * 1000:.1f} ms/step over {len(z)} steps", flush=True
+        f"zrecipe / torch = {ratio:.2f}x; LoRA step {flops / 1e9:.0f} GFLOP; numpy 2048² sgemm {peak:.0f} GFLOP/s"
     )
-    t = run_side(Path(__file__), "torch", args=child_args)["samples"]["step"]
-    tm = statistics.median(t)
-    print(f"diffusers + peft (PyTorch):        median {tm * 1000:.1f} ms/step over {len(t)} steps")
-    print(f"zrecipe / torch = {zm / tm:.2f}x ({'zrecipe faster' if zm < tm else 'torch faster'})")
+    if args.write:
+        info = add_child_facts(machine_info(), children)
+        write_section(
+            "train-step" if name == "bench-small" else "train-step-small",
+            [
+                *machine_lines(info),
+                f"Config `{name}`: {c}; fp32; LoRA rank {c['rank']} on attention q/k/v/out of the main layers, "
+                f"AdamW; each side in its own process, {args.rounds} rounds × {args.steps} steps after "
+                f"{args.warmup} warm-up steps, alternating; {flops / 1e9:.0f} GFLOP of matmuls per step "
+                f"(`count_flops()['lora_step']`); machine peak = numpy 2048² sgemm in the same run, "
+                f"{peak:.0f} GFLOP/s (before/after: {peaks[0]:.0f}, {peaks[1]:.0f}).",
+                "",
+                *table(["side", "ms / step (min–max)", "GFLOP/s", "of numpy peak"], rows),
+                "",
+                f"**zrecipe / PyTorch = {ratio:.2f}×** (target ≤ 1.00×"
+                + (", not met)" if ratio > 1 else ", met)"),
+            ],
+        )
 
 
 if __name__ == "__main__":

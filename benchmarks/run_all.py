@@ -37,7 +37,7 @@ ARGS: dict[str, dict[str, list[str]]] = {
     "bench_resize": {"quick": ["--n", "20", "--runs", "5", "--skip-decomposition"],
                      "full": ["--n", "100", "--runs", "5"]},
     "bench_engine_plan": {"quick": ["10000", "--repeat", "5"], "full": ["10000", "100000", "--repeat", "5"]},
-    "bench_train_step": {"quick": ["--small", "--steps", "5"], "full": ["--steps", "10"]},
+    "bench_train_step": {"quick": ["--small", "--steps", "3", "--rounds", "1"], "full": ["--steps", "5", "--rounds", "2"]},
     "bench_denoise": {"quick": ["--repeat", "5"], "full": ["--repeat", "5"]},
 }  # fmt: skip
 # Scripts that are not comparisons run by default (the GPU script needs a GPU machine).
