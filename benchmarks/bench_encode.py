@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.write:
         write_section(
-            f"encode-{size}{'-coretype' if os.environ.get('OPENBLAS_CORETYPE') else ''}",
+            f"encode-{size}",
             [
                 *machine_lines(results["machine"]),
                 f"fp32; each side ran in its own process (torch without zrecipe's OpenBLAS), {rounds} rounds × "

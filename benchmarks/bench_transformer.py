@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{tm['ratio_zrecipe_over_torch']:.2f}×", "≤ 1.00×",
             ])  # fmt: skip
         write_section(
-            f"transformer-{name}{'-coretype' if os.environ.get('OPENBLAS_CORETYPE') else ''}",
+            f"transformer-{name}",
             [
                 *machine_lines(results["machine"]),
                 f"Config `{name}`: {c}; {flops['forward'] / 1e9:.1f} GFLOP per forward "

@@ -1,13 +1,16 @@
-"""Where a CPU LoRA training step spends its time: ablations of the compiled step plus per-op costs.
+"""Where a CPU LoRA training step (and a VAE encode) spends its time: ablations plus per-op costs.
 
-    python benchmarks/profile_cpu_step.py [--steps 4]
+    python benchmarks/profile_cpu_step.py [--steps 4] [--vae]
 
 bench-small (the config of `bench_train_step.py` / `gpu/gpu_bench.py`), fp32, MLX on the CPU. Prints:
 - the compiled LoRA step, the same step with attention replaced by a pass-through of V (same q/k work,
   no softmax or attention matmuls), and the forward alone (with and without attention): medians;
 - per-operation times on one main layer's attention scores (4, 12, 320, 320): a multiply (one memory pass),
   the scores' matmul, exp, softmax, tanh, sigmoid, floor, in ms and ns per element;
-- sgemm GFLOP/s at the step's own matmul shapes through MLX and numpy.
+- sgemm GFLOP/s at the step's own matmul shapes through MLX and numpy;
+- with `--vae`: bench_encode.py's full VAE encode (batch 4, 128², channels 32/64/128/128) split into its
+  convolutions, GroupNorm(+SiLU) and the rest, each op evaluated on its own (eager), with the convs'
+  achieved GFLOP/s.
 Not a comparison (no peer): it explains bench_train_step.py's ratio (benchmarks/RESULTS.md, "Training step").
 """
 
@@ -140,10 +143,79 @@ def sgemm_rates(runs: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+def vae_breakdown(runs: int) -> dict[str, float]:
+    """ms per VAE encode spent in convs / GroupNorm(+SiLU) / the rest, each op evaluated eagerly."""
+    import tempfile
+
+    import diffusers
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from mlx import nn
+
+    from zrecipe.models.z_image import vae_blocks
+    from zrecipe.models.z_image.vae import load_vae
+
+    torch.manual_seed(0)
+    channels = [32, 64, 128, 128]  # bench_encode.py's "full" VAE
+    with tempfile.TemporaryDirectory() as tmp:
+        diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=channels, layers_per_block=2,
+            latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+        ).save_pretrained(tmp)  # fmt: skip
+        vae = load_vae(tmp, dtype="float32")
+    mx.eval(vae.parameters())
+    x = mx.array(np.random.default_rng(0).uniform(-1, 1, (4, 128, 128, 3)).astype(np.float32))
+    spent = {"conv": 0.0, "norm": 0.0, "conv_flop": 0.0}
+
+    def timing(kind, original):
+        def call(self, *args, **kwargs):
+            start = time.perf_counter()
+            out = original(self, *args, **kwargs)
+            mx.eval(out)
+            spent[kind] += time.perf_counter() - start
+            if kind == "conv":
+                kh, kw, cin = self.weight.shape[1:]
+                spent["conv_flop"] += 2 * out.size * kh * kw * cin
+            return out
+
+        return call
+
+    conv_call, norm_call = nn.Conv2d.__call__, vae_blocks.GroupNorm.__call__
+    nn.Conv2d.__call__ = timing("conv", conv_call)
+    vae_blocks.GroupNorm.__call__ = timing("norm", norm_call)
+    try:
+        totals, convs, norms = [], [], []
+        for i in range(runs + 1):
+            spent.update(conv=0.0, norm=0.0, conv_flop=0.0)
+            start = time.perf_counter()
+            mx.eval(vae.encode(x))
+            if i:  # the first call is a warm-up
+                totals.append(time.perf_counter() - start)
+                convs.append(spent["conv"])
+                norms.append(spent["norm"])
+    finally:
+        nn.Conv2d.__call__, vae_blocks.GroupNorm.__call__ = conv_call, norm_call
+    total, conv, norm = (statistics.median(v) * 1000 for v in (totals, convs, norms))
+    return {
+        "encode, eager per op (ms)": total,
+        "convolutions (ms)": conv,
+        "GroupNorm + SiLU (ms)": norm,
+        "the rest (ms)": total - conv - norm,
+        "conv GFLOP/s": spent["conv_flop"] / (conv / 1000) / 1e9,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--vae", action="store_true", help="only the VAE encode breakdown")
     args = parser.parse_args()
+    if args.vae:
+        for name, value in vae_breakdown(5).items():
+            print(f"{name:30s} {value:8.1f}")
+        return
     for name, (med, lo, hi) in step_ablations(args.steps).items():
         print(f"{name:30s} {med:8.0f} ms ({lo:.0f}–{hi:.0f})")
     print("\nper op on (4, 12, 320, 320) fp32 (4.9 M elements):")
