@@ -42,27 +42,13 @@ def median_ms(fn, runs: int) -> tuple[float, float, float]:
 def step_ablations(steps: int) -> dict[str, tuple[float, float, float]]:
     import mlx.core as mx
     import mlx.optimizers as optim
-    from gpu_bench import CONFIGS, RANK, model_config
+    from gpu_bench import CONFIGS, lora_model
     from mlx import nn
 
     from zrecipe.models.z_image import transformer_blocks as blocks
-    from zrecipe.models.z_image.transformer import TransformerConfig, ZImageTransformer
-    from zrecipe.training.lora import LoRALinear
 
     c = CONFIGS["bench-small"]
-    model = ZImageTransformer(
-        TransformerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_config(c).items()})
-    )
-    model.freeze()
-    for layer in model.layers:
-        att = layer.attention
-        att.to_q, att.to_k, att.to_v = (
-            LoRALinear.from_base(m, RANK, RANK) for m in (att.to_q, att.to_k, att.to_v)
-        )
-        att.to_out[0] = LoRALinear.from_base(att.to_out[0], RANK, RANK)
-        for m in (att.to_q, att.to_k, att.to_v, att.to_out[0]):
-            m.linear.freeze()
-    mx.eval(model.parameters())
+    model = lora_model(c)
     b, side = c["batch"], c["side"]
     x0 = mx.random.normal((b, 16, side, side))
     caps = [mx.random.normal((c["caption"], c["cap_dim"])) for _ in range(b)]

@@ -53,10 +53,9 @@ def step_flops(c: dict) -> float:
     return count_flops(c)["lora_step"]
 
 
-def bench_mlx(c: dict, steps: int, warmup: int, dtype: str) -> list[float]:
+def lora_model(c: dict, dtype: str = "float32"):
+    """zrecipe's transformer for config `c`, frozen, with rank-16 LoRA on the main layers' q/k/v/out."""
     import mlx.core as mx
-    import mlx.optimizers as optim
-    from mlx import nn
 
     from zrecipe.models.z_image.transformer import TransformerConfig, ZImageTransformer
     from zrecipe.training.lora import LoRALinear
@@ -76,6 +75,15 @@ def bench_mlx(c: dict, steps: int, warmup: int, dtype: str) -> list[float]:
         for m in (att.to_q, att.to_k, att.to_v, att.to_out[0]):
             m.linear.freeze()
     mx.eval(model.parameters())
+    return model
+
+
+def bench_mlx(c: dict, steps: int, warmup: int, dtype: str) -> tuple[list[float], int]:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx import nn
+
+    model = lora_model(c, dtype)
     b, s = c["batch"], c["side"]
     x0 = mx.random.normal((b, 16, s, s)).astype(getattr(mx, dtype))
     caps = [mx.random.normal((c["caption"], c["cap_dim"])).astype(getattr(mx, dtype)) for _ in range(b)]
