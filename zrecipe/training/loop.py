@@ -25,6 +25,7 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 
+from zrecipe.backend import resolve_dtype
 from zrecipe.errors import CheckpointError, RecipeError
 from zrecipe.training import checkpoint as ckpt
 from zrecipe.training import distributed as dist
@@ -40,7 +41,7 @@ from zrecipe.training.lora import (
 from zrecipe.training.loss import caption_dropout_mask, flow_matching_loss, sample_sigmas, step_key
 from zrecipe.training.optim import flatten_state, make_optimizer, restore_state
 from zrecipe.training.progress import plot_loss, write_loss_log
-from zrecipe.training.settings import TrainSettings, resolve_compute_dtype, total_steps
+from zrecipe.training.settings import TrainSettings, total_steps
 from zrecipe.training.stop import StopMonitor
 
 BLOCK_GROUPS = ("noise_refiner", "context_refiner", "layers")
@@ -86,7 +87,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
 
 
 def _prepare(model, settings: TrainSettings) -> tuple[list[str], mx.Dtype]:
-    dtype = resolve_compute_dtype(settings.compute_dtype)
+    dtype = resolve_dtype(settings.compute_dtype)  # `auto`: fp32 on the CPU, bf16 on a GPU
     if dtype != mx.float32:
         model.set_dtype(dtype)  # before the LoRA swap: adapters stay float32 (their master copy)
     # The seed makes the LoRA A initialisation (the only random draw outside the step) reproducible.

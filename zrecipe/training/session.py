@@ -32,7 +32,6 @@ def model_identity(folder: str | Path, cache_dir: str | Path | None = None) -> s
     return h.hexdigest()
 
 
-
 def prepare_training(recipe: Any, model_path: str | Path, examples: list, log: Callable[[str], None] = print):
     """Load the transformer for `recipe` and resolve its TrainSettings (batch size `auto` and micro-batching
     from the memory optimiser, sized for the largest bucket and longest caption of `examples`)."""
@@ -64,6 +63,7 @@ def prepare_training(recipe: Any, model_path: str | Path, examples: list, log: C
         log(note)
     settings = TrainSettings.from_recipe(recipe, read_scheduler_shift(model_path), batch_size=micro)
     return transformer, dataclasses.replace(settings, gradient_accumulation_steps=accum)
+
 
 def recipe_from_checkpoint(path: str | Path) -> tuple[Any, Any]:
     """(Recipe, verified Checkpoint) for `--train-checkpoint`: the zip's config.json is the resolved recipe."""

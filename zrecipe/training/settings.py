@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlx.core as mx
-
 from zrecipe.errors import RecipeError
 
 
@@ -89,13 +87,6 @@ class TrainSettings:
             keep_last=recipe.save.keep_last,
             low_ram=bool(loop.low_ram),
         )
-
-
-def resolve_compute_dtype(name: str) -> mx.Dtype:
-    """`auto`: bfloat16 on a GPU (Metal/CUDA), float32 on the CPU backend (fast and exact there)."""
-    if name == "auto":
-        return mx.bfloat16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
-    return {"float32": mx.float32, "bfloat16": mx.bfloat16}[name]
 
 
 def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
