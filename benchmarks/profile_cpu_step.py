@@ -1,6 +1,6 @@
 """Where a CPU LoRA training step (and a VAE encode) spends its time: ablations plus per-op costs.
 
-    python benchmarks/profile_cpu_step.py [--steps 4] [--vae]
+    python benchmarks/profile_cpu_step.py [--steps 4] [--encode]
 
 bench-small (the config of `bench_train_step.py` / `gpu/gpu_bench.py`), fp32, MLX on the CPU. Prints:
 - the compiled LoRA step, the same step with attention replaced by a pass-through of V (same q/k work,
@@ -8,9 +8,10 @@ bench-small (the config of `bench_train_step.py` / `gpu/gpu_bench.py`), fp32, ML
 - per-operation times on one main layer's attention scores (4, 12, 320, 320): a multiply (one memory pass),
   the scores' matmul, exp, softmax, tanh, sigmoid, floor, in ms and ns per element;
 - sgemm GFLOP/s at the step's own matmul shapes through MLX and numpy;
-- with `--vae`: bench_encode.py's full VAE encode (batch 4, 128², channels 32/64/128/128) split into its
-  convolutions, GroupNorm(+SiLU) and the rest, each op evaluated on its own (eager), with the convs'
-  achieved GFLOP/s.
+- with `--encode` (instead): bench_encode.py's full VAE encode (batch 4, 128², channels 32/64/128/128)
+  split into convolutions, GroupNorm(+SiLU) and the rest, with the convs' GFLOP/s, and its full text
+  encode (Qwen3, hidden 512, 6 layers, 4 captions of ≤ 120 tokens) split into Linear layers, attention,
+  SwiGLU and the rest; each op evaluated on its own (eager).
 Not a comparison (no peer): it explains bench_train_step.py's ratio (benchmarks/RESULTS.md, "Training step").
 """
 
@@ -129,8 +130,49 @@ def sgemm_rates(runs: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+def op_breakdown(run, patches: dict[str, tuple[object, str]], runs: int) -> tuple[dict[str, float], float]:
+    """Median ms per call of `run()` spent inside each patched callable (evaluated on its own), and the
+    convolutions' FLOPs per call (for `nn.Conv2d.__call__` patches). `patches`: {label: (owner, name)}."""
+    import mlx.core as mx
+    from mlx import nn
+
+    spent: dict[str, float] = {}
+    originals = {label: getattr(owner, name) for label, (owner, name) in patches.items()}
+
+    def wrap(label, original, method: bool):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            mx.eval(out)
+            spent[label] += time.perf_counter() - start
+            if method and isinstance(args[0], nn.Conv2d):
+                kh, kw, cin = args[0].weight.shape[1:]
+                spent["conv GFLOP"] += 2 * out.size * kh * kw * cin / 1e9
+            return out
+
+        return call
+
+    for label, (owner, name) in patches.items():
+        setattr(owner, name, wrap(label, originals[label], isinstance(owner, type)))
+    samples: dict[str, list[float]] = {}
+    try:
+        for i in range(runs + 1):  # the first call is a warm-up
+            spent.update({label: 0.0 for label in [*patches, "conv GFLOP"]})
+            start = time.perf_counter()
+            mx.eval(run())
+            if i:
+                spent["total"] = time.perf_counter() - start
+                for label, value in spent.items():
+                    samples.setdefault(label, []).append(value)
+    finally:
+        for label, (owner, name) in patches.items():
+            setattr(owner, name, originals[label])
+    flop = statistics.median(samples.pop("conv GFLOP"))
+    return {label: statistics.median(v) * 1000 for label, v in samples.items()}, flop
+
+
 def vae_breakdown(runs: int) -> dict[str, float]:
-    """ms per VAE encode spent in convs / GroupNorm(+SiLU) / the rest, each op evaluated eagerly."""
+    """bench_encode.py's full VAE encode: ms in convs / GroupNorm(+SiLU) / the rest, conv GFLOP/s."""
     import tempfile
 
     import diffusers
@@ -143,64 +185,69 @@ def vae_breakdown(runs: int) -> dict[str, float]:
     from zrecipe.models.z_image.vae import load_vae
 
     torch.manual_seed(0)
-    channels = [32, 64, 128, 128]  # bench_encode.py's "full" VAE
     with tempfile.TemporaryDirectory() as tmp:
         diffusers.AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=channels, layers_per_block=2,
+            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[32, 64, 128, 128], layers_per_block=2,
             latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
         ).save_pretrained(tmp)  # fmt: skip
         vae = load_vae(tmp, dtype="float32")
     mx.eval(vae.parameters())
     x = mx.array(np.random.default_rng(0).uniform(-1, 1, (4, 128, 128, 3)).astype(np.float32))
-    spent = {"conv": 0.0, "norm": 0.0, "conv_flop": 0.0}
-
-    def timing(kind, original):
-        def call(self, *args, **kwargs):
-            start = time.perf_counter()
-            out = original(self, *args, **kwargs)
-            mx.eval(out)
-            spent[kind] += time.perf_counter() - start
-            if kind == "conv":
-                kh, kw, cin = self.weight.shape[1:]
-                spent["conv_flop"] += 2 * out.size * kh * kw * cin
-            return out
-
-        return call
-
-    conv_call, norm_call = nn.Conv2d.__call__, vae_blocks.GroupNorm.__call__
-    nn.Conv2d.__call__ = timing("conv", conv_call)
-    vae_blocks.GroupNorm.__call__ = timing("norm", norm_call)
-    try:
-        totals, convs, norms = [], [], []
-        for i in range(runs + 1):
-            spent.update(conv=0.0, norm=0.0, conv_flop=0.0)
-            start = time.perf_counter()
-            mx.eval(vae.encode(x))
-            if i:  # the first call is a warm-up
-                totals.append(time.perf_counter() - start)
-                convs.append(spent["conv"])
-                norms.append(spent["norm"])
-    finally:
-        nn.Conv2d.__call__, vae_blocks.GroupNorm.__call__ = conv_call, norm_call
-    total, conv, norm = (statistics.median(v) * 1000 for v in (totals, convs, norms))
-    return {
-        "encode, eager per op (ms)": total,
-        "convolutions (ms)": conv,
-        "GroupNorm + SiLU (ms)": norm,
-        "the rest (ms)": total - conv - norm,
-        "conv GFLOP/s": spent["conv_flop"] / (conv / 1000) / 1e9,
+    patches = {
+        "convolutions": (nn.Conv2d, "__call__"),
+        "GroupNorm + SiLU": (vae_blocks.GroupNorm, "__call__"),
     }
+    ms, gflop = op_breakdown(lambda: vae.encode(x), patches, runs)
+    ms["the rest"] = ms["total"] - ms["convolutions"] - ms["GroupNorm + SiLU"]
+    ms["conv GFLOP/s"] = gflop / (ms["convolutions"] / 1000)
+    return ms
+
+
+def text_breakdown(runs: int) -> dict[str, float]:
+    """bench_encode.py's full text encode: ms in Linear layers / attention / SwiGLU / the rest."""
+    import tempfile
+
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    import transformers
+    from mlx import nn
+
+    from zrecipe.models.z_image import text_encoder as te
+
+    torch.manual_seed(0)
+    lengths, vocab = [120, 96, 64, 31], 4096
+    config = transformers.Qwen3Config(
+        vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        transformers.Qwen3ForCausalLM(config).save_pretrained(Path(tmp) / "text_encoder")
+        model = te.load_text_encoder(tmp, dtype="float32")
+    mx.eval(model.parameters())
+    ids = mx.array(np.random.default_rng(0).integers(0, vocab, (4, max(lengths))), dtype=mx.int32)
+    mask = mx.array([[1] * n + [0] * (max(lengths) - n) for n in lengths])
+    patches = {
+        "Linear layers": (nn.Linear, "__call__"),
+        "attention": (te, "attention"),
+        "SwiGLU": (te, "swiglu"),
+    }
+    ms, _ = op_breakdown(lambda: model(ids, mask), patches, runs)
+    ms["the rest"] = ms["total"] - sum(ms[k] for k in patches)
+    return ms
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--vae", action="store_true", help="only the VAE encode breakdown")
+    parser.add_argument("--encode", action="store_true", help="only the VAE and text encode breakdowns")
     args = parser.parse_args()
-    if args.vae:
-        for name, value in vae_breakdown(5).items():
-            print(f"{name:30s} {value:8.1f}")
+    if args.encode:
+        for title, part in (("VAE encode", vae_breakdown), ("text encode", text_breakdown)):
+            print(f"{title} (ms per call, each op evaluated on its own):")
+            for name, value in part(5).items():
+                print(f"  {name:28s} {value:8.1f}")
         return
     for name, (med, lo, hi) in step_ablations(args.steps).items():
         print(f"{name:30s} {med:8.0f} ms ({lo:.0f}–{hi:.0f})")
