@@ -7,8 +7,9 @@
 #   bench:  the LoRA-step benchmark, zrecipe (mlx[cuda]) vs diffusers (PyTorch), bf16 (gpu_bench.py);
 #   build:  the embedded default recipe end to end on the GPU, keeping its build report;
 #   parity: the fp32 parity tests against diffusers/transformers with MLX on the GPU (MLX_ENABLE_TF32=0).
-# Each part has its own time limit (BENCH_S, BUILD_S, PARITY_S seconds) and the next runs whatever
-# happens. Logs and JSON go to $OUT.
+# Each part has its own time limit (BENCH_S 200, BUILD_S 200, PARITY_S 420 seconds by default) and the
+# next runs whatever happens; all three can exceed one 10-minute device call, so run `bench build` and
+# `parity` as two calls. Logs and JSON go to $OUT.
 set -u
 out="${OUT:-/tmp/zrecipe-gpu}"; mkdir -p "$out"
 parts="${*:-bench build parity}"
@@ -31,10 +32,10 @@ for part in $parts; do
     bench) timeout "${BENCH_S:-200}" python3 benchmarks/gpu/gpu_bench.py --json "$out/gpu_bench.json" ;;
     build)
       work=$(mktemp -d); cp -r recipes "$work/"
-      ( cd "$work" && time timeout "${BUILD_S:-240}" python3 -m zrecipe.cli.main build recipes/tiny.yaml 2>&1 | tail -8 )
+      ( cd "$work" && time timeout "${BUILD_S:-200}" python3 -m zrecipe.cli.main build recipes/tiny.yaml 2>&1 | tail -8 )
       cp "$work"/recipes/output/tiny/build-report.json "$out/" 2>/dev/null ;;
     parity)
-      MLX_ENABLE_TF32=0 timeout "${PARITY_S:-300}" python3 -m pytest -p no:cacheprovider -rf --durations=5 \
+      MLX_ENABLE_TF32=0 timeout "${PARITY_S:-420}" python3 -m pytest -p no:cacheprovider -rf --durations=5 \
         tests/test_transformer_parity.py tests/test_vae_parity.py tests/test_text_encoder_parity.py \
         tests/test_generate_parity.py > "$out/parity_log.txt" 2>&1
       echo "pytest rc=$?"; grep -E "passed|failed|FAILED|^E " "$out/parity_log.txt" | head -30 ;;
