@@ -122,7 +122,8 @@ def _reference_loop(x, pos_c, neg_c, g, steps, shift, trunc):
 
 
 @pytest.mark.parametrize("g, trunc", [(0.0, 1.0), (3.0, 1.0), (3.0, 0.5)])
-def test_denoise_euler_cfg_and_truncation(g, trunc):
+def test_denoise_euler_cfg_and_truncation(g, trunc, monkeypatch):
+    monkeypatch.setenv("ZRECIPE_CPU_LANES", "1")  # one batched call per step (the GPU path)
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
     model = _Linear()
@@ -137,6 +138,21 @@ def test_denoise_euler_cfg_and_truncation(g, trunc):
         assert batched == [2] * 5  # pos and neg in ONE call each step
     else:
         assert 1 in batched and 2 in batched  # guidance dropped once 1 − σ passes the threshold
+
+
+def test_denoise_on_two_cpu_lanes_splits_each_call_and_gives_the_same_latents(monkeypatch):
+    rng = np.random.default_rng(1)
+    x0 = mx.array(rng.standard_normal((2, 2, 4, 4)).astype(np.float32))
+    pos, neg = [mx.ones((3, 2)), mx.ones((5, 2))], [mx.zeros((2, 2)), mx.zeros((4, 2))]
+    results, calls = {}, {}
+    for lanes in ("1", "2"):
+        monkeypatch.setenv("ZRECIPE_CPU_LANES", lanes)
+        model = _Linear()
+        results[lanes] = np.array(denoise(model, x0, pos, neg, 3.0, 4, 2.0))
+        calls[lanes] = [n for n, _ in model.calls]
+    assert calls["1"] == [4] * 4  # pos and neg of both items in one call per step
+    assert calls["2"] == [2] * 8  # two half-batches per step, one per CPU stream
+    np.testing.assert_allclose(results["2"], results["1"], rtol=1e-6, atol=1e-6)
 
 
 def test_denoise_requires_negatives_for_cfg():

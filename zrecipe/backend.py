@@ -24,6 +24,7 @@ import ctypes
 import glob
 import os
 import sys
+from contextlib import contextmanager
 
 _SYSTEM_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -37,6 +38,8 @@ _SYSTEM_CANDIDATES = (
 
 # What configure_blas() decided, for `zrecipe doctor` / --verbose.
 _blas_status: str | None = None
+# The OpenBLAS that configure_blas() loaded (its thread count can be changed at run time), else None.
+_openblas: ctypes.CDLL | None = None
 
 
 def _cmeel_candidates() -> list[str]:
@@ -77,7 +80,7 @@ def configure_blas() -> str:
 
     Returns a one-line description of the BLAS MLX will use.
     """
-    global _blas_status
+    global _blas_status, _openblas
     if _blas_status is not None:
         return _blas_status
     choice = os.environ.get("ZRECIPE_BLAS", "").strip()
@@ -95,7 +98,7 @@ def configure_blas() -> str:
             if not os.path.exists(path):
                 continue
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError as exc:
                 _blas_status = f"reference BLAS bundled with mlx ({path} failed to load: {exc})"
                 continue
@@ -110,6 +113,43 @@ def configure_blas() -> str:
 def blas_status() -> str:
     """Which BLAS MLX uses in this process (configures it first if nobody has)."""
     return configure_blas()
+
+
+@contextmanager
+def blas_threads(n: int | None):
+    """Run the OpenBLAS that zrecipe loaded with `n` threads inside the block (no-op for None, or when
+    zrecipe loaded no OpenBLAS: macOS, `ZRECIPE_BLAS=off`)."""
+    lib = _openblas
+    if n is None or lib is None or not hasattr(lib, "openblas_set_num_threads"):
+        yield
+        return
+    before = lib.openblas_get_num_threads() if hasattr(lib, "openblas_get_num_threads") else 0
+    lib.openblas_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if before > 0:
+            lib.openblas_set_num_threads(before)
+
+
+def cpu_lanes(batch: int) -> int:
+    """How many CPU streams an eager (inference) model call over `batch` items should be split across.
+
+    MLX's CPU backend runs elementwise work on one thread per stream, so on a multi-core CPU two streams
+    over two halves of a batch, each with half the BLAS threads, run up to 1.6× faster than one stream
+    (measured: bench-small forward, batch 4, 2 cores: 3.1–3.8 s → 2.0 s). 1 on a GPU, without an OpenBLAS
+    whose threads zrecipe controls, for a single item, or on one core. `ZRECIPE_CPU_LANES=N` overrides.
+    """
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu or batch < 2:
+        return 1
+    override = os.environ.get("ZRECIPE_CPU_LANES", "").strip()
+    if override:
+        return max(1, min(int(override), batch))
+    if _openblas is None:
+        return 1
+    return max(1, min(2, batch, os.cpu_count() or 1))
 
 
 def default_compute_dtype():
