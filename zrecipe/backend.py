@@ -132,12 +132,37 @@ def blas_threads(n: int | None):
             lib.openblas_set_num_threads(before)
 
 
+_LANE_STREAMS: list = []  # CPU streams for cpu_lanes(), created once (each MLX CPU stream is a thread)
+
+
+def lane_streams(lanes: int) -> list:
+    """`lanes` MLX CPU streams, the same ones on every call."""
+    import mlx.core as mx
+
+    while len(_LANE_STREAMS) < lanes:
+        _LANE_STREAMS.append(mx.new_stream(mx.cpu))
+    return _LANE_STREAMS[:lanes]
+
+
+def lane_bounds(rows: int, lanes: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) row ranges splitting `rows` over `lanes` (the larger ranges last)."""
+    cuts = [rows * i // lanes for i in range(lanes + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def lane_blas_threads(lanes: int) -> int | None:
+    """BLAS threads per lane while `lanes` > 1 streams compute at once (None: leave the BLAS alone)."""
+    return max(1, (os.cpu_count() or 1) // lanes) if lanes > 1 else None
+
+
 def cpu_lanes(batch: int) -> int:
     """How many CPU streams an eager (inference) model call over `batch` items should be split across.
 
     MLX's CPU backend runs elementwise work on one thread per stream, so on a multi-core CPU two streams
-    over two halves of a batch, each with half the BLAS threads, run up to 1.6× faster than one stream
-    (measured: bench-small forward, batch 4, 2 cores: 3.1–3.8 s → 2.0 s). 1 on a GPU, without an OpenBLAS
+    over two halves of a batch, each with half the BLAS threads, run faster than one stream (measured on
+    2 cores, bench-small eager forward: 3.1–3.8 s → 2.0 s; denoising step 0.39 → 0.26 s). Used for
+    inference only: in the training loop the same split made the step slower (3.6–3.8 s → 4.1–4.3 s).
+    1 on a GPU, without an OpenBLAS
     whose threads zrecipe controls, for a single item, or on one core. `ZRECIPE_CPU_LANES=N` overrides.
     """
     import mlx.core as mx

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from zrecipe.backend import blas_threads, cpu_lanes
+from zrecipe.backend import blas_threads, cpu_lanes, lane_blas_threads, lane_bounds, lane_streams
 from zrecipe.errors import ModelError
 
 # The schedulers' training horizon; ZImagePipeline hard-codes 1000 in its time conversion too.
@@ -184,9 +183,6 @@ def guided_prediction(pos: mx.array, neg: mx.array, guidance: float, normalizati
     return pred
 
 
-_LANE_STREAMS: list = []  # CPU streams for cpu_lanes(), created once (each MLX CPU stream is a thread)
-
-
 def _predict(transformer, x: mx.array, t: mx.array, caps: list, lanes: int) -> mx.array:
     """transformer(x, t, caps), with the batch split over `lanes` CPU streams when lanes > 1.
 
@@ -195,12 +191,8 @@ def _predict(transformer, x: mx.array, t: mx.array, caps: list, lanes: int) -> m
     lanes = min(lanes, x.shape[0])
     if lanes == 1:
         return transformer(x, t, caps)
-    while len(_LANE_STREAMS) < lanes:
-        _LANE_STREAMS.append(mx.new_stream(mx.cpu))
-    n = x.shape[0]
-    bounds = [n * i // lanes for i in range(lanes + 1)]
     outs = []
-    for stream, a, b in zip(_LANE_STREAMS[:lanes], bounds[:-1], bounds[1:], strict=True):
+    for stream, (a, b) in zip(lane_streams(lanes), lane_bounds(x.shape[0], lanes), strict=True):
         with mx.stream(stream):
             outs.append(transformer(x[a:b], t[a:b], caps[a:b]))
     return mx.concatenate(outs)
@@ -240,7 +232,7 @@ def denoise(
     # On the CPU, split each call's batch over two streams (elementwise work is one thread per stream), with
     # the BLAS threads shared out between them for the whole loop (each step evaluates inside it).
     lanes = cpu_lanes(batch * (2 if cfg else 1))
-    with blas_threads(max(1, (os.cpu_count() or 1) // lanes) if lanes > 1 else None):
+    with blas_threads(lane_blas_threads(lanes)):
         x = _euler_steps(transformer, x, pos_embeds, neg_embeds, guidance, steps, sig, times, dtype, cfg,
                          truncate, cfg_truncation, norm_k, lanes, callback)  # fmt: skip
     return x
