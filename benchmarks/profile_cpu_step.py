@@ -31,13 +31,10 @@ import zrecipe  # noqa: E402,F401  (selects MLX's BLAS before MLX loads)
 
 def median_ms(fn, runs: int) -> tuple[float, float, float]:
     """(median, min, max) milliseconds of `fn()` (which evaluates its own result) after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples), min(samples), max(samples)
+    from common import stats, timed
+
+    st = stats(timed(fn, runs)[0])
+    return st["median"] * 1000, st["min"] * 1000, st["max"] * 1000
 
 
 def step_ablations(steps: int) -> dict[str, tuple[float, float, float]]:
@@ -45,8 +42,6 @@ def step_ablations(steps: int) -> dict[str, tuple[float, float, float]]:
     import mlx.optimizers as optim
     from gpu_bench import CONFIGS, lora_model
     from mlx import nn
-
-    from zrecipe.models.z_image import transformer_blocks as blocks
 
     c = CONFIGS["bench-small"]
     model = lora_model(c)
@@ -86,7 +81,6 @@ def step_ablations(steps: int) -> dict[str, tuple[float, float, float]]:
         finally:
             mx.fast.scaled_dot_product_attention = sdpa
 
-    _ = blocks  # the transformer calls mx.fast.scaled_dot_product_attention through the module attribute
     return {
         "LoRA step (compiled)": timed(False, True),
         "LoRA step, attention → V": timed(True, True),

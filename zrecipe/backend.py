@@ -162,8 +162,8 @@ def cpu_lanes(batch: int) -> int:
     over two halves of a batch, each with half the BLAS threads, run faster than one stream (measured on
     2 cores, bench-small eager forward: 3.1–3.8 s → 2.0 s; denoising step 0.39 → 0.26 s). Used for
     inference only: in the training loop the same split made the step slower (3.6–3.8 s → 4.1–4.3 s).
-    1 on a GPU, without an OpenBLAS
-    whose threads zrecipe controls, for a single item, or on one core. `ZRECIPE_CPU_LANES=N` overrides.
+    1 on a GPU, without an OpenBLAS whose threads zrecipe controls, for a single item, or on one core.
+    `ZRECIPE_CPU_LANES=N` (a positive integer) overrides.
     """
     import mlx.core as mx
 
@@ -171,7 +171,13 @@ def cpu_lanes(batch: int) -> int:
         return 1
     override = os.environ.get("ZRECIPE_CPU_LANES", "").strip()
     if override:
-        return max(1, min(int(override), batch))
+        if not override.isdigit() or int(override) < 1:
+            from zrecipe.errors import UserError
+
+            raise UserError(
+                f"ZRECIPE_CPU_LANES={override!r}: use a positive integer (1 turns the split off)."
+            )
+        return min(int(override), batch)
     if _openblas is None:
         return 1
     return max(1, min(2, batch, os.cpu_count() or 1))

@@ -233,31 +233,21 @@ def denoise(
     # the BLAS threads shared out between them for the whole loop (each step evaluates inside it).
     lanes = cpu_lanes(batch * (2 if cfg else 1))
     with blas_threads(lane_blas_threads(lanes)):
-        x = _euler_steps(transformer, x, pos_embeds, neg_embeds, guidance, steps, sig, times, dtype, cfg,
-                         truncate, cfg_truncation, norm_k, lanes, callback)  # fmt: skip
-    return x
-
-
-def _euler_steps(
-    transformer, x, pos_embeds, neg_embeds, guidance, steps, sig, times, dtype, cfg, truncate, cfg_truncation,
-    norm_k, lanes, callback,
-) -> mx.array:  # fmt: skip
-    batch = x.shape[0]
-    for i in range(steps):
-        g = 0.0 if truncate and float(times[i]) > float(cfg_truncation) else float(guidance)
-        t = mx.array(np.full((batch,), times[i], np.float32))
-        xin = x.astype(dtype)
-        if cfg and g > 0:
-            out = _predict(
-                transformer, mx.concatenate([xin, xin]), mx.concatenate([t, t]),
-                list(pos_embeds) + list(neg_embeds), lanes,
-            ).astype(mx.float32)  # fmt: skip
-            pred = guided_prediction(out[:batch], out[batch:], g, norm_k)
-        else:
-            pred = _predict(transformer, xin, t, list(pos_embeds), lanes).astype(mx.float32)
-        dt = float(np.float32(sig[i + 1]) - np.float32(sig[i]))
-        x = x + mx.array(dt, mx.float32) * (-pred)
-        mx.eval(x)
-        if callback is not None:
-            callback(i, steps, x)
+        for i in range(steps):
+            g = 0.0 if truncate and float(times[i]) > float(cfg_truncation) else float(guidance)
+            t = mx.array(np.full((batch,), times[i], np.float32))
+            xin = x.astype(dtype)
+            if cfg and g > 0:
+                out = _predict(
+                    transformer, mx.concatenate([xin, xin]), mx.concatenate([t, t]),
+                    list(pos_embeds) + list(neg_embeds), lanes,
+                ).astype(mx.float32)  # fmt: skip
+                pred = guided_prediction(out[:batch], out[batch:], g, norm_k)
+            else:
+                pred = _predict(transformer, xin, t, list(pos_embeds), lanes).astype(mx.float32)
+            dt = float(np.float32(sig[i + 1]) - np.float32(sig[i]))
+            x = x + mx.array(dt, mx.float32) * (-pred)
+            mx.eval(x)
+            if callback is not None:
+                callback(i, steps, x)
     return x
