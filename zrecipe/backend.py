@@ -1,19 +1,22 @@
 """Backend choices made once per process: a fast BLAS for MLX on Linux, and the compute dtype per device.
 
-MLX's Linux CPU wheel links the reference BLAS (measured here: ~5 GFLOP/s fp32 matmul against ~130 with
+MLX's Linux CPU wheel links the reference BLAS (measured here: ~3-5 GFLOP/s fp32 matmul against ~180 with
 OpenBLAS). `libmlx.so` leaves `cblas_sgemm` & co. undefined and resolves them at load time, so an OpenBLAS
 loaded into the global symbol scope *before* `mlx.core` is imported wins the lookup. This module does that
-on Linux only (macOS uses Accelerate/Metal and is never touched), before any MLX import, with:
+on Linux only (macOS uses Accelerate/Metal and is never touched), before any MLX import, trying in order:
 
-- `ZRECIPE_BLAS=off` (or `0`, `reference`) to opt out, `ZRECIPE_BLAS=/path/to/libopenblas.so` to choose;
-- otherwise the first OpenBLAS found among the system locations (Debian/Ubuntu `libopenblas0-pthread`,
-  Fedora, Arch) and the `cmeel-openblas` PyPI package.
+1. `ZRECIPE_BLAS=/path/to/libopenblas.so` when set (`ZRECIPE_BLAS=off`, `0` or `reference` opts out);
+2. the `scipy-openblas32` wheel, a dependency of zrecipe on Linux, so that `pip install` alone gives the
+   fast path: one library for every x86-64 and arm64 CPU (DYNAMIC_ARCH), no libgfortran needed. It exports
+   its symbols as `scipy_cblas_sgemm` & co., so zrecipe loads a copy whose exported names drop the prefix
+   (`zrecipe.elf_unprefix`; made once, in `~/.cache/zrecipe/blas/`);
+3. a system OpenBLAS (Debian/Ubuntu `libopenblas0-pthread`, Fedora, Arch) or the `cmeel-openblas` wheel.
 
-An OpenBLAS older than the CPU does not recognise it and falls back to its generic SSE3 ("Prescott")
+An old system OpenBLAS does not recognise newer CPUs and falls back to its generic SSE3 ("Prescott")
 kernels: measured here, Debian's 0.3.21 on a newer Xeon ran a 2048² sgemm at 11 GFLOP/s instead of ~120.
-So, unless `OPENBLAS_CORETYPE` is already set, zrecipe names the kernel family the CPU's flags support
-(AVX-512 → SKYLAKEX, AVX2+FMA → HASWELL) before loading it. These kernels only use instructions the CPU
-reports, and the parity tests run with them. `ZRECIPE_OPENBLAS_CORETYPE=` (empty) keeps autodetection.
+So, for a system library and unless `OPENBLAS_CORETYPE` is already set, zrecipe names the kernel family the
+CPU's flags support (AVX-512 → SKYLAKEX, AVX2+FMA → HASWELL) before loading it.
+`ZRECIPE_OPENBLAS_CORETYPE=` (empty) keeps autodetection.
 
 Importing this module is cheap (no MLX, no numpy).
 """
@@ -25,16 +28,18 @@ import glob
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 _SYSTEM_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
     "/usr/lib/libopenblas.so.0",
 )
+WHEEL_PREFIX = "scipy_"  # what scipy-openblas32 puts before every exported symbol name
 
 # What configure_blas() decided, for `zrecipe doctor` / --verbose.
 _blas_status: str | None = None
@@ -47,6 +52,34 @@ def _cmeel_candidates() -> list[str]:
     for entry in sys.path:
         found += glob.glob(os.path.join(entry, "cmeel.prefix", "lib", "libopenblas.so.0"))
     return found
+
+
+def wheel_openblas() -> str | None:
+    """The library file of the installed `scipy-openblas32` wheel, or None (found without importing it)."""
+    for entry in sys.path:
+        found = sorted(glob.glob(os.path.join(entry or ".", "scipy_openblas32", "lib", "libscipy_openblas*.so")))
+        if found:
+            return found[0]
+    return None
+
+
+def blas_copy_folder() -> Path:
+    """Where the unprefixed copy of the wheel's OpenBLAS lives: $XDG_CACHE_HOME/zrecipe/blas (or
+    ~/.cache/zrecipe/blas), else a per-user folder in the temp directory when that is not writable."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "zrecipe" / "blas"
+
+
+def _unprefixed_wheel(path: str) -> str:
+    from zrecipe.elf_unprefix import unprefixed_copy
+
+    try:
+        return str(unprefixed_copy(path, blas_copy_folder(), WHEEL_PREFIX))
+    except OSError:  # a read-only home: the temp folder, private to this user
+        import tempfile
+
+        folder = Path(tempfile.gettempdir()) / f"zrecipe-blas-{os.getuid()}"
+        return str(unprefixed_copy(path, folder, WHEEL_PREFIX))
 
 
 def openblas_coretype() -> str | None:
@@ -75,6 +108,32 @@ def _choose_coretype() -> str | None:
     return coretype or None
 
 
+def _describe(lib: ctypes.CDLL, origin: str) -> str:
+    """`OpenBLAS 0.3.x (origin, kernels: NAME)` from the library's own report."""
+    try:
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        config = lib.openblas_get_config().decode().split()
+        core = lib.openblas_get_corename().decode()
+    except (AttributeError, UnicodeDecodeError):
+        return f"OpenBLAS ({origin})"
+    version = config[1] if len(config) > 1 and config[0] == "OpenBLAS" else "?"
+    return f"OpenBLAS {version} ({origin}, kernels: {core})"
+
+
+def _candidates(choice: str) -> list[tuple[str, str]]:
+    """(origin, path) pairs to try, best first."""
+    if choice:
+        return [(f"ZRECIPE_BLAS={choice}", choice)]
+    out = []
+    wheel = wheel_openblas()
+    if wheel:
+        out.append(("scipy-openblas32 wheel", wheel))
+    out += [("system", p) for p in _SYSTEM_CANDIDATES if os.path.exists(p)]
+    out += [("cmeel-openblas wheel", p) for p in _cmeel_candidates()]
+    return out
+
+
 def configure_blas() -> str:
     """Load a fast BLAS into the global symbol scope before MLX loads (Linux only). Idempotent.
 
@@ -86,27 +145,35 @@ def configure_blas() -> str:
     choice = os.environ.get("ZRECIPE_BLAS", "").strip()
     if not sys.platform.startswith("linux"):
         _blas_status = "platform BLAS (not Linux: nothing changed)"
-    elif choice.lower() in {"off", "0", "reference", "none", "false"}:
+        return _blas_status
+    if choice.lower() in {"off", "0", "reference", "none", "false"}:
         _blas_status = "reference BLAS bundled with mlx (ZRECIPE_BLAS=off)"
-    elif "mlx.core" in sys.modules:
+        return _blas_status
+    if "mlx.core" in sys.modules:
         _blas_status = "unchanged: mlx was imported before zrecipe could select a fast BLAS"
-    else:
-        candidates = [choice] if choice else [*_SYSTEM_CANDIDATES, *_cmeel_candidates()]
-        coretype = _choose_coretype() if any(os.path.exists(p) for p in candidates) else None
-        _blas_status = "reference BLAS bundled with mlx (no OpenBLAS found; install libopenblas0-pthread)"
-        for path in candidates:
-            if not os.path.exists(path):
-                continue
-            try:
-                _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            except OSError as exc:
-                _blas_status = f"reference BLAS bundled with mlx ({path} failed to load: {exc})"
-                continue
-            _blas_status = f"OpenBLAS {path}" + (f" (kernels: {coretype})" if coretype else "")
-            break
-        else:
-            if choice:
-                _blas_status = f"reference BLAS bundled with mlx (ZRECIPE_BLAS={choice} not found)"
+        return _blas_status
+    failures = []
+    for origin, path in _candidates(choice):
+        if not os.path.exists(path):
+            failures.append(f"{path} not found")
+            continue
+        try:
+            if "scipy_openblas" in os.path.basename(path):
+                path = _unprefixed_wheel(path)
+            elif origin != "scipy-openblas32 wheel":
+                _choose_coretype()  # an older system OpenBLAS may not know this CPU
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except (OSError, ValueError) as exc:
+            failures.append(f"{path} failed to load: {exc}")
+            continue
+        _openblas = lib
+        _blas_status = _describe(lib, origin if origin.startswith("ZRECIPE") else f"{origin}: {path}")
+        return _blas_status
+    why = "; ".join(failures) or "no OpenBLAS found"
+    _blas_status = (
+        f"reference BLAS bundled with mlx, 30-60x slower ({why}); reinstall zrecipe so that its "
+        "scipy-openblas32 dependency is present, or install libopenblas0-pthread"
+    )
     return _blas_status
 
 

@@ -1,0 +1,98 @@
+"""The fast BLAS comes with `pip install`: the scipy-openblas32 wheel, loaded under plain names before MLX.
+
+Each check that depends on which BLAS a process loaded runs in a fresh interpreter, because MLX binds its
+BLAS once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zrecipe import backend
+from zrecipe.elf_unprefix import exported, unprefix, unprefixed_copy
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zrecipe only changes the BLAS on Linux")
+
+
+def _python(code: str, **env: str) -> str:
+    full = {**os.environ, **env}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@linux
+def test_the_wheel_is_installed_with_zrecipe():
+    assert backend.wheel_openblas() is not None, "scipy-openblas32 is a Linux dependency of zrecipe"
+
+
+@linux
+def test_doctor_reports_the_fast_blas_from_the_wheel():
+    """What CI sees is what a pip-only user gets: no system OpenBLAS is installed there."""
+    result = subprocess.run(
+        [sys.executable, "-m", "zrecipe.cli.main", "doctor"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("BLAS:"))
+    assert "OpenBLAS" in line and "reference" not in line, line
+
+
+@linux
+def test_unprefixed_copy_exports_plain_names(tmp_path):
+    source = backend.wheel_openblas()
+    data = Path(source).read_bytes()
+    assert exported(data, b"scipy_cblas_sgemm") and not exported(data, b"cblas_sgemm")
+    copy = unprefixed_copy(source, tmp_path, "scipy_")
+    patched = copy.read_bytes()
+    assert len(patched) == len(data)
+    for name in (b"cblas_sgemm", b"cblas_dgemm", b"sgesdd_", b"openblas_set_num_threads"):
+        assert exported(patched, name), name
+    assert not exported(patched, b"scipy_cblas_sgemm")
+    assert not exported(patched, b"no_such_symbol")
+    assert unprefixed_copy(source, tmp_path, "scipy_") == copy  # reused, not rewritten
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_unprefix_refuses_what_is_not_an_elf_library():
+    with pytest.raises(ValueError):
+        unprefix(bytearray(b"not an ELF file at all" * 10), b"scipy_")
+
+
+@linux
+def test_mlx_matmul_and_lapack_run_on_the_wheel_and_match_numpy():
+    code = (
+        "import zrecipe, numpy as np, mlx.core as mx\n"
+        "from zrecipe import backend\n"
+        "print(backend.blas_status())\n"
+        "rng = np.random.default_rng(0)\n"
+        "a = rng.standard_normal((96, 80)).astype(np.float32); b = rng.standard_normal((80, 64)).astype(np.float32)\n"
+        "err = np.abs(np.array(mx.array(a) @ mx.array(b)) - a.astype(np.float64) @ b).max()\n"
+        "s = np.array(mx.linalg.svd(mx.array(a), stream=mx.cpu)[1])\n"
+        "print(err, np.abs(s - np.linalg.svd(a.astype(np.float64))[1]).max())\n"
+    )
+    status, errors = _python(code).strip().splitlines()
+    assert status.startswith("OpenBLAS") and "wheel" in status, status
+    matmul_err, svd_err = map(float, errors.split())
+    assert matmul_err < 1e-4 and svd_err < 1e-3
+
+
+@linux
+def test_a_missing_blas_choice_falls_back_with_a_clear_status():
+    status = _python("from zrecipe import backend; print(backend.blas_status())", ZRECIPE_BLAS="/no/such/lib.so")
+    assert "reference BLAS" in status and "/no/such/lib.so not found" in status
+
+
+@linux
+def test_read_only_home_uses_a_private_temp_folder(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".cache").write_text("a file where the cache folder should be")
+    status = _python(
+        "from zrecipe import backend; print(backend.blas_status())", HOME=str(home), XDG_CACHE_HOME=""
+    )
+    assert status.startswith("OpenBLAS") and f"zrecipe-blas-{os.getuid()}" in status, status
