@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from zrecipe.build import Graph, Node, Record, Ref, StatCache, StepKind, Store, build, paused_gc, plan
+from zrecipe.engine import Graph, Node, Record, Ref, StatCache, StepKind, Store, build, paused_gc, plan
 
 
 def run_transform(tasks, ctx) -> None:
@@ -46,7 +46,7 @@ def scan(data: Path) -> tuple[list[str], dict[str, os.stat_result]]:
 
 
 def make(data: Path, sc: StatCache) -> Graph:
-    with paused_gc():  # what a caller building a 100k-node graph should do (see zrecipe.build)
+    with paused_gc():  # what a caller building a 100k-node graph should do (see zrecipe.engine)
         return _make(data, sc)
 
 

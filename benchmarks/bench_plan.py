@@ -216,7 +216,7 @@ def noop_and_dvc(root: Path, runs: int, use_dvc: bool, compare: Path | None = No
 
 def in_process(root: Path, runs: int) -> dict:
     """`plan_recipe` in this process (no interpreter start, imports done) and its phases, CPU seconds."""
-    from zrecipe.build import StatCache, Store, build
+    from zrecipe.engine import StatCache, Store, build
     from zrecipe.pipeline import graph as pgraph
     from zrecipe.pipeline import plan_recipe
     from zrecipe.recipe import load_recipe

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from zrecipe.build import Graph, Node, Record, Ref, StatCache, StepKind, Store, build, plan
+from zrecipe.engine import Graph, Node, Record, Ref, StatCache, StepKind, Store, build, plan
 from zrecipe.errors import DatasetError
 
 

@@ -16,12 +16,16 @@ import pytest
 from zrecipe import backend
 from zrecipe.elf_unprefix import exported, unprefix, unprefixed_copy
 
-linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zrecipe only changes the BLAS on Linux")
+linux = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="zrecipe only changes the BLAS on Linux"
+)
 
 
 def _python(code: str, **env: str) -> str:
     full = {**os.environ, **env}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -83,7 +87,9 @@ def test_mlx_matmul_and_lapack_run_on_the_wheel_and_match_numpy():
 
 @linux
 def test_a_missing_blas_choice_falls_back_with_a_clear_status():
-    status = _python("from zrecipe import backend; print(backend.blas_status())", ZRECIPE_BLAS="/no/such/lib.so")
+    status = _python(
+        "from zrecipe import backend; print(backend.blas_status())", ZRECIPE_BLAS="/no/such/lib.so"
+    )
     assert "reference BLAS" in status and "/no/such/lib.so not found" in status
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from zrecipe.build import StatCache
 from zrecipe.data.captions import read_files, resolve_captions
 from zrecipe.data.scan import scan_images
+from zrecipe.engine import StatCache
 
 OLD_NS = 1_600_000_000 * 10**9  # far outside the racy window
 

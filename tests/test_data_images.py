@@ -43,7 +43,7 @@ def smooth(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 def near(pixel, colour, tol: int = 40) -> bool:
-    return all(abs(int(a) - b) <= tol for a, b in zip(pixel, colour))
+    return all(abs(int(a) - b) <= tol for a, b in zip(pixel, colour, strict=True))
 
 
 def exif_with_orientation(value: int) -> Image.Exif:

@@ -119,7 +119,7 @@ def test_two_ranks_train_the_same_adapter_as_one(tiny_model, tmp_path):
 
 def store_entries(recipe: Path) -> dict[str, dict[str, tuple]]:
     """{kind: {item: (key, manifest {file: (size, xxh128)})}} of a built recipe's plan."""
-    from zrecipe.build import Store
+    from zrecipe.engine import Store
     from zrecipe.pipeline import plan_recipe
     from zrecipe.recipe import load_recipe
 

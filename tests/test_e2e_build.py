@@ -72,8 +72,14 @@ def make_project(root: Path, model: Path, images: int = 6, steps: int = 4, every
 
 def write_recipe(recipe: Path, model: Path, steps=4, every=2, prompts=("a red circle",), formats=("mflux",)):
     recipe.write_text(
-        RECIPE.format(model=model, cache=recipe.parent / "cache", steps=steps, every=every,
-                      prompts=json.dumps(list(prompts)), formats=json.dumps(list(formats)))  # fmt: skip
+        RECIPE.format(
+            model=model,
+            cache=recipe.parent / "cache",
+            steps=steps,
+            every=every,
+            prompts=json.dumps(list(prompts)),
+            formats=json.dumps(list(formats)),
+        )  # fmt: skip
     )
 
 
@@ -182,7 +188,7 @@ def test_concurrent_builds_share_the_store(tmp_path, tiny_model):
     procs = [_build_subprocess(recipe) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    from zrecipe.build import Store
+    from zrecipe.engine import Store
 
     store = Store(tmp_path / "cache")
     assert all(store.check(k, "hashes") == "ok" for k in store.iter_entries())
@@ -199,7 +205,9 @@ def test_corrupt_image_fails_with_its_name_or_is_skipped(tmp_path, tiny_model, c
     assert "zz_broken.jpg" in capsys.readouterr().err
     assert zrecipe("plan", recipe, "--until", "resize", "--check") == 1  # only the broken item is stale
 
-    recipe.write_text(recipe.read_text().replace("caption_dropout: 0.2", "caption_dropout: 0.2\n    on_error: skip"))
+    recipe.write_text(
+        recipe.read_text().replace("caption_dropout: 0.2", "caption_dropout: 0.2\n    on_error: skip")
+    )
     assert zrecipe("build", recipe) == 0
     report = json.loads((tmp_path / "out" / "build-report.json").read_text())
     assert report["kinds"]["resize"]["skipped"] == 1

@@ -126,7 +126,7 @@ def test_fused_model_equals_unfused_after_training_like_update(model):
 
 def test_adapter_file_roundtrip_and_orientation(model, tiny_path, tmp_path):
     apply_lora(model, [LoraTarget("layers", 0, 1, ("attention.to_q", "feed_forward.w2"), rank=3, alpha=6.0)])
-    for path, layer in model.named_modules():
+    for _path, layer in model.named_modules():
         if isinstance(layer, LoRALinear):
             layer.lora_b = mx.random.normal(layer.lora_b.shape)
     x, t, caps = _inputs(model, seed=1)

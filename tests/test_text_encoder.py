@@ -122,7 +122,7 @@ def test_padding_does_not_change_real_rows(tiny_text):
     model, tokenizer = load_text_encoder(tiny_text), load_tokenizer(tiny_text)
     prompts = ["a red fox in the snow at dawn, soft golden light", "", "cat"]
     batch = encode_prompts(model, tokenizer, prompts)
-    for prompt, emb in zip(prompts, batch):
+    for prompt, emb in zip(prompts, batch, strict=True):
         (single,) = encode_prompts(model, tokenizer, [prompt])
         assert emb.shape == single.shape
         np.testing.assert_allclose(np.array(emb), np.array(single), rtol=1e-5, atol=1e-5)

@@ -42,13 +42,28 @@ def randomise(module, seed: int) -> None:
 CONFIGS = {
     # head_dim * heads != hidden, GQA 6 → 2, transformers 5 rope_parameters, untied lm_head to drop.
     "gqa_untied": dict(
-        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=12, rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=12,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
     ),
     # Qwen3-4B's ratios (4 q heads per kv head, theta 1e6), tied, one layer used of two.
     "tied": dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, rope_theta=1_000_000.0, tie_word_embeddings=True,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
     ),
 }
 
@@ -108,7 +123,7 @@ def test_encode_prompts_equals_the_pipelines_prompt_embeddings(tiny_text):
     ours_model, ours_tok = load_text_encoder(tiny_text, dtype="float32"), load_tokenizer(tiny_text)
     ours = encode_prompts(ours_model, ours_tok, prompts)
     ours_neg = encode_prompts(ours_model, ours_tok, [""] * len(prompts))  # the default negative prompt
-    for got, want in zip(ours + ours_neg, list(pos) + list(neg)):
+    for got, want in zip(ours + ours_neg, list(pos) + list(neg), strict=True):
         assert tuple(got.shape) == tuple(want.shape)
         assert max_rel_err(np.array(got), want.numpy()) <= MAX_REL
 
@@ -125,6 +140,8 @@ def test_long_prompt_is_truncated_like_the_pipeline(tiny_text):
         (want,), _ = pipe.encode_prompt(
             prompt, device="cpu", do_classifier_free_guidance=False, max_sequence_length=64
         )
-    (got,) = encode_prompts(load_text_encoder(tiny_text, dtype="float32"), load_tokenizer(tiny_text), [prompt], max_length=64)
+    (got,) = encode_prompts(
+        load_text_encoder(tiny_text, dtype="float32"), load_tokenizer(tiny_text), [prompt], max_length=64
+    )
     assert got.shape == (64, 64) and tuple(want.shape) == (64, 64)
     assert max_rel_err(np.array(got), want.numpy()) <= MAX_REL

@@ -151,7 +151,9 @@ def test_original_checkpoint_naming_loads_to_the_same_outputs(pair, tmp_path):
     save_file(original, str(target / "model.safetensors"))
     x, t, caps = make_inputs(config, (7, 45), 6, 10, (0.6, 0.2))
     expected = run_reference(reference, x, t, caps)
-    assert relative_error(run_ours(load_transformer(target, dtype="float32"), x, t, caps), expected) <= TOLERANCE
+    assert (
+        relative_error(run_ours(load_transformer(target, dtype="float32"), x, t, caps), expected) <= TOLERANCE
+    )
 
 
 def test_missing_or_misshaped_tensor_is_one_model_error(pair, tmp_path):

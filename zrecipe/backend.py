@@ -57,7 +57,9 @@ def _cmeel_candidates() -> list[str]:
 def wheel_openblas() -> str | None:
     """The library file of the installed `scipy-openblas32` wheel, or None (found without importing it)."""
     for entry in sys.path:
-        found = sorted(glob.glob(os.path.join(entry or ".", "scipy_openblas32", "lib", "libscipy_openblas*.so")))
+        found = sorted(
+            glob.glob(os.path.join(entry or ".", "scipy_openblas32", "lib", "libscipy_openblas*.so"))
+        )
         if found:
             return found[0]
     return None

@@ -43,11 +43,13 @@ class _Elf:
         if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
             raise ValueError("not an ELF64 little-endian file")
         self.data = data
-        phoff, = struct.unpack_from("<Q", data, 0x20)
+        (phoff,) = struct.unpack_from("<Q", data, 0x20)
         phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
         self.loads, dynamic = [], None
         for i in range(phnum):
-            p_type, _flags, offset, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+            p_type, _flags, offset, vaddr, _paddr, filesz = struct.unpack_from(
+                "<IIQQQQ", data, phoff + i * phentsize
+            )
             if p_type == PT_LOAD:
                 self.loads.append((vaddr, offset, filesz))
             elif p_type == PT_DYNAMIC:
@@ -101,13 +103,13 @@ def unprefix(data: bytearray, prefix: bytes) -> int:
     first, end = elf.hashed_symbols()
     names = []
     for index in range(first, end):
-        st_name, = struct.unpack_from("<I", data, elf.symtab + index * SYM_SIZE)
+        (st_name,) = struct.unpack_from("<I", data, elf.symtab + index * SYM_SIZE)
         names.append((index, st_name, elf.name(st_name)))
     present = {name for _, _, name in names}
     renamed = 0
     hashes = []
     for index, st_name, name in names:
-        plain = name[len(prefix):]
+        plain = name[len(prefix) :]
         if name.startswith(prefix) and plain and plain not in present:
             struct.pack_into("<I", data, elf.symtab + index * SYM_SIZE, st_name + len(prefix))
             name = plain
@@ -132,18 +134,18 @@ def exported(data: bytes | bytearray, name: bytes) -> bool:
     elf = _Elf(bytearray(data))
     nbuckets, symoffset, maskwords, shift = struct.unpack_from("<IIII", elf.data, elf.hash_at)
     h = gnu_hash(name)
-    word, = struct.unpack_from("<Q", elf.data, elf.hash_at + 16 + 8 * ((h // 64) % maskwords))
+    (word,) = struct.unpack_from("<Q", elf.data, elf.hash_at + 16 + 8 * ((h // 64) % maskwords))
     if not (word >> (h % 64)) & 1 or not (word >> ((h >> shift) % 64)) & 1:
         return False
     buckets_at = elf.hash_at + 16 + 8 * maskwords
-    index, = struct.unpack_from("<I", elf.data, buckets_at + 4 * (h % nbuckets))
+    (index,) = struct.unpack_from("<I", elf.data, buckets_at + 4 * (h % nbuckets))
     if index < symoffset:
         return False
     chain_at = buckets_at + 4 * nbuckets
     while True:
-        value, = struct.unpack_from("<I", elf.data, chain_at + 4 * (index - symoffset))
+        (value,) = struct.unpack_from("<I", elf.data, chain_at + 4 * (index - symoffset))
         if (value | 1) == (h | 1):
-            st_name, = struct.unpack_from("<I", elf.data, elf.symtab + index * SYM_SIZE)
+            (st_name,) = struct.unpack_from("<I", elf.data, elf.symtab + index * SYM_SIZE)
             if elf.name(st_name) == name:
                 return True
         if value & 1:
@@ -159,7 +161,9 @@ def unprefixed_copy(source: str | os.PathLike[str], folder: str | os.PathLike[st
 
     source = Path(source)
     st = source.stat()
-    tag = xxhash.xxh64_hexdigest(f"{source.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{REWRITE_VERSION}".encode())
+    tag = xxhash.xxh64_hexdigest(
+        f"{source.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{REWRITE_VERSION}".encode()
+    )
     target = Path(folder) / f"{source.stem}-unprefixed-{tag}.so"
     try:
         if target.stat().st_size == st.st_size:

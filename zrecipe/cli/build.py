@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 RecipeArg = typer.Argument(..., help="Recipe file (YAML or JSON).", show_default=False)
 CacheOpt = typer.Option(None, "--cache", help="Store folder (default: `cache:` in the recipe, $ZRECIPE_CACHE, "
                         "or cache/ next to the recipe).")  # fmt: skip
-UntilOpt = typer.Option(None, "--until", help="Stop after this step (and what it needs), e.g. --until resize.")
+UntilOpt = typer.Option(
+    None, "--until", help="Stop after this step (and what it needs), e.g. --until resize."
+)
 ForceOpt = typer.Option([], "--force", help="Rebuild every node of this step kind (repeatable).")
 
 
@@ -29,8 +30,8 @@ def _print_skipped(skipped: list[str] | None) -> None:
 
 def plan_cmd(
     recipe: Path = RecipeArg,
-    cache: Optional[Path] = CacheOpt,
-    until: Optional[str] = UntilOpt,
+    cache: Path | None = CacheOpt,
+    until: str | None = UntilOpt,
     force: list[str] = ForceOpt,
     check: bool = typer.Option(False, "--check", help="Exit 1 when anything is stale."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every stale item and its reason."),
@@ -52,26 +53,31 @@ def plan_cmd(
 
 def build_cmd(
     recipe: Path = RecipeArg,
-    cache: Optional[Path] = CacheOpt,
-    until: Optional[str] = UntilOpt,
+    cache: Path | None = CacheOpt,
+    until: str | None = UntilOpt,
     force: list[str] = ForceOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only (same as `zrecipe plan`)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Worker processes for per-item steps."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", help="Worker processes for per-item steps."),
     as_json: bool = typer.Option(False, "--json", help="Print the build report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    battery: Optional[int] = typer.Option(
-        None, "--battery-percentage-stop-limit", "-B", help="Stop training (with a checkpoint) at this battery %."
+    battery: int | None = typer.Option(
+        None,
+        "--battery-percentage-stop-limit",
+        "-B",
+        help="Stop training (with a checkpoint) at this battery %.",
     ),
-    ranks: Optional[int] = typer.Option(
+    ranks: int | None = typer.Option(
         None, "--ranks", "-n", help="Build on N MLX ranks (re-runs under mlx.launch; with --hosts: per host)."
     ),
-    hosts: Optional[str] = typer.Option(
+    hosts: str | None = typer.Option(
         None, "--hosts", help="Comma-separated host IPs, one rank each (ssh, same paths, shared --cache)."
     ),
-    hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="An mlx.launch hostfile (JSON)."),
-    backend: Optional[str] = typer.Option(
-        None, "--backend", help="mlx.launch backend: ring, mpi, nccl, jaccl (default: the hostfile's, else nccl "
-        "with CUDA, else ring)."
+    hostfile: Path | None = typer.Option(None, "--hostfile", help="An mlx.launch hostfile (JSON)."),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        help="mlx.launch backend: ring, mpi, nccl, jaccl (default: the hostfile's, else nccl "
+        "with CUDA, else ring).",
     ),
 ) -> None:
     """Build a recipe: run only the stale steps (resize, encode, train, sample, export)."""
@@ -136,15 +142,17 @@ def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) 
     if pub.get("samples"):
         typer.echo(f"  samples:     {out / 'samples'} ({len(pub['samples'])} files)")
     export_dir = Path(loaded.export.output_path)
-    for top in sorted({export_dir / Path(p).relative_to(export_dir).parts[0] for p in pub.get("exports", [])}):
+    for top in sorted(
+        {export_dir / Path(p).relative_to(export_dir).parts[0] for p in pub.get("exports", [])}
+    ):
         typer.echo(f"  export:      {top}")
     typer.echo(f"  report:      {out / 'build-report.json'}")
 
 
 def explain_cmd(
     recipe: Path = RecipeArg,
-    step: Optional[str] = typer.Argument(None, help="Only this step kind (e.g. train)."),
-    cache: Optional[Path] = CacheOpt,
+    step: str | None = typer.Argument(None, help="Only this step kind (e.g. train)."),
+    cache: Path | None = CacheOpt,
 ) -> None:
     """Why each step is stale or up to date, with the recipe values that changed."""
     from zrecipe.pipeline import KINDS, plan_recipe

@@ -91,7 +91,7 @@ def generate(
             model_name=model,
             on_step=on_step,
         )
-    for item, path in zip(images, paths):
+    for item, path in zip(images, paths, strict=True):
         save_png(item.image, path, item.metadata)
         typer.echo(f"wrote {path}")
 

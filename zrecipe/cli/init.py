@@ -34,7 +34,9 @@ def init_cmd(
         write_shapes_dataset(directory / "data")
         typer.echo(f"wrote {recipe} and 12 images in {directory / 'data'}; run: zrecipe build {recipe}")
     else:
-        typer.echo(f"wrote {recipe}; put images (+ .txt captions) in {directory / 'data'}, then: zrecipe build {recipe}")
+        typer.echo(
+            f"wrote {recipe}; put images (+ .txt captions) in {directory / 'data'}, then: zrecipe build {recipe}"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def gc_cmd(
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Store folder (default: $ZRECIPE_CACHE or ./cache)."),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Store folder (default: $ZRECIPE_CACHE or ./cache)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be removed."),
 ) -> None:
     """Garbage-collect the store: keep what the latest build of every recipe references."""
-    from zrecipe.build import Store, collect
+    from zrecipe.engine import Store, collect
     from zrecipe.errors import UserError
 
     root = cache or Path(os.environ.get("ZRECIPE_CACHE") or "cache")

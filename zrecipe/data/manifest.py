@@ -142,7 +142,7 @@ def _csv_entries(text: str, label: str) -> list[Entry]:
         if len(row) > len(header):
             entries.append((where, "", None, f"{where}: more fields than the header has; quote the caption"))
             continue
-        entries.append(_record(where, dict(zip(header, row))))
+        entries.append(_record(where, dict(zip(header, row, strict=False))))
     return entries
 
 

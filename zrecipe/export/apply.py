@@ -108,7 +108,7 @@ def apply_loras(
                 stacklevel=2,
             )
     per_path: dict[str, list[tuple[mx.array, mx.array]]] = {}
-    for lora, strength in zip(loaded, scales):
+    for lora, strength in zip(loaded, scales, strict=True):
         for path, d in lora.deltas.items():
             if path not in shapes:
                 raise UserError(f"{lora.source}: layer {path} does not exist in this transformer.")

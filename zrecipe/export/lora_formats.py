@@ -161,7 +161,7 @@ def lora_from_tensors(
             problems.append(f"{stem}: fused qkv B has {b.shape[0]} rows, not a multiple of 3")
             continue
         chunks = mx.split(b, len(targets), axis=0) if fused else [b]
-        for (target, _), chunk in zip(targets, chunks):
+        for (target, _), chunk in zip(targets, chunks, strict=True):
             if target in deltas:
                 # Some trainers write both a fused qkv and the split keys: the explicit split key wins.
                 if fused and not origin[target][1]:

@@ -64,7 +64,7 @@ _QKV_TARGETS = ("to_q", "to_k", "to_v")
 
 def parse_key(key: str) -> tuple[str, str, bool] | None:
     """(stem, part, underscored) for a LoRA tensor name, or None when it is not a LoRA tensor."""
-    for pattern, part in _PARTS:
+    for pattern, part in _PARTS:  # noqa: B007 — `part` is used after the break
         match = pattern.search(key)
         if match:
             stem = key[: match.start()]

@@ -205,7 +205,7 @@ def generate(
     tile = LOW_RAM_VAE_TILE if low_ram else None
     meta = png_metadata(settings, model_name or str(model_path), lora_paths, lora_scales)
     results = []
-    for seed, lat in zip(settings.seeds, latents):
+    for seed, lat in zip(settings.seeds, latents, strict=True):
         image = decode_latents(vae, lat, tile)[0]
         results.append(GeneratedImage(seed, image, lat, {**meta, "seed": str(seed)}))
     return results
@@ -226,7 +226,9 @@ def png_metadata(settings: GenerationSettings, model: str, lora_paths=(), lora_s
         "cfg_normalization": str(bool(settings.cfg_normalization)).lower(),
         "cfg_truncation": repr(float(settings.cfg_truncation)),
         "model": model,
-        "loras": json.dumps([{"path": str(p), "scale": float(s)} for p, s in zip(lora_paths, scales)]),
+        "loras": json.dumps(
+            [{"path": str(p), "scale": float(s)} for p, s in zip(lora_paths, scales, strict=True)]
+        ),
         "software": f"zrecipe {__version__}",
     }
 

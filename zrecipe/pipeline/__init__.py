@@ -31,7 +31,7 @@ def _cache(recipe, cache: str | Path | None) -> Path:
 
 def plan_recipe(recipe, cache: str | Path | None = None, until: str | None = None, force=()) -> BuildOutcome:
     """What a build of `recipe` would run and why (takes the store lock briefly, runs nothing)."""
-    from zrecipe.build import Store, build
+    from zrecipe.engine import Store, build
 
     cache_dir = _cache(recipe, cache)
     graph, data = build_graph(recipe, cache_dir, until=until)
@@ -52,7 +52,7 @@ def build_recipe(
 
     Under a distributed launcher (`mlx.launch`) every rank calls this: the ranks share the per-item steps
     and train together (zrecipe.pipeline.distributed); `published` is None on ranks > 0."""
-    from zrecipe.build import Store, build
+    from zrecipe.engine import Store, build
     from zrecipe.pipeline.publish import publish
     from zrecipe.training.distributed import launched
 

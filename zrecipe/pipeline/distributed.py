@@ -47,8 +47,8 @@ class RankFailed(SystemExit):
 
 def build_distributed(recipe, cache_dir: Path, until, force, jobs, progress, battery_limit, report_path, w):
     """Plan and run `recipe` on every rank of world `w`; returns (plan, report, published or None)."""
-    from zrecipe.build import Record, StatCache, Store, StoreLock, execute
-    from zrecipe.build import plan as make_plan
+    from zrecipe.engine import Record, StatCache, Store, StoreLock, execute
+    from zrecipe.engine import plan as make_plan
     from zrecipe.pipeline.graph import build_graph
     from zrecipe.pipeline.publish import publish
     from zrecipe.training import distributed as dist
@@ -108,7 +108,7 @@ def _local_stat_cache(cache_dir: Path, rank: int) -> Path:
 
 def _check_shared_store(store, w) -> str:
     """Rank 0 writes a random token into the store; every rank must read it back (a shared store)."""
-    from zrecipe.build.store import write_atomic
+    from zrecipe.engine.store import write_atomic
     from zrecipe.training import distributed as dist
 
     token = dist.gather_bytes(secrets.token_hex(8).encode(), w)[0].decode()
@@ -221,15 +221,15 @@ class RankRun:
             raise RankFailed(f"rank {self.w.rank}: {self.kind.name}: {type(exc).__name__}: {exc}") from exc
 
     def _run_local(self, tasks: list, ctx) -> None:
-        from zrecipe.build.context import run_tasks
+        from zrecipe.engine.context import run_tasks
 
         if not (self.kind.parallel and self.jobs > 1 and len(tasks) > 1):
             run_tasks(self.kind.run, tasks, ctx)
             return
         from concurrent.futures import ProcessPoolExecutor
 
-        from zrecipe.build.context import Outcome, run_chunk
-        from zrecipe.build.executor import _mp_context
+        from zrecipe.engine.context import Outcome, run_chunk
+        from zrecipe.engine.executor import _mp_context
 
         size = max(1, -(-len(tasks) // (self.jobs * 4)))
         chunks = [tasks[i : i + size] for i in range(0, len(tasks), size)]
@@ -274,7 +274,7 @@ class RankRun:
         """Ranks > 0 sleep until rank 0 has run a rank-0-only kind (a collective would busy-wait)."""
         flag = self.flags / f"{self.kind.name}.done"
         if self.w.main:
-            from zrecipe.build.store import write_atomic
+            from zrecipe.engine.store import write_atomic
 
             write_atomic(flag, b"", fsync=False)
             return
@@ -283,7 +283,7 @@ class RankRun:
 
     def _share(self, tasks: list, own: list, ctx, seconds: float) -> None:
         """Exchange the outcomes of every rank's tasks, so each rank's executor sees all of them."""
-        from zrecipe.build.context import Outcome
+        from zrecipe.engine.context import Outcome
         from zrecipe.training import distributed as dist
 
         mine = {t.key: list(_outcome(ctx, t)) for t in own}

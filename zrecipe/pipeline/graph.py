@@ -18,7 +18,7 @@ from typing import Any
 
 import xxhash
 
-from zrecipe.build import Graph, Node, Ref, StepKind
+from zrecipe.engine import Graph, Node, Ref, StepKind
 from zrecipe.errors import DatasetError
 
 KINDS = ("resize", "encode-image", "encode-text", "train", "sample", "contact-sheet", "export")
@@ -73,9 +73,13 @@ def _step_kinds() -> list[StepKind]:
     from zrecipe.pipeline import steps
 
     return [
-        StepKind("resize", VERSIONS["resize"], steps.run_resize, parallel=True, description="decode, crop, resize"),
+        StepKind(
+            "resize", VERSIONS["resize"], steps.run_resize, parallel=True, description="decode, crop, resize"
+        ),
         StepKind("encode-image", VERSIONS["encode-image"], steps.run_encode_image, description="VAE latents"),
-        StepKind("encode-text", VERSIONS["encode-text"], steps.run_encode_text, description="text embeddings"),
+        StepKind(
+            "encode-text", VERSIONS["encode-text"], steps.run_encode_text, description="text embeddings"
+        ),
         StepKind("train", VERSIONS["train"], steps.run_train, description="LoRA / full fine-tune"),
         StepKind("sample", VERSIONS["sample"], steps.run_sample, description="sample images"),
         StepKind("contact-sheet", VERSIONS["contact-sheet"], steps.run_contact_sheet, description="grid"),
@@ -135,7 +139,8 @@ def scan_datasets(recipe, stat_cache=None) -> Scan:
         scan.captions[ds.name] = result.captions
     if problems:
         raise DatasetError(
-            f"{recipe.source}: {len(problems)} dataset problem(s):\n  " + "\n  ".join(problems)
+            f"{recipe.source}: {len(problems)} dataset problem(s):\n  "
+            + "\n  ".join(problems)
             + "\nFix them, or set `on_error: skip` on the dataset to leave those items out.",
             items=problems,
         )
@@ -149,7 +154,9 @@ def _train_params(recipe) -> dict[str, Any]:
         "seed": recipe.seed,
         "training_loop": d.get("training_loop"),
         "optimizer": d.get("optimizer"),
-        "save": {k: v for k, v in (d.get("save") or {}).items() if k in ("checkpoint_frequency", "keep_last")},
+        "save": {
+            k: v for k, v in (d.get("save") or {}).items() if k in ("checkpoint_frequency", "keep_last")
+        },
     }
     if recipe.mode == "lora":
         params["lora"] = d.get("lora")
@@ -158,9 +165,11 @@ def _train_params(recipe) -> dict[str, Any]:
     return params
 
 
-def build_graph(recipe, cache_dir: Path, until: str | None = None, stat_cache=None) -> tuple[Graph, PipelineData]:
+def build_graph(
+    recipe, cache_dir: Path, until: str | None = None, stat_cache=None
+) -> tuple[Graph, PipelineData]:
     """The build graph of `recipe` (only up to `until` when given) and the data its steps need."""
-    from zrecipe.build import StatCache, paused_gc
+    from zrecipe.engine import StatCache, paused_gc
     from zrecipe.pipeline.identity import ModelIdentity
 
     wanted = _wanted_kinds(recipe, until)
@@ -236,7 +245,9 @@ def _wanted_kinds(recipe, until: str | None) -> set[str]:
     return wanted
 
 
-def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: PipelineData, wanted: set[str]) -> None:
+def _add_nodes(
+    graph: Graph, recipe, scan: Scan, hashes, identity, data: PipelineData, wanted: set[str]
+) -> None:
     datasets = {ds.name: ds for ds in recipe.datasets}
     texts: dict[str, str] = {}
     text_ids: dict[str, str] = {}  # caption → text_item(caption)
@@ -290,8 +301,13 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
             texts[text_item(prompt)] = prompt
     for item, text in sorted(texts.items()):
         graph.add(
-            Node("encode-text", item, {"text": text, "max_length": MAX_TEXT_TOKENS}, [identity.text_encoder],
-                 watch=())
+            Node(
+                "encode-text",
+                item,
+                {"text": text, "max_length": MAX_TEXT_TOKENS},
+                [identity.text_encoder],
+                watch=(),
+            )
         )
     if "train" not in wanted:
         return
@@ -305,7 +321,9 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
     for e in data.examples:
         # Optional: an image skipped by `on_error: skip` leaves the training set instead of stopping it.
         train_inputs.append(Ref("encode-image", e["image"], optional=True))
-    train_inputs += [Ref("encode-text", t) for t in sorted({e["text"] for e in data.examples} | {text_item("")})]
+    train_inputs += [
+        Ref("encode-text", t) for t in sorted({e["text"] for e in data.examples} | {text_item("")})
+    ]
     params = _train_params(recipe)
     params["examples"] = manifest_digest
     graph.add(Node("train", "train", params, train_inputs))
@@ -332,12 +350,26 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
                             "cfg_normalization": sample.cfg_normalization,
                             "cfg_truncation": sample.cfg_truncation,
                         },
-                        [Ref("train", "train"), Ref("encode-text", text_item(prompt)),
-                         Ref("encode-text", text_item(sample.negative_prompt)), identity.transformer, identity.vae],
+                        [
+                            Ref("train", "train"),
+                            Ref("encode-text", text_item(prompt)),
+                            Ref("encode-text", text_item(sample.negative_prompt)),
+                            identity.transformer,
+                            identity.vae,
+                        ],
                     )
                 )
         if "contact-sheet" in wanted:
-            graph.add(Node("contact-sheet", "sheet", {"items": sample_items}, [Ref("sample", i) for i in sample_items]))
+            graph.add(
+                Node(
+                    "contact-sheet",
+                    "sheet",
+                    {"items": sample_items},
+                    [Ref("sample", i) for i in sample_items],
+                )
+            )
     if "export" in wanted:
         for fmt in recipe.export.formats:
-            graph.add(Node("export", fmt, {"format": fmt, "dtype": recipe.export.dtype}, [Ref("train", "train")]))
+            graph.add(
+                Node("export", fmt, {"format": fmt, "dtype": recipe.export.dtype}, [Ref("train", "train")])
+            )

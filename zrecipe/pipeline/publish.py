@@ -20,7 +20,12 @@ from pathlib import Path
 
 def _copy(src: Path, dst: Path) -> Path:
     """Copy `src` to `dst` atomically unless an identical-size file is already there."""
-    if dst.exists() and dst.is_file() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+    if (
+        dst.exists()
+        and dst.is_file()
+        and dst.stat().st_size == src.stat().st_size
+        and dst.stat().st_mtime >= src.stat().st_mtime
+    ):
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -62,5 +67,7 @@ def publish(plan, store, recipe) -> dict[str, list[str]]:
                 str(_copy(store.path(p.key) / "contact_sheet.png", out / "samples" / "contact_sheet.png"))
             )
         elif kind == "export" and store.has(p.key):
-            published["exports"] += [str(f) for f in _copy_tree(store.path(p.key), Path(recipe.export.output_path))]
+            published["exports"] += [
+                str(f) for f in _copy_tree(store.path(p.key), Path(recipe.export.output_path))
+            ]
     return published

@@ -1,4 +1,4 @@
-"""The Z-Image step kinds: what each build step does with its tasks (see zrecipe.build for the contract).
+"""The Z-Image step kinds: what each build step does with its tasks (see zrecipe.engine for the contract).
 
 Each run function loads what it needs once (a model per kind, not per item), batches where the model
 allows, writes one store entry per task and frees its model before returning, so the next kind's peak
@@ -42,7 +42,12 @@ def run_resize(tasks, ctx) -> None:
         p = task.params
         with ctx.output(task) as folder:
             w, h = resize_to_file(
-                src, folder / "image.png", p["resolution"], p["max_aspect"], p["bucketing"], p["upscale"],
+                src,
+                folder / "image.png",
+                p["resolution"],
+                p["max_aspect"],
+                p["bucketing"],
+                p["upscale"],
                 step=p["step"],
             )
             (folder / "size.json").write_text(json.dumps({"width": w, "height": h}))
@@ -133,7 +138,7 @@ def _load_examples(task, ctx):
     """Training examples from the encode-image / encode-text entries the train node references."""
     import mlx.core as mx
 
-    from zrecipe.build import Ref
+    from zrecipe.engine import Ref
     from zrecipe.training.data import Example
 
     image_dirs, text_dirs = {}, {}
@@ -234,7 +239,9 @@ def run_train(tasks, ctx) -> None:
                     str(folder / "adapters" / f"{ck.step:07d}.safetensors"), ck.adapter, ck.adapter_metadata
                 )
         (folder / "train.json").write_text(
-            json.dumps({"checkpoint_steps": steps, "skipped_items": skipped, "final_step": result.step}, indent=1)
+            json.dumps(
+                {"checkpoint_steps": steps, "skipped_items": skipped, "final_step": result.step}, indent=1
+            )
         )
 
 
@@ -279,7 +286,9 @@ def run_sample(tasks, ctx) -> None:
     for task in tasks:
         p = task.params
         pos = mx.load(str(ctx.input_dir(task, 1) / EMBEDDING_FILE))["embedding"]
-        neg = mx.load(str(ctx.input_dir(task, 2) / EMBEDDING_FILE))["embedding"] if p["guidance"] > 0 else None
+        neg = (
+            mx.load(str(ctx.input_dir(task, 2) / EMBEDDING_FILE))["embedding"] if p["guidance"] > 0 else None
+        )
         settings = GenerationSettings(
             prompt=p["prompt"], negative_prompt=p["negative_prompt"], guidance=p["guidance"], steps=p["steps"],
             width=p["width"], height=p["height"], seeds=(p["seed"],),
@@ -348,4 +357,6 @@ def run_export(tasks, ctx) -> None:
         fmt = task.params["format"]
         with ctx.output(task) as folder:
             dest = folder / (f"{stem}_{fmt}" if full else f"{stem}_{fmt}.safetensors")
-            export(final, [fmt], output=dest, dtype=task.params["dtype"], model=str(resolve_model_path(ctx.data)))
+            export(
+                final, [fmt], output=dest, dtype=task.params["dtype"], model=str(resolve_model_path(ctx.data))
+            )

@@ -119,7 +119,7 @@ def collate(examples: Sequence[Example], indices: Sequence[int], drop: Sequence[
     import mlx.core as mx
 
     latents = mx.stack([mx.array(examples[i].latents, dtype=mx.float32) for i in indices])
-    captions = [mx.array(empty if d else examples[i].caption) for i, d in zip(indices, drop)]
+    captions = [mx.array(empty if d else examples[i].caption) for i, d in zip(indices, drop, strict=True)]
     return latents, captions
 
 

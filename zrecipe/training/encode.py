@@ -83,7 +83,7 @@ def encode_recipe_datasets(
     embeddings: dict[str, Any] = {}
     for start in range(0, len(texts), 8):  # small batches: padding to the longest prompt costs memory
         chunk = texts[start : start + 8]
-        for text, emb in zip(chunk, encode_prompts(text_encoder, tokenizer, chunk)):
+        for text, emb in zip(chunk, encode_prompts(text_encoder, tokenizer, chunk), strict=True):
             embeddings[text] = np.array(emb.astype(mx.float32))
     del text_encoder
     if low_ram:

@@ -67,4 +67,4 @@ def caption_dropout_mask(seed: int, step: int, micro: int, probabilities: Sequen
 
     Training on empty captions some of the time keeps the unconditional prediction good, which CFG needs."""
     draws = step_rng(seed, step, micro, 2).random(len(probabilities))
-    return [bool(d < p) for d, p in zip(draws, probabilities)]
+    return [bool(d < p) for d, p in zip(draws, probabilities, strict=True)]

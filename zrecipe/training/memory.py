@@ -102,7 +102,7 @@ def parameter_count(config: Any) -> tuple[int, int]:
     linear = sum(i * o for i, o in shapes.values()) + sum(o for p, (i, o) in shapes.items() if "adaLN" in p)
     blocks = 2 * c.n_refiner_layers + c.n_layers
     other = blocks * (4 * dim + (2 * head if c.qk_norm else 0))  # sandwich RMSNorms + q/k norms
-    for p, f in zip(c.all_patch_size, c.all_f_patch_size):
+    for p, f in zip(c.all_patch_size, c.all_f_patch_size, strict=True):
         width = p * p * f * c.in_channels
         other += width * dim + dim  # x embedder
         other += dim * width + width + ada * dim + dim  # final layer linear + its adaLN

@@ -17,7 +17,7 @@ def model_identity(folder: str | Path, cache_dir: str | Path | None = None) -> s
     """xxh128 over the model's weight and config files (relative path + content hash, stat-cached)."""
     import xxhash
 
-    from zrecipe.build.statcache import StatCache
+    from zrecipe.engine.statcache import StatCache
     from zrecipe.models.z_image.resolve import default_cache_dir, model_weight_files
 
     folder = Path(folder)

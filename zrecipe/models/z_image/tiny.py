@@ -171,7 +171,10 @@ def write_tokenizer(folder: Path) -> dict:
     )
     tokenizer = Tokenizer(
         models.BPE(
-            unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
             byte_fallback=False,
         )
     )
@@ -198,8 +201,14 @@ def write_tokenizer(folder: Path) -> dict:
     tokenizer.model.save(str(folder))  # vocab.json + merges.txt, as in the real tokenizer folder
     ids = tokenizer.get_vocab(with_added_tokens=True)
     added = {
-        str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": t in SPECIAL_TOKENS}
+        str(ids[t]): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": t in SPECIAL_TOKENS,
+        }
         for t in SPECIAL_TOKENS + THINK_TOKENS
     }
     _write_json(
@@ -252,7 +261,7 @@ def write_transformer(folder: Path, seed: int, dtype: str) -> None:
     cut = 1 + min(range(len(prefix)), key=lambda i: abs(2 * prefix[i] - total))
     names = [f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2)]
     weight_map = {}
-    for name, part in zip(names, (keys[:cut], keys[cut:])):
+    for name, part in zip(names, (keys[:cut], keys[cut:]), strict=True):
         _save({k: weights[k] for k in part}, folder / name, dtype)
         weight_map.update({k: name for k in part})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -305,8 +314,11 @@ def _save(weights: dict, file: Path, dtype: str) -> None:
     else:  # numpy has no bfloat16: round through MLX, which writes bf16 safetensors itself
         import mlx.core as mx
 
-        mx.save_safetensors(str(file), {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()},
-                            metadata={"format": "pt"})
+        mx.save_safetensors(
+            str(file),
+            {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()},
+            metadata={"format": "pt"},
+        )
 
 
 def _write_json(file: Path, data: dict) -> None:

@@ -122,7 +122,7 @@ class ZImageTransformer(nn.Module):
         self.config = c
         self.all_x_embedder = {}
         self.all_final_layer = {}
-        for p, pf in zip(c.all_patch_size, c.all_f_patch_size):
+        for p, pf in zip(c.all_patch_size, c.all_f_patch_size, strict=True):
             width = pf * p * p * c.in_channels
             self.all_x_embedder[f"{p}-{pf}"] = nn.Linear(width, c.dim)
             self.all_final_layer[f"{p}-{pf}"] = FinalLayer(c.dim, width)
@@ -183,7 +183,7 @@ class ZImageTransformer(nn.Module):
         embedded = mx.concatenate([f.astype(dtype) for f in cap_feats], axis=0)
         embedded = self.cap_embedder[1](self.cap_embedder[0](embedded))
         rows, start = [], 0
-        for n, n_padded in zip(lens, padded):
+        for n, n_padded in zip(lens, padded, strict=True):
             parts = [embedded[start : start + n]]
             start += n
             if n_padded > n:
@@ -202,7 +202,7 @@ class ZImageTransformer(nn.Module):
         for block in self.context_refiner:
             cap = block(cap, cap_mask, cap_rope)
         h = mx.concatenate([img, cap], axis=1)
-        rope = tuple(mx.concatenate([a, b], axis=1) for a, b in zip(img_rope, cap_rope))
+        rope = tuple(mx.concatenate([a, b], axis=1) for a, b in zip(img_rope, cap_rope, strict=True))
         for block in self.layers:
             h = block(h, joint_mask, rope, adaln)
         out = self.all_final_layer[key](h[:, :n_img], adaln)
@@ -229,7 +229,7 @@ class ZImageTransformer(nn.Module):
             raise ValueError(f"cap_feats must be {B} non-empty arrays of shape (L, {c.cap_feat_dim})")
         longest = max(f.shape[0] + (-f.shape[0] % SEQ_MULTIPLE) for f in cap_feats)
         limits = [longest + 1, x.shape[2] // p, x.shape[3] // p]  # image tokens sit at axis-0 position Lc+1
-        if any(n >= size for n, size in zip(limits, c.axes_lens)):
+        if any(n >= size for n, size in zip(limits, c.axes_lens, strict=True)):
             raise ValueError(f"caption or image too long for the RoPE tables (axes_lens {list(c.axes_lens)})")
 
     def _positions(self, B, ht, wt, img_pad, padded, cap_len):
@@ -263,7 +263,7 @@ class ZImageTransformer(nn.Module):
                 key = key.replace(old, new)
             if _FUSED_QKV in key:
                 head, tail = key.split(_FUSED_QKV)
-                for name, part in zip(("to_q", "to_k", "to_v"), mx.split(value, 3, axis=0)):
+                for name, part in zip(("to_q", "to_k", "to_v"), mx.split(value, 3, axis=0), strict=True):
                     out[f"{head}.attention.{name}.{tail}"] = part
             else:
                 out[key] = value
@@ -272,7 +272,7 @@ class ZImageTransformer(nn.Module):
 
 def _key_mask(lengths: list[int], valid: list[int]) -> mx.array | None:
     """Boolean key mask (B, 1, 1, L) keeping each item's first `valid[i]` tokens; None when nothing is padded."""
-    if all(v == n for v, n in zip(valid, lengths)):
+    if all(v == n for v, n in zip(valid, lengths, strict=True)):
         return None
     keep = mx.arange(lengths[0])[None] < mx.array(valid)[:, None]
     return keep[:, None, None, :]

@@ -27,7 +27,9 @@ def weight_files(folder: str | Path) -> list[Path]:
         files = sorted({folder / name for name in weight_map.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise ModelError(f"{indexes[0]}: shard files listed in the index are missing: {', '.join(missing)}")
+            raise ModelError(
+                f"{indexes[0]}: shard files listed in the index are missing: {', '.join(missing)}"
+            )
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers_build import Env, make_graph, read_log
 
-from zrecipe.build import Graph, Node, Record, StepKind, Store, build, execute, plan
+from zrecipe.engine import Graph, Node, Record, StepKind, Store, build, execute, plan
 from zrecipe.errors import StepFailed
 
 TESTS = Path(__file__).parent
@@ -138,7 +138,7 @@ def _script(tmp_path: Path, body: str) -> Path:
             sys.path.insert(0, {str(TESTS)!r})
             from pathlib import Path
             from helpers_build import Env, make_graph
-            from zrecipe.build import StatCache, Store, build, execute, plan, Record
+            from zrecipe.engine import StatCache, Store, build, execute, plan, Record
             root = Path(sys.argv[1]); store = Store(root / "cache", fsync=False)
             sc = StatCache(root / "cache" / "stat.sqlite")
             ctx = {{"root": str(root / "data"), "log": str(root / "log.txt")}}

@@ -7,9 +7,9 @@ import os
 import pytest
 from helpers_build import OLD_NS, Env
 
-from zrecipe.build import Record, plan
-from zrecipe.build.planner import param_changes
-from zrecipe.build.store import MANIFEST
+from zrecipe.engine import Record, plan
+from zrecipe.engine.planner import param_changes
+from zrecipe.engine.store import MANIFEST
 from zrecipe.errors import StepFailed
 
 
@@ -160,7 +160,7 @@ def test_param_changes_watch_and_nesting():
 
 
 def test_graph_errors_and_order():
-    from zrecipe.build import Graph, GraphError, Node, Ref, StepKind
+    from zrecipe.engine import Graph, GraphError, Node, Ref, StepKind
 
     def run(tasks, ctx):
         pass

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 import xxhash
 
-from zrecipe.build.statcache import StatCache, hash_file
+from zrecipe.engine.statcache import StatCache, hash_file
 
 
 def _files(tmp_path, n=3):
@@ -95,7 +95,7 @@ def test_precomputed_stats_are_used(tmp_path, monkeypatch):
     def no_stat(*a, **k):
         raise AssertionError("os.stat called although stats were given")
 
-    monkeypatch.setattr("zrecipe.build.statcache.os.stat", no_stat)
+    monkeypatch.setattr("zrecipe.engine.statcache.os.stat", no_stat)
     assert len(sc.hash_files(paths, stats)) == 2 and sc.hashed == 0
 
 

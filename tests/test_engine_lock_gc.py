@@ -11,11 +11,11 @@ import time
 import pytest
 from helpers_build import Env, make_graph
 
-from zrecipe.build import Record, StoreLock, build, collect, plan
-from zrecipe.build.record import pending_path
+from zrecipe.engine import Record, StoreLock, build, collect, plan
+from zrecipe.engine.record import pending_path
 from zrecipe.errors import LockTimeout
 
-HOLD = "import sys, time; from zrecipe.build import StoreLock\nwith StoreLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n"
+HOLD = "import sys, time; from zrecipe.engine import StoreLock\nwith StoreLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n"
 
 
 def _holder(root):

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from zrecipe.build.keys import hash_bytes
-from zrecipe.build.store import MANIFEST, Store, write_atomic
+from zrecipe.engine.keys import hash_bytes
+from zrecipe.engine.store import MANIFEST, Store, write_atomic
 
 KEY = "ab" + "0" * 30
 
