@@ -58,8 +58,10 @@ GOLDEN = {
     "comfyui/float32": "6861c90a650d9d579d125a9fb30ac380b1b16c41488962b8c41d314bf0a23170",
     "diffusers/float32": "098f1cf4e7392364010fb3e3ff576879749823ad8ec2cd75d3d3e3ee6f81fd20",
     "diffusers/bfloat16": "265391f68a52fec9fa382ecf4c122f5ce90d07417a96a4f5547ba5a4be4946d7",
-    "kohya/float32": "e724f3f0b294c08ca90312841beb570dc5d6f1da32d52588882d14505549ec62",
-    "kohya/bfloat16": "d54506b0aec2f482a7bb9e284dc3a54364cdeb4a43a596d14675c15fbc98ee19",
+    # kohya became ComfyUI's names with fused qkv (issue #12); musubi holds the former kohya tensors.
+    "kohya/float32": "f24cfd6ad623cd5e8596c073b5276929504862b7276ec9e7c4526b5f82c5c716",
+    "kohya/bfloat16": "dc239c6b7acc4b8a3d145936caa79e9e3e200e36d45a8146c635234b2c446089",
+    "musubi/float32": "796d270c8492fce60f4a4da37a4e5f1fe66cd7d416b37e033d6a0725b5fc80a2",
     "zrecipe/float32": "efd9f3ddae5b7874f1fd31349705d151ac49de82f2a5b3f104155ef264c6198a",
 }
 
