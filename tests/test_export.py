@@ -101,6 +101,7 @@ def test_export_checkpoint_zip(trained, tmp_path):
     assert _export(zip_path, "--format", "diffusers", "-o", out, "--dtype", "float32") == 0
     ref = read_lora(save_adapter(trained, tmp_path / "ref.safetensors"))
     _same_deltas(ref, read_lora(out))
+    _same_deltas(ref, read_lora(zip_path))  # generate --lora-paths CHECKPOINT.zip reads its adapter
 
 
 def test_export_recipe_uses_its_output_and_formats(trained, tiny, tmp_path, capsys):

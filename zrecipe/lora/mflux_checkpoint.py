@@ -25,6 +25,7 @@ import json
 import re
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -96,7 +97,7 @@ def _json(zf: zipfile.ZipFile, members: dict[str, str], name: str, where: Path) 
         raise CheckpointError(f"{where}: mflux checkpoint without its {name}.")
     try:
         return json.loads(zf.read(members[name]))
-    except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise CheckpointError(f"{where}: unreadable member {name} ({exc}).") from exc
 
 
@@ -105,7 +106,7 @@ def _tensors(zf: zipfile.ZipFile, members: dict[str, str], name: str, where: Pat
         raise CheckpointError(f"{where}: mflux checkpoint without its {name}.")
     try:
         data = zf.read(members[name])  # zipfile checks the member's CRC
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise CheckpointError(f"{where}: damaged member {name} ({exc}).") from exc
     with tempfile.TemporaryDirectory() as scratch:
         file = Path(scratch) / "t.safetensors"
@@ -239,7 +240,7 @@ def read_mflux_checkpoint(path: str | Path) -> MfluxCheckpoint:
             loss = _json(zf, members, names["loss"], path)
             adapter_tensors, adapter_meta = _tensors(zf, members, names["lora_adapter"], path)
             optimizer_state, _ = _tensors(zf, members, names["optimizer"], path)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise CheckpointError(f"{path}: damaged mflux checkpoint zip ({exc}).") from exc
     unmapped: list[str] = []
     raw_targets = list((config.get("lora_layers") or {}).get("targets") or [])
