@@ -34,14 +34,20 @@ _PART_NAMES = {PEFT: (".lora_A.weight", ".lora_B.weight"), KOHYA: (".lora_down.w
 class AdapterDelta(Protocol):
     """The protocol every adapter kind's delta follows (see the module docstring)."""
 
-    KIND: ClassVar[str]
-    PART_PATTERNS: ClassVar[tuple[tuple[re.Pattern, str], ...]]
+    KIND: ClassVar[str]  # the kind's name (DELTA_KINDS key; TRAINABLE_KINDS key if it trains)
+    PART_PATTERNS: ClassVar[tuple[tuple[re.Pattern, str], ...]]  # tensor-name ending → part name
 
     @property
     def in_dims(self) -> int: ...
 
     @property
     def out_dims(self) -> int: ...
+
+    @property
+    def rank(self) -> int: ...  # for metadata
+
+    @property
+    def file_alpha(self) -> float: ...  # for metadata
 
     def weight_delta(self, base_weight: mx.array | None = None) -> mx.array: ...
 
@@ -50,6 +56,11 @@ class AdapterDelta(Protocol):
     def scaled(self, strength: float) -> AdapterDelta: ...
 
     def file_parts(self, style: str, alpha_always: bool = True, fold_scale: bool = False) -> dict: ...
+
+    @classmethod
+    def from_file_parts(cls, parts: dict, scale_for) -> AdapterDelta | str: ...
+
+    def split_outputs(self, count: int) -> list[AdapterDelta | None] | str: ...  # fused qkv files
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
