@@ -159,11 +159,6 @@ class MultiLoRALinear(AdapterLayer):
 TRAINABLE_KINDS: dict[str, type[AdapterLayer]] = {"lora": LoRALinear}
 
 
-def trainable_layer_for(delta) -> type[AdapterLayer]:
-    """The trainable layer class of a delta's kind."""
-    return TRAINABLE_KINDS[delta.KIND]
-
-
 def adapter_layers(model: nn.Module, trainable_only: bool = True) -> dict[str, AdapterLayer]:
     """{module path: adapter layer} of `model` (only the kinds that train, unless told otherwise)."""
     return {

@@ -201,8 +201,11 @@ def _optimizer(state: dict, name: str, ranks: dict[str, int], unmapped: list[str
         if not match:
             stray.append(key)
             continue
-        path = _zrecipe_path(match.group(1))
-        out[f"{path}.lora_{match.group(2).lower()}.{match.group(3)}"] = value
+        name = f"{_zrecipe_path(match.group(1))}.lora_{match.group(2).lower()}.{match.group(3)}"
+        if name in out:  # two trained LoRAs fused on one layer (mflux's FusedLoRALinear): which is ours?
+            stray.append(key)
+            continue
+        out[name] = value
     expected = {f"{p}.lora_{ab}.{mv}" for p in ranks for ab in "ab" for mv in "mv"} | {
         "step",
         "learning_rate",
