@@ -248,7 +248,7 @@ def test_full_mode_defaults(proj):
         ("sample: {prompts: a cat}", "8: sample.prompts: expected a list, got 'a cat' (text)"),
         (
             "export: {formats: [kohya, safetensors]}",
-            "8: export.formats[1]: must be one of mflux, comfyui, diffusers, kohya; got 'safetensors'",
+            "8: export.formats[1]: must be one of mflux, comfyui, diffusers, kohya, musubi; got 'safetensors'",
         ),
         (
             "export: {dtype: float16}",

@@ -32,7 +32,7 @@ VERSIONS = {
     "train": 1,
     "sample": 1,
     "contact-sheet": 1,
-    "export": 1,
+    "export": 2,  # 2: the kohya format became ComfyUI's names with fused qkv (musubi keeps the old)
 }
 MODEL_KINDS = ("encode-image", "encode-text", "train", "sample", "contact-sheet", "export")
 

@@ -57,7 +57,7 @@ QUANTIZE_BITS = (4, 8)
 OPTIMIZERS = ("AdamW",)
 SCHEDULES = ("constant", "cosine")
 ON_ERROR = ("fail", "skip")
-EXPORT_FORMATS = ("mflux", "comfyui", "diffusers", "kohya")
+EXPORT_FORMATS = ("mflux", "comfyui", "diffusers", "kohya", "musubi")
 EXPORT_DTYPES = ("bfloat16", "float32")
 
 # Limits of sensible values (beyond them a value is a typo, not a choice).
@@ -218,7 +218,7 @@ class Export:
     """Export formats written to `output_path` after training (none by default)."""
 
     output_path: Path
-    formats: tuple[Literal["mflux", "comfyui", "diffusers", "kohya"], ...] = ()
+    formats: tuple[Literal["mflux", "comfyui", "diffusers", "kohya", "musubi"], ...] = ()
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
 

@@ -170,6 +170,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if sorted(names) != sorted(MEMBERS):
+                from zrecipe.lora.mflux_checkpoint import foreign_checkpoint_message
+
+                if foreign := foreign_checkpoint_message(path, names):  # another tool's valid zip
+                    raise CheckpointError(foreign)
                 raise CheckpointError(
                     f"{damaged}: members {sorted(names)} differ from the documented {sorted(MEMBERS)}."
                 )
