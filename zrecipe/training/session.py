@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from zrecipe.errors import RecipeError
+from zrecipe.training.checkpointer import RunInfo
 from zrecipe.training.loop import TrainResult, train
 
 
@@ -88,7 +89,9 @@ def run_recipe(
     """Train `recipe` end to end, resuming from `resume_from` when given."""
 
     from zrecipe.models.z_image.resolve import resolve_model
+    from zrecipe.models.z_image.training import FlowMatchingObjective
     from zrecipe.recipe import recipe_hash
+    from zrecipe.training.callbacks import default_callbacks
     from zrecipe.training.encode import encode_recipe_datasets
 
     loop = recipe.training_loop
@@ -106,19 +109,23 @@ def run_recipe(
     transformer, settings = prepare_training(recipe, folder, examples, log)
     settings = dataclasses.replace(settings, low_ram=low_ram)
     meta = {"base_model": recipe.model, "recipe_hash": recipe_hash(recipe)}
+    run = RunInfo(
+        model_identity=identity,
+        train_step_key=meta["recipe_hash"],
+        config=recipe.to_dict(),
+        adapter_metadata=meta,
+        checkpoint_meta={"recipe_source": str(recipe.source)},
+    )
+    objective = FlowMatchingObjective.from_settings(settings, empty)
     result = train(
         transformer,
         examples,
-        empty,
+        objective,
         settings,
         recipe.save.output_path,
-        config=recipe.to_dict(),
-        model_identity=identity,
-        train_step_key=meta["recipe_hash"],
+        run=run,
         resume_from=resume_from,
         force=force,
-        battery_limit=battery_limit,
-        adapter_metadata_extra=meta,
-        checkpoint_meta={"recipe_source": str(recipe.source)},
+        callbacks=default_callbacks(battery_limit=battery_limit),
     )
     return result
