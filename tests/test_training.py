@@ -187,6 +187,26 @@ def test_refusals_leave_the_model_untouched(tiny_path, tmp_path):
     assert forced.step == 2
 
 
+def test_checkpoint_of_the_uncorrected_adamw_is_refused(tiny_path, tmp_path):
+    """A zip whose optimizer.safetensors has no update rule (older zrecipe, AdamW without bias correction)."""
+    from zrecipe.training.checkpoint import write_checkpoint
+
+    model = load_transformer(tiny_path, dtype="float32")
+    examples = make_examples(model.config.cap_feat_dim)
+    empty = np.zeros((2, model.config.cap_feat_dim), np.float32)
+    cfg = settings("lora", 1)
+    run = quiet_train(model, examples, empty, cfg, tmp_path / "run", "tiny")
+    new = read_checkpoint(run.checkpoint)
+    assert new.optimizer_metadata["rule"] == "adamw-pytorch"
+    old = write_checkpoint(tmp_path / "old", new.step, (new.adapter, new.adapter_metadata), new.optimizer,
+                           new.iterator, new.loss, new.config, new.meta)  # fmt: skip
+    fresh = load_transformer(tiny_path, dtype="float32")
+    before = dict(tree_flatten(fresh.parameters()))
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors: .*older zrecipe.*bias"):
+        quiet_train(fresh, examples, empty, cfg, tmp_path / "r", "tiny", resume_from=old)
+    assert all(mx.array_equal(before[k], v) for k, v in tree_flatten(fresh.parameters()))
+
+
 def test_battery_stop_checkpoints_and_resumes_exactly(tiny_path, tmp_path):
     model = load_transformer(tiny_path, dtype="float32")
     examples = make_examples(model.config.cap_feat_dim)

@@ -1,9 +1,13 @@
 """Optimisers by name (one table), the learning-rate schedule, and the state's (de)serialisation.
 
+AdamW follows `torch.optim.AdamW` step for step (decoupled weight decay, bias-corrected moments), so a
+learning rate brought from a PyTorch trainer (ai-toolkit, musubi-tuner, OneTrainer, kohya) means the same
+here. MLX's own `optim.AdamW` defaults to `bias_correction=False`, whose first steps are 3-6x larger.
+
 The schedule is a pure function of the optimiser's own `step` counter, which lives in the optimiser state:
 restoring the flattened state from a checkpoint therefore restores the learning rate exactly. Every
 optimiser has a `rule` written into optimizer.safetensors; a checkpoint whose state follows another rule
-(another optimiser) is refused instead of continued.
+(another optimiser, or the uncorrected AdamW of older zrecipe versions) is refused instead of continued.
 
 A new optimiser is one entry in OPTIMIZERS (a build function and a rule name) plus its name in the
 recipe schema's `Optimizer.name`.
@@ -11,6 +15,7 @@ recipe schema's `Optimizer.name`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,16 +55,58 @@ def learning_rate_schedule(
             return mx.array(learning_rate, dtype=mx.float32)
 
     else:
-        decay_steps = max(1, int(total_steps) - warmup_steps)
-        body = optim.cosine_decay(learning_rate, decay_steps, end=min_learning_rate)
+        body = _cosine(learning_rate, min_learning_rate, max(1, int(total_steps) - warmup_steps))
     if warmup_steps == 0:
         return body
     warmup = optim.linear_schedule(learning_rate / (warmup_steps + 1), learning_rate, warmup_steps)
     return optim.join_schedules([warmup, body], [warmup_steps])
 
 
+def _cosine(
+    learning_rate: float, min_learning_rate: float, decay_steps: int
+) -> Callable[[mx.array], mx.array]:
+    """min + (lr − min)·½(1 + cos(π·s/T)), written as sin²(π/2·(T − s)/T): the same value without the
+    float32 cancellation of 1 + cos near the end of the run, where it would lose most of its digits."""
+
+    def schedule(step: mx.array) -> mx.array:
+        remaining = decay_steps - mx.minimum(step, decay_steps).astype(mx.float32)
+        decay = mx.square(mx.sin((math.pi / 2 / decay_steps) * remaining))
+        return min_learning_rate + decay * (learning_rate - min_learning_rate)
+
+    return schedule
+
+
+class PyTorchAdamW(optim.AdamW):
+    """AdamW computed as `torch.optim.AdamW` computes it, operation for operation:
+
+        p ← p·(1 − lr·λ);  m ← m + (1−β1)(g − m);  v ← β2·v + (1−β2)·g²
+        p ← p − lr/(1−β1^t) · m / (√v / √(1−β2^t) + ε)
+
+    The bias corrections 1 − β^t are computed as −expm1(t·ln β): in float32 `1 − 0.999**t` loses five
+    digits at small t, which PyTorch (in float64) does not. The moments m, v and the step t are the same
+    quantities PyTorch keeps (`exp_avg`, `exp_avg_sq`, `step`)."""
+
+    def __init__(self, learning_rate: Schedule, betas: list[float], eps: float, weight_decay: float):
+        super().__init__(learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=True)
+        self._log_betas = [math.log(b) for b in betas]  # in float64, like PyTorch's β**t
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        dtype = gradient.dtype
+        lr = self.learning_rate.astype(mx.float32)
+        b1, b2 = self.betas
+        log_b1, log_b2 = self._log_betas
+        t = self.step.astype(mx.float32)
+        parameter = parameter * (1 - lr * self.weight_decay).astype(dtype)
+        m = state["m"] + (1 - b1) * (gradient - state["m"])
+        v = state["v"] * b2 + (1 - b2) * gradient * gradient
+        state["m"], state["v"] = m, v
+        step_size = (lr / -mx.expm1(t * log_b1)).astype(dtype)
+        correction2 = mx.sqrt(-mx.expm1(t * log_b2)).astype(dtype)
+        return parameter - step_size * m / (mx.sqrt(v) / correction2 + self.eps)
+
+
 def _adamw(spec: Any, learning_rate: Schedule) -> optim.Optimizer:
-    return optim.AdamW(
+    return PyTorchAdamW(
         learning_rate,
         betas=[float(b) for b in spec.betas],
         eps=float(spec.eps),
@@ -70,7 +117,8 @@ def _adamw(spec: Any, learning_rate: Schedule) -> optim.Optimizer:
 @dataclass(frozen=True)
 class OptimizerKind:
     """One optimiser: how to build it from the recipe's `optimizer:` block and a schedule, and the name of
-    its update rule (recorded with its state; change it when the update changes what the state means)."""
+    its update rule (recorded with its state; change it whenever the update changes, so that no checkpoint
+    continues under a rule it was not trained with)."""
 
     build: Callable[[Any, Schedule], optim.Optimizer]
     rule: str
@@ -78,7 +126,7 @@ class OptimizerKind:
 
 # Keyed by the lower-cased recipe name (`optimizer.name`).
 OPTIMIZERS: dict[str, OptimizerKind] = {
-    "adamw": OptimizerKind(_adamw, rule="adamw-mlx"),
+    "adamw": OptimizerKind(_adamw, rule="adamw-pytorch"),
 }
 
 
@@ -117,9 +165,16 @@ def flatten_state(optimizer: optim.Optimizer) -> dict[str, mx.array]:
 
 def check_rule(metadata: dict[str, str], spec: Any, where: str) -> None:
     """Refuse optimiser state written under another update rule than the recipe's optimiser uses."""
-    rule, saved = optimizer_kind(spec).rule, metadata.get("rule", "adamw-mlx")  # older files: no rule
+    rule, saved = optimizer_kind(spec).rule, metadata.get("rule")
     if saved == rule:
         return
+    if saved is None and rule == "adamw-pytorch":
+        raise CheckpointError(
+            f"{where}: the optimiser state comes from an older zrecipe whose AdamW did not correct its "
+            "moments' bias (steps 3-6x larger early on); the current AdamW follows PyTorch, so this run "
+            "cannot continue exactly. Start the training again (drop --train-checkpoint), or finish it "
+            "with the zrecipe version that wrote the checkpoint."
+        )
     raise CheckpointError(
         f"{where}: the optimiser state follows update rule {saved!r}, but this recipe's optimizer "
         f"{spec.name} uses {rule!r}; resume with the optimizer the checkpoint was trained with."

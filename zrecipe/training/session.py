@@ -70,10 +70,14 @@ def recipe_from_checkpoint(path: str | Path) -> tuple[Any, Any]:
     """(Recipe, verified Checkpoint) for `--train-checkpoint`: the zip's config.json is the resolved recipe."""
     from zrecipe.recipe import Recipe
     from zrecipe.training.checkpoint import read_checkpoint
+    from zrecipe.training.optim import check_rule
 
     checkpoint = read_checkpoint(path)
     source = checkpoint.meta.get("recipe_source")
-    return Recipe.from_dict(checkpoint.config, source=source), checkpoint
+    recipe = Recipe.from_dict(checkpoint.config, source=source)
+    # Refused now rather than after encoding the datasets (train() checks it again).
+    check_rule(checkpoint.optimizer_metadata, recipe.optimizer, f"{checkpoint.path}: optimizer.safetensors")
+    return recipe, checkpoint
 
 
 def run_recipe(
