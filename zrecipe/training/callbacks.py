@@ -22,7 +22,8 @@ from typing import Any
 
 @dataclass
 class TrainState:
-    """The run as callbacks see it; `step` is the number of optimiser steps done so far."""
+    """The run as callbacks see it; `step` is the number of optimiser steps done so far (in `stop_reason`
+    and `on_step`: including the one just run)."""
 
     model: Any
     optimizer: Any

@@ -102,11 +102,11 @@ def train(
         while state.step < steps_total and stopped is None:
             t0 = time.perf_counter()
             losses, items = train_step(iterator, state.step)
+            state.step += 1
             stopped, rates = watchers.stop_reason(state), []
             if w.distributed:  # every rank learns every loss, speed and stop request
                 rate = items / (time.perf_counter() - t0)
                 losses, rates, stopped = dist.step_stats(losses, rate, stopped, w)
-            state.step += 1
             lr = optimizer.learning_rate
             lr = float(lr.item() if hasattr(lr, "item") else lr)
             report = StepReport(state.step, sum(losses) / len(losses), lr, time.perf_counter() - t0, rates)
