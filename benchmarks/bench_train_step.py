@@ -54,6 +54,7 @@ def bench_zrecipe(c: dict, steps: int, warmup: int) -> list[float]:
     import mlx.core as mx
     import numpy as np
 
+    from zrecipe.models.z_image.training import FlowMatchingObjective
     from zrecipe.models.z_image.transformer import TransformerConfig, ZImageTransformer
     from zrecipe.recipe import LoraTarget, Optimizer
     from zrecipe.training.data import Example
@@ -75,9 +76,10 @@ def bench_zrecipe(c: dict, steps: int, warmup: int) -> list[float]:
         optimizer=Optimizer(learning_rate=1e-4), max_grad_norm=None,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
-        result = train(
-            model, examples, np.zeros((4, c["cap_feat_dim"]), np.float32), settings, out, progress=False
+        objective = FlowMatchingObjective.from_settings(
+            settings, np.zeros((4, c["cap_feat_dim"]), np.float32)
         )
+        result = train(model, examples, objective, settings, out, callbacks=[])
     return [h["time"] for h in result.history[warmup:]]
 
 

@@ -84,6 +84,19 @@ def test_train_seed_config_then_resume_from_checkpoint(app, tmp_path, tiny_path,
     assert "resuming" in capsys.readouterr().err
 
 
+def test_checkpoint_of_the_uncorrected_adamw_is_refused_before_encoding(app, tmp_path, tiny_path, capsys):
+    """Older zrecipe wrote optimizer.safetensors without an update rule: its AdamW skipped bias correction."""
+    from zrecipe.training.checkpoint import write_checkpoint
+
+    config = seed_lora_config(tmp_path, tiny_path)
+    old = write_checkpoint(tmp_path / "old", 1, ({"x": mx.zeros((1,))}, {}), {"step": mx.array(1)},
+                           {"epoch": 0}, [], config, {"mode": "lora", "recipe_source": str(tmp_path / "r.json")})  # fmt: skip
+    assert run_app(app, ["train", "--train-checkpoint", str(old), "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert f"{old}: optimizer.safetensors" in err and "bias" in err and "Start the training again" in err
+    assert not (tmp_path / "cache").exists()  # refused before the model was resolved or anything encoded
+
+
 def test_train_flags_are_checked(app, tmp_path):
     assert run_app(app, ["train"]) == 2
     bad = tmp_path / "full.json"

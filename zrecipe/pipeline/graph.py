@@ -29,7 +29,7 @@ VERSIONS = {
     "resize": 1,
     "encode-image": 2,
     "encode-text": 2,
-    "train": 1,
+    "train": 2,  # 2: AdamW follows torch.optim.AdamW (bias-corrected)
     "sample": 1,
     "contact-sheet": 1,
     "export": 2,  # 2: the kohya format became ComfyUI's names with fused qkv (musubi keeps the old)

@@ -177,8 +177,11 @@ def run_train(tasks, ctx) -> None:
 
     import mlx.core as mx
 
+    from zrecipe.models.z_image.training import FlowMatchingObjective
     from zrecipe.recipe import recipe_hash
+    from zrecipe.training.callbacks import default_callbacks
     from zrecipe.training.checkpoint import list_checkpoints, read_checkpoint
+    from zrecipe.training.checkpointer import RunInfo
     from zrecipe.training.distributed import world
     from zrecipe.training.loop import train
     from zrecipe.training.session import prepare_training
@@ -203,20 +206,23 @@ def run_train(tasks, ctx) -> None:
     if resume is not None and world().main:
         print(f"train: resuming from {resume.name}")
     meta = {"base_model": recipe.model, "recipe_hash": recipe_hash(recipe), "train_step_key": task.key}
+    run = RunInfo(
+        model_identity=task.inputs[0],
+        train_step_key=task.key,
+        config=recipe.to_dict(),
+        adapter_metadata=meta,
+        checkpoint_meta={"recipe_source": str(recipe.source)},
+    )
+    options = ctx.data.options
     result = train(
         transformer,
         examples,
-        empty,
+        FlowMatchingObjective.from_settings(settings, empty),
         settings,
         work,
-        config=recipe.to_dict(),
-        model_identity=task.inputs[0],
-        train_step_key=task.key,
+        run=run,
         resume_from=resume,
-        progress=ctx.data.options.get("progress", True),
-        battery_limit=ctx.data.options.get("battery_limit"),
-        adapter_metadata_extra=meta,
-        checkpoint_meta={"recipe_source": str(recipe.source)},
+        callbacks=default_callbacks(options.get("progress", True), options.get("battery_limit")),
     )
     if getattr(result, "stopped", False):
         raise KeyboardInterrupt(f"training stopped at step {result.step}; run the build again to resume")

@@ -114,15 +114,6 @@ class BatchIterator:
         self.epoch, self.position, self.batches = epoch, position, batches
 
 
-def collate(examples: Sequence[Example], indices: Sequence[int], drop: Sequence[bool], empty: Any):
-    """(latents (B,16,h,w) mx.array, [caption (L_i, D)]) with dropped captions replaced by `empty`."""
-    import mlx.core as mx
-
-    latents = mx.stack([mx.array(examples[i].latents, dtype=mx.float32) for i in indices])
-    captions = [mx.array(empty if d else examples[i].caption) for i, d in zip(indices, drop, strict=True)]
-    return latents, captions
-
-
 def dataset_fingerprint(examples: Sequence[Example]) -> str:
     """A hash of everything about the examples that changes training (content, bucket, repeats, dropout)."""
     import xxhash

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from zrecipe.errors import RecipeError
+from zrecipe.training.checkpointer import RunInfo
 from zrecipe.training.loop import TrainResult, train
 
 
@@ -69,10 +70,14 @@ def recipe_from_checkpoint(path: str | Path) -> tuple[Any, Any]:
     """(Recipe, verified Checkpoint) for `--train-checkpoint`: the zip's config.json is the resolved recipe."""
     from zrecipe.recipe import Recipe
     from zrecipe.training.checkpoint import read_checkpoint
+    from zrecipe.training.optim import check_rule
 
     checkpoint = read_checkpoint(path)
     source = checkpoint.meta.get("recipe_source")
-    return Recipe.from_dict(checkpoint.config, source=source), checkpoint
+    recipe = Recipe.from_dict(checkpoint.config, source=source)
+    # Refused now rather than after encoding the datasets (train() checks it again).
+    check_rule(checkpoint.optimizer_metadata, recipe.optimizer, f"{checkpoint.path}: optimizer.safetensors")
+    return recipe, checkpoint
 
 
 def run_recipe(
@@ -88,7 +93,9 @@ def run_recipe(
     """Train `recipe` end to end, resuming from `resume_from` when given."""
 
     from zrecipe.models.z_image.resolve import resolve_model
+    from zrecipe.models.z_image.training import FlowMatchingObjective
     from zrecipe.recipe import recipe_hash
+    from zrecipe.training.callbacks import default_callbacks
     from zrecipe.training.encode import encode_recipe_datasets
 
     loop = recipe.training_loop
@@ -106,19 +113,23 @@ def run_recipe(
     transformer, settings = prepare_training(recipe, folder, examples, log)
     settings = dataclasses.replace(settings, low_ram=low_ram)
     meta = {"base_model": recipe.model, "recipe_hash": recipe_hash(recipe)}
+    run = RunInfo(
+        model_identity=identity,
+        train_step_key=meta["recipe_hash"],
+        config=recipe.to_dict(),
+        adapter_metadata=meta,
+        checkpoint_meta={"recipe_source": str(recipe.source)},
+    )
+    objective = FlowMatchingObjective.from_settings(settings, empty)
     result = train(
         transformer,
         examples,
-        empty,
+        objective,
         settings,
         recipe.save.output_path,
-        config=recipe.to_dict(),
-        model_identity=identity,
-        train_step_key=meta["recipe_hash"],
+        run=run,
         resume_from=resume_from,
         force=force,
-        battery_limit=battery_limit,
-        adapter_metadata_extra=meta,
-        checkpoint_meta={"recipe_source": str(recipe.source)},
+        callbacks=default_callbacks(battery_limit=battery_limit),
     )
     return result
