@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from hub_server import COMMIT, FakeHub
+
 from zrecipe.cli.main import app, run_app
 from zrecipe.errors import ModelError
 from zrecipe.models.z_image.hub import pipeline_files, remove_stale_partials, repo_folder
@@ -71,7 +71,9 @@ def test_download_fetches_exactly_the_pipeline_files(server, tmp_path, tiny_file
         assert (folder / name).read_bytes() == data
 
 
-def test_a_downloaded_snapshot_has_the_identity_of_the_same_files_placed_by_hand(server, tmp_path, tiny_files):
+def test_a_downloaded_snapshot_has_the_identity_of_the_same_files_placed_by_hand(
+    server, tmp_path, tiny_files
+):
     from zrecipe.engine import StatCache
     from zrecipe.pipeline.identity import ModelIdentity
 
@@ -137,7 +139,9 @@ def test_a_killed_download_keeps_finished_files_and_redoes_only_the_file_in_flig
 
     folder = resolve_model("org/big")
     assert (folder / BIG).read_bytes() == server.repos["org/big"].files[BIG]
-    again = {n: server.served[n] - first.get(n, 0) for n in server.served if server.served[n] != first.get(n, 0)}
+    again = {
+        n: server.served[n] - first.get(n, 0) for n in server.served if server.served[n] != first.get(n, 0)
+    }
     assert again == {BIG: 24 * MiB}  # nothing else was transferred twice
     assert not list((repo_folder("org/big") / "blobs").glob("*.incomplete"))
     print(f"killed after {first[BIG]} bytes of the 24 MiB file: {first[BIG]} bytes re-transferred")
@@ -251,3 +255,34 @@ def test_planning_reports_the_download_and_fetches_nothing(server):
     assert f"downloads it ({len(pipeline_files(server.repos['org/tiny'].files))} files," in message
     assert "zrecipe download org/tiny" in message
     assert not [r for r in server.requests if "/resolve/" in r[1] or not r[1].startswith("/api/")]
+
+
+PLAN_RECIPE = """\
+model: {model}
+datasets: []
+training_loop: {{max_steps: 1}}
+sample: {{prompts: [a red circle]}}
+"""
+
+
+def test_plan_says_what_the_build_downloads_then_the_build_downloads(server, tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(PLAN_RECIPE.format(model="org/tiny"))
+    code, err = error_of(["plan", str(recipe), "--until", "encode-text"], capsys)
+    assert code == 2
+    assert (
+        "org/tiny is not in the local Hugging Face cache" in err and "`zrecipe build` downloads it (" in err
+    )
+    assert not [r for r in server.requests if not r[1].startswith("/api/")]  # metadata only, no file
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    code, err = error_of(["plan", "--offline", str(recipe), "--until", "encode-text"], capsys)
+    assert code == 2 and "downloads are off" in err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    before = len(server.requests)
+    code, err = error_of(["build", str(recipe), "--until", "encode-text", "-q"], capsys)
+    assert code == 0, err
+    assert {n for n in downloaded(server) if not n.startswith("/api/")} == set(
+        server.repos["org/tiny"].files
+    ) - set(EXTRA)
+    assert len(server.requests) > before
+    assert run_app(app, ["plan", str(recipe), "--until", "encode-text", "--check"]) == 0  # now up to date

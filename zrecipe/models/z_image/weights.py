@@ -166,6 +166,39 @@ def match_quantized_layers(module, weights: dict, where: str | Path) -> None:
     nn.quantize(module, class_predicate=lambda path, _: settings.get(path, False))
 
 
+def stored_quantization(path: str | Path) -> int | None:
+    """The bit width a component folder or file written by mflux-save declares, else None.
+
+    mflux-save records `quantization_level` in its index json and in every shard's safetensors metadata;
+    only the header is read here (no tensors), so recipes can check it cheaply."""
+    path = Path(path)
+    metadata: dict = {}
+    if path.is_dir():
+        try:
+            metadata = json.loads((path / "model.safetensors.index.json").read_text()).get("metadata") or {}
+        except (OSError, ValueError, AttributeError):
+            metadata = {}
+        shards = sorted(path.glob("*.safetensors"))
+        if not metadata and shards:
+            path = shards[0]
+    if path.is_file():
+        metadata = safetensors_metadata(path)
+    level = str(metadata.get("quantization_level", "")).strip()
+    return int(level) if level.isdigit() else None
+
+
+def safetensors_metadata(file: str | Path) -> dict:
+    """The `__metadata__` of a safetensors file's header ({} when unreadable or absent)."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < (1 << 27) else {}
+    except (OSError, ValueError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def read_config(folder: str | Path, name: str = "config.json") -> dict:
     """A component's config.json as a dict, with a clear error when missing or malformed."""
     path = Path(folder) / name
