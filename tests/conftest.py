@@ -34,3 +34,14 @@ def _isolated_model_caches(tmp_path_factory):
         mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         mp.delenv("HF_HUB_OFFLINE", raising=False)
         yield
+
+
+@pytest.fixture(autouse=True)
+def _offline_switch_does_not_leak():
+    """`--offline` sets HF_HUB_OFFLINE for the process; a test that runs it in-process must not leave it."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    yield
+    if before is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = before

@@ -50,7 +50,8 @@ def server(tiny_files, tmp_path, monkeypatch):
         hub.add_repo("org/gated", tiny_files, gated=True, tokens=("hf_good",))
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        # setenv, not delenv: monkeypatch then removes the variable again after `--offline` set it.
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
         monkeypatch.delenv("HF_TOKEN", raising=False)
         yield hub
 
@@ -224,7 +225,6 @@ def test_missing_repo(server, capsys):
 
 
 def test_offline_with_nothing_cached_makes_no_request(server, monkeypatch, capsys):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # restored after `--offline` sets it
     code, err = error_of(["download", "--offline", "org/tiny"], capsys)
     assert code == 2
     assert "org/tiny: it is not in the local Hugging Face cache" in err and "--offline" in err
@@ -274,10 +274,9 @@ def test_plan_says_what_the_build_downloads_then_the_build_downloads(server, tmp
         "org/tiny is not in the local Hugging Face cache" in err and "`zrecipe build` downloads it (" in err
     )
     assert not [r for r in server.requests if not r[1].startswith("/api/")]  # metadata only, no file
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     code, err = error_of(["plan", "--offline", str(recipe), "--until", "encode-text"], capsys)
     assert code == 2 and "downloads are off" in err
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     before = len(server.requests)
     code, err = error_of(["build", str(recipe), "--until", "encode-text", "-q"], capsys)
     assert code == 0, err
