@@ -25,11 +25,14 @@ COMPONENT_FOLDERS = {
 
 
 class ModelIdentity:
-    """Lazily resolved model folder and per-component content identities."""
+    """Lazily resolved model folder and per-component content identities of the model spec `spec`.
+
+    `cache_dir` (the store) is accepted for callers but decides nothing: models, and so identities, do
+    not depend on the store."""
 
     def __init__(self, spec: str, cache_dir: str | Path, stat_cache):
+        del cache_dir
         self.spec = spec
-        self.cache_dir = Path(cache_dir)
         self._stat_cache = stat_cache
 
     @property
