@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -238,11 +237,11 @@ def test_full_config_without_dataset_says_so(tmp_path, capsys):
     assert "nothing to train on" in capsys.readouterr().err
 
 
-def test_until_resize_needs_no_model(tmp_path, capsys):
+def test_until_resize_needs_no_model(tmp_path, capsys, monkeypatch):
     recipe = make_project(tmp_path, Path("/nonexistent/model"), prompts=(), formats=())
     recipe.write_text(recipe.read_text().replace("model: /nonexistent/model", "model: z-image"))
     assert zrecipe("build", recipe, "--until", "resize") == 0
     capsys.readouterr()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert zrecipe("plan", recipe) == 2
-    assert "not found locally" in capsys.readouterr().err
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from zrecipe.cli.download import OfflineOpt
+
 RecipeArg = typer.Argument(..., help="Recipe file (YAML or JSON).", show_default=False)
 CacheOpt = typer.Option(None, "--cache", help="Store folder (default: `cache:` in the recipe, $ZRECIPE_CACHE, "
                         "or cache/ next to the recipe).")  # fmt: skip
@@ -36,6 +38,7 @@ def plan_cmd(
     check: bool = typer.Option(False, "--check", help="Exit 1 when anything is stale."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every stale item and its reason."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    offline: bool = OfflineOpt,
 ) -> None:
     """Show what a build would run and why (counts per step, reasons); runs nothing."""
     from zrecipe.pipeline import plan_recipe
@@ -79,6 +82,7 @@ def build_cmd(
         help="mlx.launch backend: ring, mpi, nccl, jaccl (default: the hostfile's, else nccl "
         "with CUDA, else ring).",
     ),
+    offline: bool = OfflineOpt,
 ) -> None:
     """Build a recipe: run only the stale steps (resize, encode, train, sample, export)."""
     from zrecipe.pipeline.launch import rank_status, relaunch

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from zrecipe.cli.download import OfflineOpt
+
 
 def generate(
     prompt: str = typer.Option(..., "--prompt", help="Text prompt."),
@@ -29,8 +31,10 @@ def generate(
     model: str = typer.Option(
         "z-image",
         "--model",
-        help="Model folder, preset (z-image, z-image-turbo, tiny) or Hugging Face repo id.",
+        help="Model folder, preset (z-image, z-image-turbo, tiny), Hugging Face repo id, or a base with "
+        "component files: BASE,transformer=FILE[,text_encoder=FILE][,vae=FILE] or BASE,mflux_save=FOLDER.",
     ),
+    offline: bool = OfflineOpt,
     lora_paths: list[Path] | None = typer.Option(
         None, "--lora-paths", help="LoRA file (any common convention); repeat for several."
     ),

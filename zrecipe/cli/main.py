@@ -16,7 +16,9 @@ from zrecipe import __version__
 from zrecipe.errors import ZRecipeError
 
 # Modules under zrecipe.cli that define `register(app)`. Only working commands are listed here.
-COMMAND_MODULES: list[str] = ["build", "train", "generate", "export", "memory", "store", "init", "doctor"]
+COMMAND_MODULES: list[str] = [
+    "build", "train", "generate", "export", "memory", "store", "init", "doctor", "download"
+]  # fmt: skip
 
 app = typer.Typer(
     name="zrecipe",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from zrecipe.cli.download import OfflineOpt
+
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable
 
 
@@ -36,6 +38,7 @@ def train(
     force: bool = typer.Option(
         False, "--force", help="Resume even though the dataset changed since the checkpoint."
     ),
+    offline: bool = OfflineOpt,
 ) -> None:
     """Train a LoRA or full fine-tune of Z-Image from a recipe, or resume a checkpoint."""
     from zrecipe.errors import UserError

@@ -32,9 +32,11 @@ def _cache(recipe, cache: str | Path | None) -> Path:
 def plan_recipe(recipe, cache: str | Path | None = None, until: str | None = None, force=()) -> BuildOutcome:
     """What a build of `recipe` would run and why (takes the store lock briefly, runs nothing)."""
     from zrecipe.engine import Store, build
+    from zrecipe.models.z_image.resolve import no_downloads
 
     cache_dir = _cache(recipe, cache)
-    graph, data = build_graph(recipe, cache_dir, until=until)
+    with no_downloads():  # a plan never fetches the model: it says what the build would download
+        graph, data = build_graph(recipe, cache_dir, until=until)
     plan, _ = build(graph, Store(cache_dir), data, force=force, dry_run=True, lock_timeout=60)
     return BuildOutcome(plan, cache_dir=cache_dir, skipped_at_plan=data.options["skipped_at_plan"])
 

@@ -4,16 +4,13 @@ Every problem found is collected and raised at once as one `RecipeError` whose l
 `FILE:LINE: key.path: message` (with a did-you-mean for unknown keys and misspelt choices). Nothing but
 `RecipeError` ever escapes, whatever the input.
 
-`model:` is a preset (`z-image`, `z-image-turbo`, `tiny`), a folder, or a Hugging Face repo id
-(`org/name`). A value starting with `/`, `./`, `../`, `~` or `$`, or naming an existing folder (relative
-to the recipe), is a folder and is made absolute; otherwise `org/name` is a repo id. Whether the model is
-actually there is checked when it is loaded, so data steps can run on a machine without it.
+`model:` (see `zrecipe/recipe/model.py`) is a preset (`z-image`, `z-image-turbo`, `tiny`), a folder, a
+Hugging Face repo id (`org/name`), or a base with files per component (ComfyUI / mflux-save layouts).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +24,14 @@ from zrecipe.recipe.fields import (
     format_path,
     integer,
     resolve_path,
-    suggest,
     text,
 )
 from zrecipe.recipe.lora import read_lora
+from zrecipe.recipe.model import read_model
 from zrecipe.recipe.schema import (
     DEFAULT_MODE,
     DEFAULT_SEED,
     MAX_SEED,
-    MODEL_PRESETS,
     MODES,
     FullFinetune,
     Recipe,
@@ -95,8 +91,6 @@ _SECTION_OF = {
     "caption_dropout": "datasets[]",
     "bucketing": "datasets[]",
 }
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-_PATH_PREFIXES = ("/", "./", "../", "~", "$", ".\\", "..\\")
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
@@ -156,7 +150,7 @@ def build_recipe(
         raise RecipeError(f"{label}: the recipe must be a mapping of keys")
     top.check_keys(TOP_KEYS, hints=_SECTION_OF)
 
-    model = _model(top, root)
+    model = read_model(top, root)
     mode = top.get("mode", text(choices=MODES), DEFAULT_MODE)
     seed = top.get("seed", integer(min=0, max=MAX_SEED), DEFAULT_SEED)
     top_level = top.fill(SAMPLE_SETTINGS)
@@ -195,29 +189,6 @@ def build_recipe(
         export=export,
         cache=cache,
     )
-
-
-def _model(top: Reader, root: Path) -> Any:
-    raw = top.require(
-        "model",
-        text(),
-        "a preset (z-image, z-image-turbo, tiny), a model folder or a "
-        "Hugging Face repo id such as Tongyi-MAI/Z-Image",
-    )
-    if raw is MISSING or raw in MODEL_PRESETS:
-        return raw
-    looks_like_path = raw.startswith(_PATH_PREFIXES) or raw in (".", "..") or os.path.isabs(raw)
-    if not looks_like_path and "\0" not in raw and os.path.isdir(os.path.join(root, raw)):
-        looks_like_path = True
-    if not looks_like_path:
-        if _REPO_ID.fullmatch(raw):
-            return raw
-        hint = suggest(raw, MODEL_PRESETS)
-        if hint and "/" not in raw:
-            top.ctx.add(("model",), f"unknown model preset {raw!r}{hint} (or give a folder as ./{raw})")
-            return MISSING
-    folder = resolve_path(top.ctx, ("model",), raw, root)
-    return MISSING if folder is None else str(folder)
 
 
 def _datasets(top: Reader, root: Path, top_level: dict[str, Any]) -> tuple:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from zrecipe.errors import ModelError
@@ -131,7 +132,8 @@ def create_tiny_model(path: str | Path, seed: int = 0, dtype: str = "float32") -
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ModelError(f"{path}: already exists and is not empty; pass a new folder for the tiny model.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    # Unique per writer (process and thread): concurrent creators never share a temporary folder.
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_json(tmp / "model_index.json", MODEL_INDEX)
