@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from zrecipe.backend import resolve_dtype
 from zrecipe.errors import CheckpointError, RecipeError
+from zrecipe.models.z_image.vocabulary import BLOCK_GROUPS
 from zrecipe.training import checkpoint as ckpt
 from zrecipe.training import distributed as dist
 from zrecipe.training.data import BatchIterator, Example, collate, dataset_fingerprint
@@ -43,8 +44,6 @@ from zrecipe.training.optim import flatten_state, make_optimizer, restore_state
 from zrecipe.training.progress import plot_loss, write_loss_log
 from zrecipe.training.settings import TrainSettings, total_steps
 from zrecipe.training.stop import StopMonitor
-
-BLOCK_GROUPS = ("noise_refiner", "context_refiner", "layers")
 
 
 @dataclass
