@@ -23,7 +23,7 @@ GOLDEN = {
         "encode-image": (12, "ac4b17f740209ddf"),
         "train": (1, "48e75da57642304e"),
         "sample": (2, "b1fcc60b7c91909f"),
-        "export": (1, "e62c40ff33f2f214"),
+        "export": (1, "de70cd781cb8cac5"),  # v2: the file name became a parameter
         "contact-sheet": (1, "28e9bf166da4fadf"),
     },
     "tiny_full.yaml": {
@@ -32,7 +32,7 @@ GOLDEN = {
         "encode-image": (12, "ac4b17f740209ddf"),
         "train": (1, "459d32cde1bb3f07"),
         "sample": (1, "0493147891ef5bcf"),
-        "export": (1, "ea8f17cc8fd09d52"),
+        "export": (1, "7c2232c424c436ae"),  # v2: name; the VAE and text encoder
         "contact-sheet": (1, "2eab2589f3791b3d"),
     },
     "seed-form.json": {

@@ -31,7 +31,6 @@ _EXPORTS = {
     "MemoryOptimizer": "memory",
     "estimate_memory": "memory",
     "StopMonitor": "stop",
-    "run_recipe": "session",
 }
 
 __all__ = [
@@ -52,7 +51,6 @@ __all__ = [
     "load_adapter",
     "lora_weights",
     "read_checkpoint",
-    "run_recipe",
     "sample_sigmas",
     "save_adapter",
     "train",

@@ -45,22 +45,18 @@ def learning_rate_schedule(
 def make_optimizer(spec: Any, total_steps: int) -> optim.Optimizer:
     """AdamW from a `zrecipe.recipe.Optimizer` (name, learning_rate, betas, weight_decay, eps, warmup_steps,
     schedule, min_learning_rate)."""
-    name = getattr(spec, "name", "AdamW")
-    if str(name).lower() != "adamw":
-        raise RecipeError(f"optimizer.name: {name!r} is not supported; use AdamW.")
+    if str(spec.name).lower() != "adamw":
+        raise RecipeError(f"optimizer.name: {spec.name!r} is not supported; use AdamW.")
     lr = learning_rate_schedule(
         float(spec.learning_rate),
         total_steps,
-        getattr(spec, "warmup_steps", 0) or 0,
-        getattr(spec, "schedule", "constant") or "constant",
-        float(getattr(spec, "min_learning_rate", 0.0) or 0.0),
+        spec.warmup_steps,
+        spec.schedule,
+        float(spec.min_learning_rate),
     )
-    betas = [float(b) for b in getattr(spec, "betas", (0.9, 0.999))]
+    betas = [float(b) for b in spec.betas]
     return optim.AdamW(
-        learning_rate=lr,
-        betas=betas,
-        eps=float(getattr(spec, "eps", 1e-8)),
-        weight_decay=float(getattr(spec, "weight_decay", 0.01)),
+        learning_rate=lr, betas=betas, eps=float(spec.eps), weight_decay=float(spec.weight_decay)
     )
 
 
