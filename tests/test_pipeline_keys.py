@@ -1,4 +1,7 @@
-"""Golden keys of the Z-Image graph: every node key of the shipped tiny recipes is pinned.
+"""The Z-Image graph: golden node keys, the step table every list of kinds comes from, and the train
+settings built from the train node's parameters alone.
+
+Golden keys: every node key of the shipped tiny recipes is pinned.
 
 The model identity is fixed here (it is the models layer's business, tested there), so these digests change
 only when the pipeline changes what a node's key covers. A deliberate change bumps that kind's version
@@ -12,7 +15,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from zrecipe.recipe import load_recipe
+from zrecipe.recipe import LAYER_TYPES, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,3 +102,74 @@ def node_keys(recipe_path: Path, cache: Path) -> dict[str, tuple[int, str]]:
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_node_keys(name, tmp_path, fixed_identity):
     assert node_keys(recipe_file(name, tmp_path), tmp_path / "cache") == GOLDEN[name]
+
+
+def plan_of(name: str, tmp_path: Path):
+    from zrecipe.pipeline import plan_recipe
+
+    return plan_recipe(load_recipe(recipe_file(name, tmp_path)), tmp_path / "cache").plan
+
+
+def test_the_step_table_is_what_the_graph_runs(tmp_path, fixed_identity):
+    from zrecipe.pipeline import KINDS, kinds
+
+    graph = plan_of("tiny.yaml", tmp_path).graph  # the full graph: every kind of the table has nodes
+    assert tuple(graph.kinds) == KINDS == tuple(k.name for k in kinds.TABLE)
+    for name, step in graph.kinds.items():
+        row = kinds.BY_NAME[name]
+        assert step.version == kinds.VERSIONS[name] and step.run is row.run
+        # The table's dependencies are exactly what the nodes reference, and --until's closure is the
+        # engine's subgraph of the real graph.
+        refs = {i.kind for node in graph.nodes[name].values() for i in node.inputs if not isinstance(i, str)}
+        assert refs == set(row.needs), name
+        assert set(graph.until(name).kinds) == kinds.until_closure(name), name
+        # The model identities among a kind's inputs are those of components its row says it reads.
+        used = {i[3:] for node in graph.nodes[name].values() for i in node.inputs if isinstance(i, str)
+                if i.startswith("id:")}  # fmt: skip
+        assert used <= set(row.models) and (used or not row.models or name == "export"), name
+    assert set(kinds.MODEL_KINDS) == {"encode-image", "encode-text", "train", "sample", "export"}
+    assert kinds.SHARDED == {"resize", "encode-image", "encode-text"} and kinds.COLLECTIVE == {"train"}
+
+
+def test_full_mode_exports_cover_the_model_parts_they_carry(tmp_path, fixed_identity):
+    graph = plan_of("tiny_full.yaml", tmp_path).graph
+    (node,) = graph.nodes["export"].values()
+    assert node.inputs[1:] == ["id:vae", "id:text_encoder"] and node.params["name"] == "tiny_full_diffusers"
+
+
+def test_train_settings_come_from_the_train_params_alone(tmp_path, fixed_identity):
+    import json
+
+    from zrecipe.recipe import LoraTarget, Optimizer
+    from zrecipe.training.settings import TrainSettings
+
+    text = (
+        (REPO / "recipes" / "tiny.yaml").read_text().replace("max_steps: 40", "max_steps: 40\n  shift: 2.5")
+    )
+    (tmp_path / "data").symlink_to(REPO / "recipes" / "data")
+    (tmp_path / "r.yaml").write_text(text)
+    params = plan_recipe_node(tmp_path / "r.yaml", tmp_path).params
+    settings = TrainSettings.from_params(json.loads(json.dumps(params)), 6.0, 2, 3)  # as stored: plain JSON
+    assert settings == TrainSettings(
+        mode="lora", seed=42, batch_size=2, gradient_accumulation_steps=3, max_steps=40, shift=2.5,
+        lora_targets=(LoraTarget("layers", 0, None, LAYER_TYPES[:4], 8, 8.0),),
+        optimizer=Optimizer(learning_rate=1e-3), checkpoint_frequency=20,
+    )  # fmt: skip
+    # Every field the loop reads is in the key: a recipe edit that leaves the params alone (samples,
+    # exports, output folder) cannot change the settings, and every training value is in the params.
+    edited = text.replace("steps: 8", "steps: 9").replace("formats: [mflux]", "formats: [kohya]")
+    edited = edited.replace("checkpoint_frequency: 20", "checkpoint_frequency: 20\n  output_path: elsewhere")
+    (tmp_path / "r.yaml").write_text(edited)
+    assert plan_recipe_node(tmp_path / "r.yaml", tmp_path).params == params
+    loop_fields = {"num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "sigma_sampling",
+                   "logit_mean", "logit_std", "shift", "gradient_checkpointing", "compute_dtype",
+                   "max_grad_norm", "low_ram", "quantize"}  # fmt: skip
+    assert set(params["training_loop"]) == loop_fields
+    assert set(params["optimizer"]) == {f for f in Optimizer.__dataclass_fields__}
+
+
+def plan_recipe_node(recipe: Path, tmp_path: Path):
+    from zrecipe.pipeline import plan_recipe
+
+    (node,) = plan_recipe(load_recipe(recipe), tmp_path / "cache").plan.nodes["train"]
+    return node.node

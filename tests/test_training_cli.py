@@ -119,6 +119,18 @@ def test_train_flags_are_checked(app, tmp_path):
     assert run_app(app, ["train", "--train-config", str(bad), "--cache", str(tmp_path)]) == 2
 
 
+def test_the_seed_command_keeps_its_flags(app):
+    command = typer.main.get_command(app).commands["train"]
+    flags = {opt for param in command.params for opt in param.opts}
+    assert {
+        "--train-config",
+        "--train-checkpoint",
+        "--low-ram",
+        "--battery-percentage-stop-limit",
+        "-B",
+    } <= flags
+
+
 def test_memory_command(app, capsys):
     assert run_app(app, ["memory", "--mode", "lora", "--available-memory-gb", "512"]) == 0
     out = capsys.readouterr().out
