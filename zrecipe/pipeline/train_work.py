@@ -115,6 +115,5 @@ def commit_train(task, ctx, work: Path, result, skipped: list[str], settings) ->
                 mx.save_safetensors(
                     str(folder / "adapters" / f"{ck.step:07d}.safetensors"), ck.adapter, ck.adapter_metadata
                 )
-        info = {"checkpoint_steps": steps, "skipped_items": skipped, "final_step": result.step,
-                "trainable_parameters": result.trainable_parameters}  # fmt: skip
+        info = {"checkpoint_steps": steps, "skipped_items": skipped, "final_step": result.step}
         (folder / "train.json").write_text(json.dumps(info, indent=1))
