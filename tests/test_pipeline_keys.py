@@ -117,7 +117,7 @@ def test_the_step_table_is_what_the_graph_runs(tmp_path, fixed_identity):
     assert tuple(graph.kinds) == KINDS == tuple(k.name for k in kinds.TABLE)
     for name, step in graph.kinds.items():
         row = kinds.BY_NAME[name]
-        assert step.version == kinds.VERSIONS[name] and step.run is row.run
+        assert step.version == row.version and step.run is row.run and step.after == row.needs
         # The table's dependencies are exactly what the nodes reference, and --until's closure is the
         # engine's subgraph of the real graph.
         refs = {i.kind for node in graph.nodes[name].values() for i in node.inputs if not isinstance(i, str)}
@@ -128,7 +128,10 @@ def test_the_step_table_is_what_the_graph_runs(tmp_path, fixed_identity):
                 if i.startswith("id:")}  # fmt: skip
         assert used <= set(row.models) and (used or not row.models or name == "export"), name
     assert set(kinds.MODEL_KINDS) == {"encode-image", "encode-text", "train", "sample", "export"}
-    assert kinds.SHARDED == {"resize", "encode-image", "encode-text"} and kinds.COLLECTIVE == {"train"}
+    by_distribution = {
+        d: {k.name for k in kinds.TABLE if k.distribution == d} for d in ("sharded", "collective")
+    }
+    assert by_distribution == {"sharded": {"resize", "encode-image", "encode-text"}, "collective": {"train"}}
 
 
 def test_full_mode_exports_cover_the_model_parts_they_carry(tmp_path, fixed_identity):

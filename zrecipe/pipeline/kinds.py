@@ -1,6 +1,6 @@
-"""The Z-Image step kinds, in one table. Every list of kinds is derived from it: the names `--until`,
-`--force` and `explain` accept, the versions in every key, the dependency closure of `--until`, which kinds
-need the model resolved, and how a distributed build runs each kind.
+"""The Z-Image step kinds, in one table. Everything about a kind is read from it: the names `--until`,
+`--force` and `explain` accept, the engine's StepKinds (the version in every key), the dependency closure of
+`--until`, which kinds need the model resolved, and how a distributed build runs each kind.
 
     name           needs                     models               distribution
     resize         -                         -                    sharded (process pool per rank)
@@ -89,10 +89,7 @@ def _table() -> tuple[Kind, ...]:
 TABLE: tuple[Kind, ...] = _table()
 BY_NAME: dict[str, Kind] = {k.name: k for k in TABLE}
 KINDS: tuple[str, ...] = tuple(BY_NAME)
-VERSIONS: dict[str, int] = {k.name: k.version for k in TABLE}
 MODEL_KINDS: tuple[str, ...] = tuple(k.name for k in TABLE if k.models)
-SHARDED = frozenset(k.name for k in TABLE if k.distribution == "sharded")
-COLLECTIVE = frozenset(k.name for k in TABLE if k.distribution == "collective")
 
 
 def needs(extra: Iterable[Kind] = ()) -> dict[str, tuple[str, ...]]:
