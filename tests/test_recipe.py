@@ -640,6 +640,28 @@ def test_lora_overlap_both_forms_and_full_mode_are_errors(proj):
 # ------------------------------------------------------------------------------------- datasets, model
 
 
+def test_inline_image_may_be_an_absolute_path_inside_the_dataset_folder(proj):
+    (proj / "data" / "sub").mkdir()
+    inside, outside = proj / "data" / "sub" / "a.png", proj / "b.png"
+    text = (
+        "model: tiny\ntraining_loop: {max_steps: 1}\n"
+        f"examples: {{path: data, images: [{{image: '{inside}', prompt: hi}}]}}\n"
+    )
+    assert load(proj, text).datasets[0].captions.items == (("sub/a.png", "hi"),)
+    native = (
+        "model: tiny\ntraining_loop: {max_steps: 1}\n"
+        f"datasets: [{{path: data, captions: {{inline: [{{image: '{proj / 'data' / 'a.png'}', caption: x}}]}}}}]\n"
+    )
+    assert load(proj, native).datasets[0].captions.items == (("a.png", "x"),)
+    (line,) = problems(proj, text.replace(str(inside), str(outside)))
+    assert "must be a file inside the dataset folder" in line
+
+
+def test_full_mode_refuses_quantize(proj):
+    (line,) = problems(proj, BASE.replace("mode: lora", "mode: full") + "  quantize: 4\n")
+    assert line.startswith("8: training_loop.quantize: applies to LoRA only")
+
+
 def test_caption_sources(proj):
     (proj / "caps.csv").write_text("file,caption\n")
     text = (

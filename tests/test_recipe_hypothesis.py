@@ -187,6 +187,7 @@ def valid_recipes(draw: Any) -> dict:
         data.update(draw(_opt(lora_layers=_seed_lora) | _opt(lora=_native_lora)))
     else:
         data.update(draw(_opt(full_finetune=_opt(train_transformer=st.just(True), train_vae=st.just(False)))))
+        data["training_loop"]["quantize"] = None  # LoRA only: full fine-tuning keeps every weight unquantised
     return data
 
 

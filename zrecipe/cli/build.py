@@ -111,7 +111,8 @@ def _rank_args(recipe, cache, until, force, dry_run, jobs, as_json, quiet, batte
 
 
 def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) -> None:
-    from zrecipe.pipeline import build_recipe, plan_recipe
+    from zrecipe.cli.train import EXIT_STOPPED, stopped_line
+    from zrecipe.pipeline import TrainingStopped, build_recipe, plan_recipe
     from zrecipe.training.distributed import launched, world
 
     loaded = _load(recipe)
@@ -125,6 +126,10 @@ def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) 
     progress = not quiet and (sys.stderr.isatty() or launched())
     try:
         outcome = build_recipe(loaded, cache, until, force, jobs, progress=progress, battery_limit=battery)
+    except TrainingStopped as stop:
+        if not launched() or world().main:  # one line for the whole job
+            typer.echo(stopped_line(stop, f"zrecipe build {recipe}"), err=True)
+        raise typer.Exit(EXIT_STOPPED) from None
     except Exception as exc:
         if launched() and not world().main and getattr(exc, "all_ranks", False):
             raise typer.Exit(getattr(exc, "exit_code", 1)) from None  # rank 0 prints the same error

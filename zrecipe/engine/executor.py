@@ -71,17 +71,18 @@ def _mp_context(name: str | None):
     return multiprocessing.get_context(name)
 
 
-def _run_kind(
+def run_kind(
     sk: StepKind,
     tasks: list[Task],
     store: Store,
     data: Any,
     skipped: frozenset[str],
     jobs: int,
-    mp_context: str | None,
-    advance,
+    mp_context: str | None = None,
+    advance=lambda n: None,
 ) -> dict[str, Outcome]:
-    """Run `tasks` of one kind; returns {key: Outcome}. `advance(n)` moves the progress bar."""
+    """Run `tasks` of one kind (in chunks over a process pool for a parallel kind with jobs > 1); returns
+    {key: Outcome}. `skipped`: keys of skipped upstream nodes; `advance(n)` moves the progress bar."""
     if not sk.parallel or jobs <= 1 or len(tasks) < 2:
         ctx = RunContext(store, data, skipped, on_done=lambda t, o: advance(1))
         return run_tasks(sk.run, tasks, ctx)
@@ -182,7 +183,7 @@ def execute(
             bar_id = bar.add_task(kind, total=len(unique)) if bar is not None and unique else None
             advance = (lambda n, b=bar_id: bar.advance(b, n)) if bar_id is not None else (lambda n: None)
             outcomes = (
-                _run_kind(sk, list(unique.values()), store, ctx, skipped_keys, jobs, mp_context, advance)
+                run_kind(sk, list(unique.values()), store, ctx, skipped_keys, jobs, mp_context, advance)
                 if unique
                 else {}  # every node was blocked upstream: don't call run() (it may load a model)
             )

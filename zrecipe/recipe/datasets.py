@@ -101,7 +101,8 @@ def _read_dataset(r: Reader, root: Path) -> Dataset | None:
     name = r.get("name", text())
     # An invalid trigger is already reported: MISSING keeps the template check from repeating it.
     trigger = kwargs.get("trigger", MISSING if r.has("trigger") else None)
-    captions = read_captions(r.ctx, r.path + ("captions",), r.data.get("captions", MISSING), root, trigger)
+    value = r.data.get("captions", MISSING)
+    captions = read_captions(r.ctx, r.path + ("captions",), value, root, trigger, folder)
     bucketing = _read_bucketing(r)
     if r.ctx.count > before or folder is None:
         return None
@@ -145,9 +146,11 @@ def _read_bucketing(r: Reader) -> Bucketing:
 # -------------------------------------------------------------------------------------------- captions
 
 
-def read_captions(ctx: Context, path: KeyPath, value: Any, root: Path, trigger: Any) -> CaptionSource:
+def read_captions(
+    ctx: Context, path: KeyPath, value: Any, root: Path, trigger: Any, folder: Path | None = None
+) -> CaptionSource:
     """The caption source at `path` (default sidecar `.txt`); `trigger` is the dataset's (MISSING when
-    it was invalid)."""
+    it was invalid); `folder` the dataset folder (inline image paths are relative to it)."""
     if value is MISSING or value is None:
         return CaptionSource()
     if isinstance(value, str):
@@ -182,7 +185,7 @@ def read_captions(ctx: Context, path: KeyPath, value: Any, root: Path, trigger: 
     if kind == "manifest":
         return CaptionSource(kind="manifest", file=_manifest(r, root))
     if kind == "inline":
-        items = r.get("inline", inline_items(("caption", "prompt")))
+        items = r.get("inline", inline_items(("caption", "prompt"), folder))
         return CaptionSource(kind="inline", items=() if items is MISSING else items)
     template = r.get("template", text())
     if template is not MISSING:
@@ -234,9 +237,10 @@ def _check_template(ctx: Context, path: KeyPath, template: str, trigger: Any) ->
         ctx.add(path, "uses {trigger} but the dataset sets no `trigger`")
 
 
-def inline_items(caption_keys: tuple[str, ...]) -> Any:
+def inline_items(caption_keys: tuple[str, ...], folder: Path | None = None) -> Any:
     """Spec for `[{image: FILE, caption: TEXT}, ...]`; `caption_keys` are the accepted caption key names.
-    Image paths are relative to the dataset folder and are returned normalised, posix-style."""
+    Image paths are relative to the dataset `folder` (an absolute path inside it is accepted) and are
+    returned relative, normalised, posix-style."""
 
     def item(value: Any) -> tuple[str, str]:
         if not isinstance(value, Mapping):
@@ -252,7 +256,7 @@ def inline_items(caption_keys: tuple[str, ...]) -> Any:
             bad.append(((), f"give one of {', '.join(named)}"))
         if bad:
             raise Bad(items=bad)
-        image = _relative_image(value["image"])
+        image = _relative_image(value["image"], folder)
         try:
             caption = text()(value[named[0]])
         except Bad as exc:
@@ -281,15 +285,29 @@ def inline_items(caption_keys: tuple[str, ...]) -> Any:
     return check
 
 
-def _relative_image(value: Any) -> str:
+def _relative_image(value: Any, folder: Path | None) -> str:
     try:
         name = text()(value)
     except Bad as exc:
         raise Bad(items=[(("image",) + at, m) for at, m in exc.items]) from None
+    if folder is not None and "\0" not in name and os.path.isabs(os.path.expanduser(name)):
+        name = _inside(Path(os.path.expanduser(name)), folder) or name
     norm = posixpath.normpath(name.replace("\\", "/"))
     if "\0" in name or posixpath.isabs(norm) or norm == ".." or norm.startswith("../") or norm == ".":
         raise Bad(f"must be a file inside the dataset folder, got {name!r}", at=("image",))
     return norm
+
+
+def _inside(path: Path, folder: Path) -> str | None:
+    """`path` relative to `folder` (posix) when it lies inside it, as written or once symlinks resolve."""
+    for a, b in ((path, folder), (path.resolve(), folder.resolve())):
+        try:
+            rel = Path(os.path.normpath(a)).relative_to(os.path.normpath(b))
+        except ValueError:
+            continue
+        if rel.parts:
+            return rel.as_posix()
+    return None
 
 
 # -------------------------------------------------------------------------------------------- examples
@@ -303,7 +321,7 @@ def read_examples(ctx: Context, value: Any, root: Path, resolution: int | None) 
     r.check_keys(("path", "images"))
     before = ctx.count
     folder = read_folder(r, "path", root)
-    items = r.require("images", inline_items(("prompt", "caption")), "a list of {image, prompt}")
+    items = r.require("images", inline_items(("prompt", "caption"), folder), "a list of {image, prompt}")
     if ctx.count > before or folder is None:
         return None
     extra = {} if resolution is None else {"resolution": resolution}

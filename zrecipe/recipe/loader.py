@@ -162,6 +162,12 @@ def build_recipe(
             ("optimizer", "warmup_steps"),
             f"longer than training_loop.max_steps ({training_loop.max_steps}), got {optimizer.warmup_steps}",
         )
+    if mode == "full" and training_loop.quantize:
+        ctx.add(
+            ("training_loop", "quantize"),
+            "applies to LoRA only: full fine-tuning trains every weight, which must stay unquantised; "
+            "remove it or use `mode: lora`",
+        )
     lora = read_lora(ctx, top, mode)
     full_finetune = (
         read_full_finetune(top, mode) if mode == "full" or top.has("full_finetune") else FullFinetune()

@@ -23,31 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# The model family's names (block and layer types, size step) live with the model, re-exported here.
+from zrecipe.models.z_image.vocabulary import (  # noqa: F401
+    BLOCK_LAYER_TYPES,
+    BLOCK_TYPES,
+    BUCKET_STEP,
+    LAYER_TYPE_GROUPS,
+    LAYER_TYPES,
+)
+
 # Names the recipe language knows (not defaults: the closed sets values are checked against).
 MODEL_PRESETS = ("z-image", "z-image-turbo", "tiny")
 MODES = ("lora", "full")
-BLOCK_TYPES = ("layers", "noise_refiner", "context_refiner")
-LAYER_TYPES = (
-    "attention.to_q",
-    "attention.to_k",
-    "attention.to_v",
-    "attention.to_out.0",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-    "adaLN_modulation.0",
-)
-# context_refiner blocks have no timestep modulation, hence no adaLN_modulation Linear to adapt.
-BLOCK_LAYER_TYPES = {
-    "layers": LAYER_TYPES,
-    "noise_refiner": LAYER_TYPES,
-    "context_refiner": tuple(t for t in LAYER_TYPES if t != "adaLN_modulation.0"),
-}
-# Shorthands accepted in `layer_types` lists; the resolved recipe always lists the full names.
-LAYER_TYPE_GROUPS = {
-    "attention": LAYER_TYPES[:4],
-    "feed_forward": LAYER_TYPES[4:7],
-}
 CAPTION_KINDS = ("sidecar", "manifest", "filename", "inline", "template")
 TEMPLATE_FIELDS = ("trigger", "caption", "filename")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -61,7 +48,6 @@ EXPORT_FORMATS = ("mflux", "comfyui", "diffusers", "kohya", "musubi")
 EXPORT_DTYPES = ("bfloat16", "float32")
 
 # Limits of sensible values (beyond them a value is a typo, not a choice).
-BUCKET_STEP = 16  # VAE downsample 8 x patch 2: every side must be a multiple of 16
 MIN_RESOLUTION = 64
 MAX_SIDE = 8192
 MAX_SEED = 2**64 - 1  # MLX seeds are uint64

@@ -61,6 +61,12 @@ def _target(t: LoraTarget) -> dict[str, Any]:
     }
 
 
+def lora_target_from_dict(d: dict[str, Any]) -> LoraTarget:
+    """The inverse of the resolved form of a LoRA target (`{blocks, range, layer_types, rank, alpha}`)."""
+    start, end = d["range"]
+    return LoraTarget(d["blocks"], start, end, tuple(d["layer_types"]), d["rank"], d["alpha"])
+
+
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe in the native form (see Recipe.to_dict)."""
     out: dict[str, Any] = {

@@ -35,7 +35,6 @@ _EXPORTS = {
     "MemoryOptimizer": "memory",
     "estimate_memory": "memory",
     "StopMonitor": "stop",
-    "run_recipe": "session",
 }
 
 __all__ = [
@@ -60,7 +59,6 @@ __all__ = [
     "lora_weights",
     "make_optimizer",
     "read_checkpoint",
-    "run_recipe",
     "save_adapter",
     "train",
     "trainable_parameter_count",

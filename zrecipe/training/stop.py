@@ -108,9 +108,6 @@ class StopMonitor(TrainingCallback):
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
         self._signal = signal.Signals(signum).name
 
-    def request_stop(self, reason: str) -> None:
-        self._signal = reason
-
     def reason(self) -> str | None:
         """Why training should stop now, or None."""
         if self._signal is not None:

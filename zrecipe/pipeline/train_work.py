@@ -1,0 +1,119 @@
+"""The train step's work folder (`Store.work_dir(train key)`), where its checkpoints live.
+
+Which checkpoint a train step resumes from (`--force train` empties the folder first; a checkpoint given to
+`zrecipe train --train-checkpoint` is copied in when it belongs to this run; a checkpoint of another run is
+an error that says what differs), and the train entry committed from the folder once training is done.
+The entry holds only what the key determines, so a resumed run stores the bytes an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+def resume_point(task, ctx, work: Path, examples, log) -> Path | None:
+    """The checkpoint to resume from: `--force train` empties the work folder first; a checkpoint given
+    with `zrecipe train --train-checkpoint` is copied in (when it belongs to this run); then the newest
+    readable checkpoint of this key. A checkpoint of another run in the folder is an error."""
+    from zrecipe.training import distributed as dist
+    from zrecipe.training.checkpoint import list_checkpoints, read_checkpoint
+
+    w, options = dist.world(), ctx.data.options
+    if "train" in options.get("force", ()):
+        if w.main:
+            for entry in work.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        dist.barrier(w)
+    if options.get("resume_checkpoint"):
+        seed_work_folder(task, work, Path(options["resume_checkpoint"]), examples)
+        dist.barrier(w)
+    for candidate in reversed(list_checkpoints(work)):
+        try:
+            checkpoint = read_checkpoint(candidate)  # a damaged zip (killed while writing) is skipped
+        except Exception:  # noqa: BLE001 — any unreadable checkpoint is just not a resume point
+            continue
+        if checkpoint.meta.get("train_step_key") != task.key:
+            from zrecipe.errors import CheckpointError
+
+            source = ctx.data.recipe.source
+            raise CheckpointError(
+                f"{candidate}: the train step's work folder holds a checkpoint of another training run "
+                f"({mismatch(checkpoint, task, examples)}). Run `zrecipe build {source} --force train` to "
+                "discard the work folder's checkpoints and train from scratch."
+            )
+        log(f"train: resuming from {candidate.name}")
+        return candidate
+    return None
+
+
+def seed_work_folder(task, work: Path, path: Path, examples) -> None:
+    """Copy checkpoint `path` into the work folder (rank 0), refusing one made for another run."""
+    import os
+
+    from zrecipe.errors import CheckpointError
+    from zrecipe.training import distributed as dist
+    from zrecipe.training.checkpoint import checkpoint_path, read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    if checkpoint.meta.get("train_step_key") != task.key:
+        raise CheckpointError(
+            f"{path}: cannot resume this training run: {mismatch(checkpoint, task, examples)}. Train "
+            "from scratch with `zrecipe train --train-config RECIPE` (or `zrecipe build RECIPE`)."
+        )
+    dest = checkpoint_path(work, checkpoint.step)
+    if dist.world().main and not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+
+
+def mismatch(checkpoint, task, examples) -> str:
+    """Why `checkpoint` does not belong to `task`'s training run, in words."""
+    from zrecipe.training.data import dataset_fingerprint
+
+    meta = checkpoint.meta
+    if meta.get("model_identity") != task.inputs[0]:
+        return (
+            f"it was made for another model ({meta.get('model_identity')}, this build's is {task.inputs[0]})"
+        )
+    if meta.get("dataset_fingerprint") != dataset_fingerprint(examples):
+        return "the training data changed since it was written (images, captions, repeats or dropout)"
+    return (
+        f"the training settings or zrecipe's train step differ (train step key {meta.get('train_step_key')}, "
+        f"this build's is {task.key})"
+    )
+
+
+def commit_train(task, ctx, work: Path, result, skipped: list[str], settings) -> None:
+    """The train entry: the final weights, the loss log and plot, the scheduled checkpoints' adapters."""
+    import mlx.core as mx
+
+    from zrecipe.training.checkpoint import list_checkpoints, read_checkpoint
+
+    with ctx.output(task) as folder:
+        for name in ("adapter.safetensors", "transformer.safetensors", "loss.png"):
+            if (work / name).exists():
+                shutil.copy2(work / name, folder / name)
+        # Wall-clock step times stay in the checkpoints' loss.json: an entry holds only what its key
+        # determines, and a resumed run must write the same bytes as an uninterrupted one.
+        history = [{k: v for k, v in h.items() if k != "time"} for h in result.history]
+        (folder / "loss.json").write_text(json.dumps(history))
+        steps = []
+        if settings.mode == "lora":
+            # Intermediate adapters (small) for per-checkpoint samples; the zips stay in the work folder.
+            # Only scheduled checkpoints: a stop writes one off the schedule, an uninterrupted run does not.
+            (folder / "adapters").mkdir()
+            for zpath in list_checkpoints(work):
+                step = int(zpath.name[:7])
+                if step % settings.checkpoint_frequency and step != result.step:
+                    continue
+                ck = read_checkpoint(zpath)
+                steps.append(ck.step)
+                mx.save_safetensors(
+                    str(folder / "adapters" / f"{ck.step:07d}.safetensors"), ck.adapter, ck.adapter_metadata
+                )
+        info = {"checkpoint_steps": steps, "skipped_items": skipped, "final_step": result.step}
+        (folder / "train.json").write_text(json.dumps(info, indent=1))
