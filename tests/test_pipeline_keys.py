@@ -24,25 +24,25 @@ GOLDEN = {
         "resize": (12, "a2d634d7d4f161be"),
         "encode-text": (10, "344c7124ef03d398"),
         "encode-image": (12, "ac4b17f740209ddf"),
-        "train": (1, "48e75da57642304e"),
-        "sample": (2, "b1fcc60b7c91909f"),
-        "export": (1, "de70cd781cb8cac5"),  # v2: the file name became a parameter
-        "contact-sheet": (1, "28e9bf166da4fadf"),
+        "train": (1, "425de5efbe58696f"),  # v2: AdamW follows torch.optim.AdamW
+        "sample": (2, "9ebac868bf7941bf"),
+        "export": (1, "a8115921df52d02c"),  # v2: the file name became a parameter
+        "contact-sheet": (1, "1c9287ad4e70b8fe"),
     },
     "tiny_full.yaml": {
         "resize": (12, "a2d634d7d4f161be"),
         "encode-text": (9, "455419ac53a714a4"),
         "encode-image": (12, "ac4b17f740209ddf"),
-        "train": (1, "459d32cde1bb3f07"),
-        "sample": (1, "0493147891ef5bcf"),
-        "export": (1, "7c2232c424c436ae"),  # v2: name; the VAE and text encoder
-        "contact-sheet": (1, "2eab2589f3791b3d"),
+        "train": (1, "0e132d97f0f9dd86"),
+        "sample": (1, "61c308d828a8253e"),
+        "export": (1, "bbbd681e95af3ebd"),  # v2: name; the VAE and text encoder
+        "contact-sheet": (1, "c0f533d59ed0d4f5"),
     },
     "seed-form.json": {
         "resize": (3, "48b0a209dae7ef79"),
         "encode-text": (3, "4e8d221ef213104f"),
         "encode-image": (3, "4c4fbc51295020f6"),
-        "train": (1, "054296bdd49b6484"),
+        "train": (1, "2219011b18644118"),
     },
 }
 

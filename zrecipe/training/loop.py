@@ -28,7 +28,6 @@ from mlx import nn
 
 from zrecipe.backend import resolve_dtype
 from zrecipe.errors import RecipeError
-from zrecipe.models.z_image.vocabulary import BLOCK_GROUPS
 from zrecipe.training import distributed as dist
 from zrecipe.training.callbacks import Callbacks, StepReport, TrainingCallback, TrainState, default_callbacks
 from zrecipe.training.checkpointer import Checkpointer, RunInfo
