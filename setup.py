@@ -66,6 +66,10 @@ class BuildNative(build_ext):
         build_dir = Path(self.build_temp).resolve() / "native"
         out_dir = build_dir / "out"
         shutil.rmtree(out_dir, ignore_errors=True)
+        # A new configure every time: pip's build environment (where CMake found mlx and nanobind) is a new
+        # temporary folder per install, and a cached path could name an older one. Objects still rebuild
+        # only when their flags or include paths changed.
+        (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(min(os.cpu_count() or 1, 4))
         steps = (
             [cmake, "-S", str(ROOT / "csrc"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",

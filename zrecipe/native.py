@@ -106,9 +106,11 @@ def silu(x: mx.array) -> mx.array:
     module = _module()
     if module is not None:
         return module.silu(x.astype(mx.float32)).astype(x.dtype)
-    from zrecipe.models.z_image.transformer_blocks import silu as fallback
+    from mlx import nn
 
-    return fallback(x)
+    from zrecipe.models.z_image.transformer_blocks import _silu_poly, on_cpu
+
+    return _silu_poly(x) if on_cpu() else nn.silu(x)
 
 
 def softmax(x: mx.array) -> mx.array:
