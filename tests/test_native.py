@@ -265,6 +265,11 @@ def test_module_records_the_mlx_it_was_built_against():
     assert native.status() == f"loaded ({MODULE.isa()})"
 
 
+def test_in_use_on_the_cpu_exactly_when_loaded():
+    assert mx.default_device() == mx.cpu
+    assert native.in_use() == native.available()
+
+
 @pytest.mark.skipif(not os.environ.get("CI"), reason="only CI is sure to have a compiler and CMake")
 def test_ci_builds_the_native_kernels():
     if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64"):

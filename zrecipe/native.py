@@ -72,6 +72,11 @@ def status() -> str:
     return _load()[1]
 
 
+def in_use() -> bool:
+    """Whether calls made now go to the compiled kernels: loaded, and MLX computing on the CPU."""
+    return _module() is not None
+
+
 def _module() -> ModuleType | None:
     """The compiled module when it should handle this call: loaded, and MLX computing on the CPU."""
     module = _load()[0]
