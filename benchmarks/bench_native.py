@@ -73,10 +73,17 @@ def exhaustive_exp_error(module) -> list[tuple[str, float, float]]:
 
     ranges = [(0x00000000, int(np.float32(88.0).view(np.uint32))),
               (0x80000000, int(np.float32(-87.0).view(np.uint32)))]  # fmt: skip
+
+    def native_exp(isa):
+        def run(x):
+            module.set_isa(isa)
+            return module.exp(x)
+
+        return run
+
     fns = [("exp_poly", exp_poly)]
     if module is not None:
-        fns += [(f"native {isa}", (lambda isa: lambda x: (module.set_isa(isa), module.exp(x))[1])(isa))
-                for isa in module.supported_isas()]  # fmt: skip
+        fns += [(f"native {isa}", native_exp(isa)) for isa in module.supported_isas()]
     out = []
     for name, fn in fns:
         worst, at = 0.0, 0.0
@@ -98,7 +105,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs="+", default=[4, 12, 320, 320])
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--threads", type=int, nargs="+", default=None, help="native thread counts (default 1 and the default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="native thread counts (default 1 and the default)",
+    )
     parser.add_argument("--exhaustive", action="store_true")
     args = parser.parse_args()
 
