@@ -15,12 +15,15 @@ def doctor_cmd() -> None:
     status = blas_status()  # before importing mlx
     import mlx.core as mx
 
+    from zrecipe import native
+
     typer.echo(
         f"zrecipe {__version__} on {platform.system()} {platform.machine()}, Python {platform.python_version()}"
     )
     typer.echo(f"mlx {mx.__version__}, default device: {mx.default_device()}")
     typer.echo(f"BLAS: {status}")
     typer.echo(f"default compute dtype: {default_compute_dtype()}")
+    typer.echo(f"native kernels: {native.status()}")
     try:
         import os
 
