@@ -38,7 +38,8 @@ from zrecipe.export.lora_keys import (
     qkv_head,
     resolve_stem,
 )
-from zrecipe.lora.delta import KOHYA, PEFT, LoraDelta
+from zrecipe.lora.delta import COMFY, DIFFUSERS, KOHYA, ZRECIPE, LoraDelta, build_delta
+from zrecipe.lora.variants import LokrDelta
 from zrecipe.recipe.schema import EXPORT_FORMATS  # the format names a user can ask for
 
 FORMATS = (*EXPORT_FORMATS, "zrecipe")
@@ -133,7 +134,8 @@ def parse_deltas(
     paths = set(module_shapes) if module_shapes is not None else None
     patch = patch_key(paths)
     peft = _peft_scales(metadata)
-    groups: dict[tuple[str, bool, type], dict[str, tuple[str, mx.array]]] = {}
+    groups: dict[tuple[str, bool], dict[str, tuple[str, mx.array]]] = {}
+    kinds: dict[tuple[str, bool], set[type]] = {}
     unmatched: list[str] = []
     for key in sorted(tensors):
         parsed = parse_key(key)
@@ -141,7 +143,8 @@ def parse_deltas(
             unmatched.append(key)
             continue
         stem, kind, part, underscored = parsed
-        groups.setdefault((stem, underscored, kind), {})[part] = (key, tensors[key])
+        groups.setdefault((stem, underscored), {})[part] = (key, tensors[key])
+        kinds.setdefault((stem, underscored), set()).update({kind} - {None})
     if not groups:
         raise CheckpointError(
             f"{path}: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys); "
@@ -150,7 +153,7 @@ def parse_deltas(
     deltas: dict = {}
     origin: dict[str, tuple[str, bool]] = {}  # path → (key it came from, whether via a fused alias)
     problems: list[str] = []
-    for (stem, underscored, kind), parts in sorted(groups.items(), key=lambda g: g[0][:2]):
+    for (stem, underscored), parts in sorted(groups.items()):
         keys = [k for k, _ in parts.values()]
         targets = resolve_stem(stem, underscored, paths, patch)
         if targets is None:
@@ -161,7 +164,7 @@ def parse_deltas(
         def scale_for(rank: int, alpha: float | None, target: str = targets[0][0]) -> float:
             return _scale_for(target, rank, alpha, peft)
 
-        delta = kind.from_file_parts({part: t for part, (_, t) in parts.items()}, scale_for)
+        delta = build_delta(kinds[stem, underscored], {part: t for part, (_, t) in parts.items()}, scale_for)
         if isinstance(delta, str):
             problems.append(f"{stem}: {delta} (has {', '.join(sorted(keys))})")
             continue
@@ -231,20 +234,43 @@ def _format_name(fmt: str) -> str:
     return "mflux" if fmt == "comfyui" else fmt
 
 
-def _named(deltas: dict, prefix: str, style: str, alpha_always: bool, fold_scale: bool = False) -> dict:
+def _named(deltas: dict, prefix: str, style: str) -> dict:
     """Each module's parts behind `prefix + path` (the dotted conventions)."""
     out: dict[str, mx.array] = {}
     for path in sorted(deltas):
-        for suffix, tensor in deltas[path].file_parts(style, alpha_always, fold_scale).items():
+        for suffix, tensor in deltas[path].file_parts(style).items():
             out[f"{prefix}{path}{suffix}"] = tensor
     return out
 
 
 def _musubi(deltas: dict) -> dict:
+    """musubi-tuner's names; a LoKr's W1 written whole (musubi's LoKr merge reads only `lokr_w1`)."""
     out: dict[str, mx.array] = {}
     for path in sorted(deltas):
-        for suffix, tensor in deltas[path].file_parts(KOHYA).items():
+        delta = deltas[path]
+        delta = delta.with_full_w1() if isinstance(delta, LokrDelta) else delta
+        for suffix, tensor in delta.file_parts(KOHYA).items():
             out[kohya_name(path) + suffix] = tensor
+    return out
+
+
+def _diffusers(deltas: dict) -> dict:
+    """`transformer.<path>` + the diffusers parts. diffusers' Z-Image loader builds one PEFT config per
+    file: LoRA (DoRA when magnitudes are present: then on every layer) or LoKr, never a mix."""
+    out = _named(deltas, "transformer.", DIFFUSERS)
+    lokr = {k.rsplit(".lokr_", 1)[0] for k in out if ".lokr_" in k}
+    lora = {k.rsplit(".lora_", 1)[0] for k in out if ".lora_A." in k}
+    dora = {k.rsplit(".lora_", 1)[0] for k in out if k.endswith(".lora_magnitude_vector")}
+    if lokr and lora:
+        raise UserError(
+            "diffusers loads one adapter kind per file, and this adapter mixes LoKr layers with LoRA-type "
+            "layers; export it with --format comfyui (ComfyUI, zrecipe) instead."
+        )
+    if dora and dora != lora:
+        raise UserError(
+            "diffusers applies DoRA to every layer of a file, and this adapter has DoRA on only some of its "
+            "layers; export it with --format comfyui (ComfyUI, zrecipe) instead."
+        )
     return out
 
 
@@ -276,9 +302,15 @@ def fused_qkv(parts: dict[int, LoraDelta], name: str = "qkv") -> LoraDelta:
     """
     pairs = {}
     for index, delta in parts.items():
-        if delta.low_rank() is None:
-            raise UserError(f"{name}: a {delta.KIND} adapter cannot be written as a fused kohya qkv LoRA.")
-        pairs[index] = delta
+        lora = (
+            delta if isinstance(delta, LoraDelta) else delta.as_lora() if hasattr(delta, "as_lora") else None
+        )
+        if lora is None:
+            raise UserError(
+                f"{name}: ComfyUI's kohya names fuse q/k/v into one qkv, which a {delta.KIND} adapter on q/k/v "
+                "cannot be written as; export it with --format comfyui (ComfyUI maps those names itself)."
+            )
+        pairs[index] = lora
     r = max(d.rank for d in pairs.values())
     any_delta = next(iter(pairs.values()))
     in_dims, out_dims = any_delta.in_dims, any_delta.out_dims  # Z-Image: q, k and v are all dim → dim
@@ -301,11 +333,11 @@ def fused_qkv(parts: dict[int, LoraDelta], name: str = "qkv") -> LoraDelta:
 
 # How each format lays out a module's tensors (see the module docstring).
 _WRITERS = {
-    "mflux": lambda d: _named(d, "diffusion_model.", PEFT, alpha_always=False),
-    "diffusers": lambda d: _named(d, "transformer.", PEFT, alpha_always=False, fold_scale=True),
+    "mflux": lambda d: _named(d, "diffusion_model.", COMFY),
+    "diffusers": _diffusers,
     "kohya": _comfy_kohya,
     "musubi": _musubi,
-    "zrecipe": lambda d: _named(d, "", PEFT, alpha_always=True),
+    "zrecipe": lambda d: _named(d, "", ZRECIPE),
 }
 
 

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from zrecipe.backend import resolve_dtype
 from zrecipe.errors import CheckpointError, RecipeError
+from zrecipe.lora.layers import adapter_dropout
 from zrecipe.training import checkpoint as ckpt
 from zrecipe.training import distributed as dist
 from zrecipe.training.data import BatchIterator, Example, collate, dataset_fingerprint
@@ -231,7 +232,8 @@ def train(
 
     @partial(mx.compile, inputs=state, outputs=state)
     def train_step(x0, caps, key, prev_grad, do_update, layout=None):
-        loss, grad = loss_and_grad(model, x0, caps, key, layout)
+        with adapter_dropout(key):  # LoRA dropout masks from the step's key (recomputed blocks included)
+            loss, grad = loss_and_grad(model, x0, caps, key, layout)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
