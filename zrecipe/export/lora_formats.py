@@ -76,6 +76,12 @@ def _load(path: str | Path) -> tuple[dict, dict]:
     return tensors, dict(metadata or {})
 
 
+def holds_adapter(tensors) -> bool:
+    """Whether these tensor names are an adapter's (some name is a part of an adapter kind), rather than
+    a full model's weights."""
+    return any((found := parse_key(k)) is not None and found[1] is not None for k in tensors)
+
+
 def _peft_scales(metadata: dict) -> dict:
     """diffusers' `lora_adapter_metadata` (a packed LoraConfig), unpacked; {} when absent."""
     raw = metadata.get("lora_adapter_metadata")
@@ -147,7 +153,8 @@ def parse_deltas(
         kinds.setdefault((stem, underscored), set()).update({kind} - {None})
     if not groups:
         raise CheckpointError(
-            f"{path}: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys); "
+            f"{path}: no LoRA tensors found (expected lora_A/lora_B, lora_down/lora_up, LyCORIS lokr_* / hada_* "
+            "or .diff keys); "
             f"first keys: {', '.join(sorted(tensors)[:5]) or '(none)'}."
         )
     deltas: dict = {}
