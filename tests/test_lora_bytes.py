@@ -17,7 +17,7 @@ from mlx import nn
 
 import zrecipe
 from zrecipe.export.lora_formats import read_lora, write_lora
-from zrecipe.training.lora import apply_lora, save_adapter
+from zrecipe.training.lora import apply_lora, lora_modules, save_adapter
 
 DIM, HIDDEN, ADA = 8, 12, 6
 
@@ -109,3 +109,58 @@ def adapter(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_file_bytes_are_pinned(adapter, name):
     assert adapter[name] == GOLDEN[name]
+
+
+# DoRA, LoKr and LoHa adapters (one kind each, on q, out and w2) in the formats that hold them; kohya
+# (ComfyUI's fused qkv names) holds a LoHa as its exact rank-r² LoRA, and no DoRA or LoKr on q.
+KIND_GOLDEN = {
+    "dora/adapter": "7069fd0ccebea19e2f5ee1f143506b38ba430a66e6509b43d0825ed0894f7f70",
+    "dora/comfyui": "92afd6fbf0da3434194b386884ab62f7d7e34c180240f618cba4839013ff622f",
+    "dora/diffusers": "27bc86c31204e5e18536ae4cd9fe08c8939a7a3bbb01468e83101005dedb74a5",
+    "dora/musubi": "aeebbb036192c5ca4d3c85cc2e07c31560e0ef7a19d514f7c04514f327479dbf",
+    "loha/adapter": "44eebc9d811ec781589a07a19c07cf6f9bcc644189b7143f5fc9b7d324092220",
+    "loha/comfyui": "5b74f8874827afc6c0e65eca41b79b0f9dd889b8f07e82eae20e49b3eda6e697",
+    "loha/diffusers": "ad4692a154931104b76ae4af9d6d070d36a3f6b802cf2611f2eba8d9a46348ec",
+    "loha/kohya": "adc80296481679d5c8d494e7d3ac5195bde55979350f6cc0a19ea42202bacf18",
+    "loha/musubi": "2941bf0e118974012e039fedd2f10b978236ab104b17377cd2a3372dea3edca6",
+    "lokr/adapter": "140bde6ec935975dfdd7eebdfacc4df12e035192b34570af18234875bf0120e8",
+    "lokr/comfyui": "a772906117203ef92635a039a4e5739aeb75670076def561a1c1792457d3e157",
+    "lokr/diffusers": "f8e77611abff52c8cdd4e2e206039846be3ed2e9561501a32710b9b24ebd9866",
+    "lokr/musubi": "01d8c1747799075954cb93a7b599bb1077bac94ed96bd3227dab542477245b33",
+}
+KIND_FORMATS = {"dora": ("comfyui", "diffusers", "musubi"), "lokr": ("comfyui", "diffusers", "musubi"),
+                "loha": ("comfyui", "diffusers", "musubi", "kohya")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kind_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("golden_kinds")
+    hashes = {}
+    version = zrecipe.__version__
+    zrecipe.__version__ = "0.0.golden"
+    try:
+        for kind, formats in KIND_FORMATS.items():
+            mx.random.seed(12)  # the base weights (DoRA's magnitudes start from their norms)
+            model = _Model()
+            options = {"factor": 2} if kind == "lokr" else {}
+            target = SimpleNamespace(block_type="layers", start=0, end=2, rank=2, alpha=3.0, kind=kind,
+                                     layer_types=("attention.to_q", "attention.to_out.0", "feed_forward.w2"),
+                                     **options)  # fmt: skip
+            apply_lora(model, [target])
+            rng = np.random.default_rng(6)
+            for _, layer in sorted(lora_modules(model).items()):
+                for name in layer.TRAINABLE:
+                    noise = mx.array(rng.standard_normal(layer[name].shape).astype(np.float32))
+                    layer[name] = layer[name] * (1 + 0.1 * noise) if name == "magnitude" else 0.1 * noise
+            path = save_adapter(model, folder / f"{kind}.safetensors", {"base_model": "tiny", "step": 7})
+            hashes[f"{kind}/adapter"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            for fmt in formats:
+                out = write_lora(read_lora(path), folder / f"{kind}_{fmt}.safetensors", fmt, "float32")
+                hashes[f"{kind}/{fmt}"] = hashlib.sha256(out.read_bytes()).hexdigest()
+    finally:
+        zrecipe.__version__ = version
+    return hashes
+
+
+def test_kind_file_bytes_are_pinned(kind_files):
+    assert kind_files == KIND_GOLDEN
