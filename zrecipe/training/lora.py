@@ -88,7 +88,8 @@ def apply_lora(model: nn.Module, targets: Iterable[Any]) -> list[str]:
     modules = _children(model)
     model.freeze()
     updates = []
-    for index, (path, target) in enumerate(sorted(resolved)):
+    dropout_index = {path: i for i, path in enumerate(sorted(path for path, _ in resolved))}
+    for path, target in resolved:  # in target order: the order the layers draw their initial values
         kind = getattr(target, "kind", "lora")
         if kind not in TRAINABLE_KINDS:
             raise RecipeError(f"LoRA kind {kind!r} is not known (use one of {', '.join(TRAINABLE_KINDS)}).")
@@ -101,7 +102,7 @@ def apply_lora(model: nn.Module, targets: Iterable[Any]) -> list[str]:
             base, rank=int(target.rank), alpha=float(target.alpha), dropout=float(getattr(target, "dropout", 0.0)),
             **options,
         )  # fmt: skip
-        layer.dropout_index = index
+        layer.dropout_index = dropout_index[path]
         updates.append((path, layer))
     model.update_modules(_unflatten_modules(updates))
     for _, layer in updates:
