@@ -114,19 +114,19 @@ def test_file_bytes_are_pinned(adapter, name):
 # DoRA, LoKr and LoHa adapters (one kind each, on q, out and w2) in the formats that hold them; kohya
 # (ComfyUI's fused qkv names) holds a LoHa as its exact rank-r² LoRA, and no DoRA or LoKr on q.
 KIND_GOLDEN = {
-    "dora/adapter": "7069fd0ccebea19e2f5ee1f143506b38ba430a66e6509b43d0825ed0894f7f70",
-    "dora/comfyui": "92afd6fbf0da3434194b386884ab62f7d7e34c180240f618cba4839013ff622f",
-    "dora/diffusers": "27bc86c31204e5e18536ae4cd9fe08c8939a7a3bbb01468e83101005dedb74a5",
-    "dora/musubi": "aeebbb036192c5ca4d3c85cc2e07c31560e0ef7a19d514f7c04514f327479dbf",
-    "loha/adapter": "44eebc9d811ec781589a07a19c07cf6f9bcc644189b7143f5fc9b7d324092220",
-    "loha/comfyui": "5b74f8874827afc6c0e65eca41b79b0f9dd889b8f07e82eae20e49b3eda6e697",
-    "loha/diffusers": "ad4692a154931104b76ae4af9d6d070d36a3f6b802cf2611f2eba8d9a46348ec",
-    "loha/kohya": "adc80296481679d5c8d494e7d3ac5195bde55979350f6cc0a19ea42202bacf18",
-    "loha/musubi": "2941bf0e118974012e039fedd2f10b978236ab104b17377cd2a3372dea3edca6",
-    "lokr/adapter": "140bde6ec935975dfdd7eebdfacc4df12e035192b34570af18234875bf0120e8",
-    "lokr/comfyui": "a772906117203ef92635a039a4e5739aeb75670076def561a1c1792457d3e157",
-    "lokr/diffusers": "f8e77611abff52c8cdd4e2e206039846be3ed2e9561501a32710b9b24ebd9866",
-    "lokr/musubi": "01d8c1747799075954cb93a7b599bb1077bac94ed96bd3227dab542477245b33",
+    "dora/adapter": "00f38ff5ad8e023c04314ca096716b22511070fa7c07c0460622f72dbfe3933d",
+    "dora/comfyui": "599cbfae98225d7dbee5f9b60e68aee5bdf8f7745cde2669f23cf7f054743730",
+    "dora/diffusers": "5502df882c5c2e71f8ca93fb2e7eb58363836b387866f77b127f9fc615e96676",
+    "dora/musubi": "6dee1e4b9f565b4b08ed859b1c6b905c1a1243edc8700189e3beeb43771b92af",
+    "loha/adapter": "dafd4d3cd6b3cc3ea3c2608f701fbc3f50a02795768dbc5d7e2b2c87ced7e05f",
+    "loha/comfyui": "552680fc682a3d60dcb0e9245a51c3ff5f47fdf9f087c379701d54ce685d132c",
+    "loha/diffusers": "ae0f895626ade6772f6cc2f2350f567aeebd6d4ae9c2708788e7fd1fe839064d",
+    "loha/kohya": "973713b9ab4e886b41bb1283f5ef52c40fc35d7fefb51aa6580fb92058a28397",
+    "loha/musubi": "4fe96589c2cca63c2b0f63639caed310ed00e2c4f21e20d6f670981586f86765",
+    "lokr/adapter": "d5784bd44ca320d03552a912c760b9167cb49d822f151f4b255fed2930120e15",
+    "lokr/comfyui": "6ce661a0149dc2e2bdd78550c7b4d5c649cc7648345dac972cf6adbd31086edb",
+    "lokr/diffusers": "d61c1c8458fb947d86aeeea6d6ddd3ccef237cfcae69e5cc8df763e94d01fd5a",
+    "lokr/musubi": "78da7d4638448719730df893bbe2dcf5040abe1164d9a7075459c2563a950d12",
 }
 KIND_FORMATS = {"dora": ("comfyui", "diffusers", "musubi"), "lokr": ("comfyui", "diffusers", "musubi"),
                 "loha": ("comfyui", "diffusers", "musubi", "kohya")}  # fmt: skip

@@ -367,6 +367,16 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+def _targets_json(deltas: dict) -> str:
+    """{path: {rank, alpha[, kind]}}: the kind only where it is not plain LoRA (LoRA files as before)."""
+    out = {}
+    for path, d in sorted(deltas.items()):
+        out[path] = {"rank": d.rank, "alpha": d.file_alpha}
+        if d.KIND != "lora":
+            out[path]["kind"] = d.KIND
+    return json.dumps(out)
+
+
 def adapter_file_metadata(deltas: dict, extra: dict | None = None) -> dict[str, str]:
     """zrecipe's adapter.safetensors metadata: format, rank and alpha (the one value, or the sorted distinct
     values as json), targets, version, and the caller's fields."""
@@ -378,9 +388,7 @@ def adapter_file_metadata(deltas: dict, extra: dict | None = None) -> dict[str, 
         "format": "zrecipe",
         "rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
         "alpha": str(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
-        "targets": json.dumps(
-            {p: {"rank": d.rank, "alpha": d.file_alpha} for p, d in sorted(deltas.items())}
-        ),
+        "targets": _targets_json(deltas),
         "zrecipe_version": __version__,
     }
     for key, value in (extra or {}).items():
@@ -406,17 +414,25 @@ def export_metadata(
     alphas = [d.file_alpha for d in deltas.values()]
     meta["rank"] = _common(ranks)
     meta["alpha"] = _common(alphas)
-    meta.setdefault(
-        "targets", json.dumps({p: {"rank": d.rank, "alpha": d.file_alpha} for p, d in sorted(deltas.items())})
-    )
+    meta.setdefault("targets", _targets_json(deltas))
     meta["format"] = fmt
     meta["exported_by"] = f"zrecipe {__version__}"
     if _format_name(fmt) == "diffusers":
         meta["lora_scale_folded"] = "true"  # alpha/rank already multiplied into lora_B
     if _format_name(fmt) in ("kohya", "musubi"):
+        kinds = sorted({d.KIND.removesuffix("+dora") for d in deltas.values()} - {"lora", "dora"})
+        network = {"ss_network_module": "networks.lora"}
+        if kinds:  # LyCORIS' kohya network module, as LyCORIS-aware tools expect it named
+            network = {
+                "ss_network_module": "lycoris.kohya",
+                "ss_network_args": json.dumps({"algo": kinds[0]}),
+            }
+        if any(d.KIND.endswith("dora") for d in deltas.values()):
+            network["ss_network_args"] = json.dumps({**json.loads(network.get("ss_network_args", "{}")),
+                                                     "dora_wd": True})  # fmt: skip
         meta.update(
             {
-                "ss_network_module": "networks.lora",
+                **network,
                 "ss_network_dim": meta["rank"],
                 "ss_network_alpha": meta["alpha"],
                 "ss_base_model_version": "z_image",
