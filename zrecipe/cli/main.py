@@ -16,17 +16,7 @@ from zrecipe import __version__
 from zrecipe.errors import ZRecipeError
 
 # Modules under zrecipe.cli that define `register(app)`. Only working commands are listed here.
-COMMAND_MODULES: list[str] = [
-    "build",
-    "train",
-    "generate",
-    "export",
-    "merge",
-    "memory",
-    "store",
-    "init",
-    "doctor",
-]
+COMMAND_MODULES: list[str] = ["build", "train", "generate", "export", "merge", "memory", "store", "init", "doctor"]  # fmt: skip
 
 app = typer.Typer(
     name="zrecipe",
