@@ -17,7 +17,7 @@ from mlx import nn
 
 import zrecipe
 from zrecipe.export.lora_formats import read_lora, write_lora
-from zrecipe.training.lora import apply_lora, save_adapter
+from zrecipe.training.lora import apply_lora, lora_modules, save_adapter
 
 DIM, HIDDEN, ADA = 8, 12, 6
 
@@ -109,3 +109,58 @@ def adapter(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_file_bytes_are_pinned(adapter, name):
     assert adapter[name] == GOLDEN[name]
+
+
+# DoRA, LoKr and LoHa adapters (one kind each, on q, out and w2) in the formats that hold them; kohya
+# (ComfyUI's fused qkv names) holds a LoHa as its exact rank-r² LoRA, and no DoRA or LoKr on q.
+KIND_GOLDEN = {
+    "dora/adapter": "00f38ff5ad8e023c04314ca096716b22511070fa7c07c0460622f72dbfe3933d",
+    "dora/comfyui": "599cbfae98225d7dbee5f9b60e68aee5bdf8f7745cde2669f23cf7f054743730",
+    "dora/diffusers": "5502df882c5c2e71f8ca93fb2e7eb58363836b387866f77b127f9fc615e96676",
+    "dora/musubi": "6dee1e4b9f565b4b08ed859b1c6b905c1a1243edc8700189e3beeb43771b92af",
+    "loha/adapter": "dafd4d3cd6b3cc3ea3c2608f701fbc3f50a02795768dbc5d7e2b2c87ced7e05f",
+    "loha/comfyui": "552680fc682a3d60dcb0e9245a51c3ff5f47fdf9f087c379701d54ce685d132c",
+    "loha/diffusers": "ae0f895626ade6772f6cc2f2350f567aeebd6d4ae9c2708788e7fd1fe839064d",
+    "loha/kohya": "973713b9ab4e886b41bb1283f5ef52c40fc35d7fefb51aa6580fb92058a28397",
+    "loha/musubi": "4fe96589c2cca63c2b0f63639caed310ed00e2c4f21e20d6f670981586f86765",
+    "lokr/adapter": "d5784bd44ca320d03552a912c760b9167cb49d822f151f4b255fed2930120e15",
+    "lokr/comfyui": "6ce661a0149dc2e2bdd78550c7b4d5c649cc7648345dac972cf6adbd31086edb",
+    "lokr/diffusers": "d61c1c8458fb947d86aeeea6d6ddd3ccef237cfcae69e5cc8df763e94d01fd5a",
+    "lokr/musubi": "78da7d4638448719730df893bbe2dcf5040abe1164d9a7075459c2563a950d12",
+}
+KIND_FORMATS = {"dora": ("comfyui", "diffusers", "musubi"), "lokr": ("comfyui", "diffusers", "musubi"),
+                "loha": ("comfyui", "diffusers", "musubi", "kohya")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kind_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("golden_kinds")
+    hashes = {}
+    version = zrecipe.__version__
+    zrecipe.__version__ = "0.0.golden"
+    try:
+        for kind, formats in KIND_FORMATS.items():
+            mx.random.seed(12)  # the base weights (DoRA's magnitudes start from their norms)
+            model = _Model()
+            options = {"factor": 2} if kind == "lokr" else {}
+            target = SimpleNamespace(block_type="layers", start=0, end=2, rank=2, alpha=3.0, kind=kind,
+                                     layer_types=("attention.to_q", "attention.to_out.0", "feed_forward.w2"),
+                                     **options)  # fmt: skip
+            apply_lora(model, [target])
+            rng = np.random.default_rng(6)
+            for _, layer in sorted(lora_modules(model).items()):
+                for name in layer.TRAINABLE:
+                    noise = mx.array(rng.standard_normal(layer[name].shape).astype(np.float32))
+                    layer[name] = layer[name] * (1 + 0.1 * noise) if name == "magnitude" else 0.1 * noise
+            path = save_adapter(model, folder / f"{kind}.safetensors", {"base_model": "tiny", "step": 7})
+            hashes[f"{kind}/adapter"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            for fmt in formats:
+                out = write_lora(read_lora(path), folder / f"{kind}_{fmt}.safetensors", fmt, "float32")
+                hashes[f"{kind}/{fmt}"] = hashlib.sha256(out.read_bytes()).hexdigest()
+    finally:
+        zrecipe.__version__ = version
+    return hashes
+
+
+def test_kind_file_bytes_are_pinned(kind_files):
+    assert kind_files == KIND_GOLDEN

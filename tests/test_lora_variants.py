@@ -1,7 +1,8 @@
 """An adapter kind plugs in as one delta class: read, applied and written without touching those paths.
 
-The kind used here is the full-weight difference ComfyUI reads as `<name>.diff` (a LyCORIS "full"
-module): not low-rank, so application adds it into the weights, stacked with ordinary LoRAs.
+The kind used here is a made-up full-weight difference stored as `<name>.test_full` (zrecipe's real one,
+`.diff`, is `zrecipe.lora.variants.DiffDelta`): not low-rank, so application adds it into the weights,
+stacked with ordinary LoRAs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class FullDelta:
     strength: float = 1.0
 
     KIND: ClassVar[str] = "full"
-    PART_PATTERNS: ClassVar = ((re.compile(r"\.diff$"), "diff"),)
+    PART_PATTERNS: ClassVar = ((re.compile(r"\.test_full$"), "diff"),)
 
     @property
     def in_dims(self) -> int:
@@ -56,8 +57,8 @@ class FullDelta:
     def scaled(self, strength: float) -> FullDelta:
         return FullDelta(self.W, self.strength * strength)
 
-    def file_parts(self, style, alpha_always=True, fold_scale=False) -> dict:
-        return {".diff": self.weight_delta()}
+    def file_parts(self, style) -> dict:
+        return {".test_full": self.weight_delta()}
 
     @classmethod
     def from_file_parts(cls, parts, scale_for):
@@ -77,7 +78,7 @@ def test_a_new_kind_is_read_applied_and_written(full_kind, tmp_path):
     rng = np.random.default_rng(4)
     diff = mx.array(rng.standard_normal((170, 64)).astype(np.float32) * 0.01)
     a, b = (mx.array(rng.standard_normal(s).astype(np.float32) * 0.1) for s in ((2, 64), (170, 2)))
-    mx.save_safetensors(str(tmp_path / "full.safetensors"), {f"diffusion_model.{PATH}.diff": diff})
+    mx.save_safetensors(str(tmp_path / "full.safetensors"), {f"diffusion_model.{PATH}.test_full": diff})
     mx.save_safetensors(
         str(tmp_path / "lora.safetensors"),
         {f"diffusion_model.{PATH}.lora_A.weight": a, f"diffusion_model.{PATH}.lora_B.weight": b},
@@ -96,5 +97,5 @@ def test_a_new_kind_is_read_applied_and_written(full_kind, tmp_path):
     np.testing.assert_allclose(np.array(layer(x)), want, rtol=1e-5, atol=1e-5)
 
     out = write_lora(full, tmp_path / "out.safetensors", "comfyui", "float32")
-    assert set(mx.load(str(out))) == {f"diffusion_model.{PATH}.diff"}
+    assert set(mx.load(str(out))) == {f"diffusion_model.{PATH}.test_full"}
     np.testing.assert_array_equal(np.array(read_lora(out).deltas[PATH].W), np.array(diff))

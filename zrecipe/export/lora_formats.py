@@ -38,7 +38,8 @@ from zrecipe.export.lora_keys import (
     qkv_head,
     resolve_stem,
 )
-from zrecipe.lora.delta import KOHYA, PEFT, LoraDelta
+from zrecipe.lora.delta import COMFY, DIFFUSERS, KOHYA, ZRECIPE, LoraDelta, build_delta
+from zrecipe.lora.variants import LokrDelta
 from zrecipe.recipe.schema import EXPORT_FORMATS  # the format names a user can ask for
 
 FORMATS = (*EXPORT_FORMATS, "zrecipe")
@@ -73,6 +74,12 @@ def _load(path: str | Path) -> tuple[dict, dict]:
     if not isinstance(tensors, dict):
         raise CheckpointError(f"{path}: not a safetensors file of named tensors.")
     return tensors, dict(metadata or {})
+
+
+def holds_adapter(tensors) -> bool:
+    """Whether these tensor names are an adapter's (some name is a part of an adapter kind), rather than
+    a full model's weights."""
+    return any((found := parse_key(k)) is not None and found[1] is not None for k in tensors)
 
 
 def _peft_scales(metadata: dict) -> dict:
@@ -133,7 +140,8 @@ def parse_deltas(
     paths = set(module_shapes) if module_shapes is not None else None
     patch = patch_key(paths)
     peft = _peft_scales(metadata)
-    groups: dict[tuple[str, bool, type], dict[str, tuple[str, mx.array]]] = {}
+    groups: dict[tuple[str, bool], dict[str, tuple[str, mx.array]]] = {}
+    kinds: dict[tuple[str, bool], set[type]] = {}
     unmatched: list[str] = []
     for key in sorted(tensors):
         parsed = parse_key(key)
@@ -141,16 +149,18 @@ def parse_deltas(
             unmatched.append(key)
             continue
         stem, kind, part, underscored = parsed
-        groups.setdefault((stem, underscored, kind), {})[part] = (key, tensors[key])
+        groups.setdefault((stem, underscored), {})[part] = (key, tensors[key])
+        kinds.setdefault((stem, underscored), set()).update({kind} - {None})
     if not groups:
         raise CheckpointError(
-            f"{path}: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys); "
+            f"{path}: no LoRA tensors found (expected lora_A/lora_B, lora_down/lora_up, LyCORIS lokr_* / hada_* "
+            "or .diff keys); "
             f"first keys: {', '.join(sorted(tensors)[:5]) or '(none)'}."
         )
     deltas: dict = {}
     origin: dict[str, tuple[str, bool]] = {}  # path → (key it came from, whether via a fused alias)
     problems: list[str] = []
-    for (stem, underscored, kind), parts in sorted(groups.items(), key=lambda g: g[0][:2]):
+    for (stem, underscored), parts in sorted(groups.items()):
         keys = [k for k, _ in parts.values()]
         targets = resolve_stem(stem, underscored, paths, patch)
         if targets is None:
@@ -161,7 +171,7 @@ def parse_deltas(
         def scale_for(rank: int, alpha: float | None, target: str = targets[0][0]) -> float:
             return _scale_for(target, rank, alpha, peft)
 
-        delta = kind.from_file_parts({part: t for part, (_, t) in parts.items()}, scale_for)
+        delta = build_delta(kinds[stem, underscored], {part: t for part, (_, t) in parts.items()}, scale_for)
         if isinstance(delta, str):
             problems.append(f"{stem}: {delta} (has {', '.join(sorted(keys))})")
             continue
@@ -231,20 +241,43 @@ def _format_name(fmt: str) -> str:
     return "mflux" if fmt == "comfyui" else fmt
 
 
-def _named(deltas: dict, prefix: str, style: str, alpha_always: bool, fold_scale: bool = False) -> dict:
+def _named(deltas: dict, prefix: str, style: str) -> dict:
     """Each module's parts behind `prefix + path` (the dotted conventions)."""
     out: dict[str, mx.array] = {}
     for path in sorted(deltas):
-        for suffix, tensor in deltas[path].file_parts(style, alpha_always, fold_scale).items():
+        for suffix, tensor in deltas[path].file_parts(style).items():
             out[f"{prefix}{path}{suffix}"] = tensor
     return out
 
 
 def _musubi(deltas: dict) -> dict:
+    """musubi-tuner's names; a LoKr's W1 written whole (musubi's LoKr merge reads only `lokr_w1`)."""
     out: dict[str, mx.array] = {}
     for path in sorted(deltas):
-        for suffix, tensor in deltas[path].file_parts(KOHYA).items():
+        delta = deltas[path]
+        delta = delta.with_full_w1() if isinstance(delta, LokrDelta) else delta
+        for suffix, tensor in delta.file_parts(KOHYA).items():
             out[kohya_name(path) + suffix] = tensor
+    return out
+
+
+def _diffusers(deltas: dict) -> dict:
+    """`transformer.<path>` + the diffusers parts. diffusers' Z-Image loader builds one PEFT config per
+    file: LoRA (DoRA when magnitudes are present: then on every layer) or LoKr, never a mix."""
+    out = _named(deltas, "transformer.", DIFFUSERS)
+    lokr = {k.rsplit(".lokr_", 1)[0] for k in out if ".lokr_" in k}
+    lora = {k.rsplit(".lora_", 1)[0] for k in out if ".lora_A." in k}
+    dora = {k.rsplit(".lora_", 1)[0] for k in out if k.endswith(".lora_magnitude_vector")}
+    if lokr and lora:
+        raise UserError(
+            "diffusers loads one adapter kind per file, and this adapter mixes LoKr layers with LoRA-type "
+            "layers; export it with --format comfyui (ComfyUI, zrecipe) instead."
+        )
+    if dora and dora != lora:
+        raise UserError(
+            "diffusers applies DoRA to every layer of a file, and this adapter has DoRA on only some of its "
+            "layers; export it with --format comfyui (ComfyUI, zrecipe) instead."
+        )
     return out
 
 
@@ -276,9 +309,15 @@ def fused_qkv(parts: dict[int, LoraDelta], name: str = "qkv") -> LoraDelta:
     """
     pairs = {}
     for index, delta in parts.items():
-        if delta.low_rank() is None:
-            raise UserError(f"{name}: a {delta.KIND} adapter cannot be written as a fused kohya qkv LoRA.")
-        pairs[index] = delta
+        lora = (
+            delta if isinstance(delta, LoraDelta) else delta.as_lora() if hasattr(delta, "as_lora") else None
+        )
+        if lora is None:
+            raise UserError(
+                f"{name}: ComfyUI's kohya names fuse q/k/v into one qkv, which a {delta.KIND} adapter on q/k/v "
+                "cannot be written as; export it with --format comfyui (ComfyUI maps those names itself)."
+            )
+        pairs[index] = lora
     r = max(d.rank for d in pairs.values())
     any_delta = next(iter(pairs.values()))
     in_dims, out_dims = any_delta.in_dims, any_delta.out_dims  # Z-Image: q, k and v are all dim → dim
@@ -301,11 +340,11 @@ def fused_qkv(parts: dict[int, LoraDelta], name: str = "qkv") -> LoraDelta:
 
 # How each format lays out a module's tensors (see the module docstring).
 _WRITERS = {
-    "mflux": lambda d: _named(d, "diffusion_model.", PEFT, alpha_always=False),
-    "diffusers": lambda d: _named(d, "transformer.", PEFT, alpha_always=False, fold_scale=True),
+    "mflux": lambda d: _named(d, "diffusion_model.", COMFY),
+    "diffusers": _diffusers,
     "kohya": _comfy_kohya,
     "musubi": _musubi,
-    "zrecipe": lambda d: _named(d, "", PEFT, alpha_always=True),
+    "zrecipe": lambda d: _named(d, "", ZRECIPE),
 }
 
 
@@ -328,6 +367,16 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+def _targets_json(deltas: dict) -> str:
+    """{path: {rank, alpha[, kind]}}: the kind only where it is not plain LoRA (LoRA files as before)."""
+    out = {}
+    for path, d in sorted(deltas.items()):
+        out[path] = {"rank": d.rank, "alpha": d.file_alpha}
+        if d.KIND != "lora":
+            out[path]["kind"] = d.KIND
+    return json.dumps(out)
+
+
 def adapter_file_metadata(deltas: dict, extra: dict | None = None) -> dict[str, str]:
     """zrecipe's adapter.safetensors metadata: format, rank and alpha (the one value, or the sorted distinct
     values as json), targets, version, and the caller's fields."""
@@ -339,9 +388,7 @@ def adapter_file_metadata(deltas: dict, extra: dict | None = None) -> dict[str, 
         "format": "zrecipe",
         "rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
         "alpha": str(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
-        "targets": json.dumps(
-            {p: {"rank": d.rank, "alpha": d.file_alpha} for p, d in sorted(deltas.items())}
-        ),
+        "targets": _targets_json(deltas),
         "zrecipe_version": __version__,
     }
     for key, value in (extra or {}).items():
@@ -367,17 +414,25 @@ def export_metadata(
     alphas = [d.file_alpha for d in deltas.values()]
     meta["rank"] = _common(ranks)
     meta["alpha"] = _common(alphas)
-    meta.setdefault(
-        "targets", json.dumps({p: {"rank": d.rank, "alpha": d.file_alpha} for p, d in sorted(deltas.items())})
-    )
+    meta.setdefault("targets", _targets_json(deltas))
     meta["format"] = fmt
     meta["exported_by"] = f"zrecipe {__version__}"
     if _format_name(fmt) == "diffusers":
         meta["lora_scale_folded"] = "true"  # alpha/rank already multiplied into lora_B
     if _format_name(fmt) in ("kohya", "musubi"):
+        kinds = sorted({d.KIND.removesuffix("+dora") for d in deltas.values()} - {"lora", "dora"})
+        network = {"ss_network_module": "networks.lora"}
+        if kinds:  # LyCORIS' kohya network module, as LyCORIS-aware tools expect it named
+            network = {
+                "ss_network_module": "lycoris.kohya",
+                "ss_network_args": json.dumps({"algo": kinds[0]}),
+            }
+        if any(d.KIND.endswith("dora") for d in deltas.values()):
+            network["ss_network_args"] = json.dumps({**json.loads(network.get("ss_network_args", "{}")),
+                                                     "dora_wd": True})  # fmt: skip
         meta.update(
             {
-                "ss_network_module": "networks.lora",
+                **network,
                 "ss_network_dim": meta["rank"],
                 "ss_network_alpha": meta["alpha"],
                 "ss_base_model_version": "z_image",

@@ -22,7 +22,7 @@ from zrecipe.lora.delta import part_of
 
 # Prefixes stripped before resolution. `lora_unet_` / `lora_transformer_` mark underscored (kohya) stems.
 _DOTTED_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
-_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
 
 # Z-Image's naming grammar, for kohya stems when no model is at hand (underscored leaf → dotted leaf).
 _BLOCK_RE = re.compile(r"^(layers|noise_refiner|context_refiner)_(\d+)_(.+)$", re.IGNORECASE)

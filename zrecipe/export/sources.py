@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from zrecipe.errors import CheckpointError, UserError
-from zrecipe.export.lora_formats import lora_from_tensors, write_lora
+from zrecipe.export.lora_formats import holds_adapter, lora_from_tensors, write_lora
 from zrecipe.recipe.schema import EXPORT_FORMATS
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -36,7 +36,7 @@ class ExportSource:
         """Full fine-tune weights (the whole transformer) rather than a LoRA adapter."""
         if self.metadata.get("format") == FULL_FORMAT:
             return True
-        return not any("lora" in k for k in self.tensors) and any(k.endswith(".weight") for k in self.tensors)
+        return not holds_adapter(self.tensors) and any(k.endswith(".weight") for k in self.tensors)
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:

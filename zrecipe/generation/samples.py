@@ -30,7 +30,9 @@ LABEL_HEIGHT = 28
 
 
 def _is_full_weights(tensors: dict, metadata: dict) -> bool:
-    return metadata.get("format") == "zrecipe-full" or not any("lora" in k for k in tensors)
+    from zrecipe.export.lora_formats import holds_adapter
+
+    return metadata.get("format") == "zrecipe-full" or not holds_adapter(tensors)
 
 
 def swap_in(transformer, adapter: Path | None, model_path: Path) -> Callable[[], None]:

@@ -9,9 +9,15 @@ delta class with the same small protocol (`AdapterDelta`), registered in `DELTA_
 - `low_rank()`: (A, B') with ΔW = B' @ A when the kind is a plain additive low-rank update (the fast
   unfused path of `MultiLoRALinear` stacks these), or None;
 - `scaled(strength)`: the same update times a strength;
-- `file_parts(style)` / `from_file_parts(parts, ...)`: the tensors of one module in a file convention
-  (`PEFT` names lora_A / lora_B, `KOHYA` names lora_down / lora_up) and back;
+- `file_parts(style)` / `from_file_parts(parts, scale_for)`: the tensors of one module in a file
+  convention (`STYLES`: zrecipe's adapter layout, ComfyUI/mflux, diffusers, kohya) and back;
+- `split_outputs(n)`: the update of a fused projection (qkv) as n row blocks;
 - `PART_PATTERNS`: the tensor-name endings that mark the kind's parts in a file.
+
+Parts every kind may carry (`SHARED_PARTS`): `.alpha`, and a weight-decomposition magnitude (DoRA's
+`.dora_scale` / PEFT's `.lora_magnitude_vector`), which turns the kind's update into its DoRA form
+(`zrecipe.lora.variants.DecomposedDelta`). `build_delta` turns one module's parts into its delta.
+The other kinds (DoRA, LoKr, LoHa, full `.diff`) live in `zrecipe.lora.variants` and register here.
 
 `fuse_linear(layer, ΔW)` is the one fuse: a quantised base is dequantised, updated in float32 and (by
 default) re-quantised with the same bits and group size.
@@ -26,9 +32,24 @@ from typing import ClassVar, Protocol
 import mlx.core as mx
 from mlx import nn
 
-PEFT = "peft"  # <path>.lora_A.weight / .lora_B.weight / .alpha
-KOHYA = "kohya"  # <name>.lora_down.weight / .lora_up.weight / .alpha
-_PART_NAMES = {PEFT: (".lora_A.weight", ".lora_B.weight"), KOHYA: (".lora_down.weight", ".lora_up.weight")}
+# File conventions a delta lays its tensors out in (`file_parts(style)`).
+ZRECIPE = "zrecipe"  # lora_A / lora_B names, alpha always (zrecipe's adapter layout, checkpoints)
+COMFY = "comfy"  # the same names, alpha only when the scale is not 1 (mflux, ComfyUI, ai-toolkit)
+DIFFUSERS = "diffusers"  # the same names, the scale folded into the weights and no alpha (diffusers / PEFT)
+KOHYA = "kohya"  # lora_down / lora_up names, alpha always (kohya, musubi-tuner)
+STYLES = (ZRECIPE, COMFY, DIFFUSERS, KOHYA)
+_PART_NAMES = {
+    ZRECIPE: (".lora_A.weight", ".lora_B.weight"),
+    COMFY: (".lora_A.weight", ".lora_B.weight"),
+    DIFFUSERS: (".lora_A.weight", ".lora_B.weight"),
+    KOHYA: (".lora_down.weight", ".lora_up.weight"),
+}
+# Parts any kind may carry: its alpha, and the magnitude of a weight-decomposed (DoRA) update.
+SHARED_PARTS: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(r"\.alpha$"), "alpha"),
+    (re.compile(r"\.dora_scale$"), "magnitude"),
+    (re.compile(r"\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$"), "magnitude"),
+)
 
 
 class AdapterDelta(Protocol):
@@ -55,7 +76,7 @@ class AdapterDelta(Protocol):
 
     def scaled(self, strength: float) -> AdapterDelta: ...
 
-    def file_parts(self, style: str, alpha_always: bool = True, fold_scale: bool = False) -> dict: ...
+    def file_parts(self, style: str) -> dict: ...
 
     @classmethod
     def from_file_parts(cls, parts: dict, scale_for) -> AdapterDelta | str: ...
@@ -120,7 +141,6 @@ class LoraDelta:
         (re.compile(r"\.lora_up\.weight$"), "up"),
         (re.compile(r"\.lora\.down\.weight$"), "down"),
         (re.compile(r"\.lora\.up\.weight$"), "up"),
-        (re.compile(r"\.alpha$"), "alpha"),
     )
 
     @property
@@ -154,14 +174,14 @@ class LoraDelta:
     def scaled(self, strength: float) -> LoraDelta:
         return LoraDelta(self.A, self.B, self.scale * float(strength), None)
 
-    def file_parts(self, style: str, alpha_always: bool = True, fold_scale: bool = False) -> dict:
+    def file_parts(self, style: str) -> dict:
         """{suffix: tensor} of this module in a file convention (float32; the writer casts)."""
         a, b = self.A.astype(mx.float32), self.B.astype(mx.float32)
         down, up = _PART_NAMES[style]
-        if fold_scale:  # diffusers reads a PEFT file without alphas as scale 1
+        if style == DIFFUSERS:  # diffusers reads a PEFT file without alphas as scale 1
             return {down: a, up: self.scale * b}
         parts = {down: a, up: b}
-        if alpha_always or self.scale != 1.0:
+        if style != COMFY or self.scale != 1.0:
             parts[".alpha"] = mx.array(self.file_alpha, dtype=mx.float32)
         return parts
 
@@ -209,11 +229,37 @@ class LoraDelta:
 DELTA_KINDS: dict[str, type] = {LoraDelta.KIND: LoraDelta}
 
 
-def part_of(key: str) -> tuple[str, type, str] | None:
-    """(key without its part ending, delta kind, part name) for a tensor name, None if no kind's part."""
+def part_of(key: str) -> tuple[str, type | None, str] | None:
+    """(key without its part ending, delta kind, part name) for a tensor name, None if no adapter part.
+    The kind is None for a shared part (alpha, magnitude), which joins whatever kind its module has."""
+    for pattern, part in SHARED_PARTS:
+        match = pattern.search(key)
+        if match:
+            return key[: match.start()], None, part
     for kind in DELTA_KINDS.values():
         for pattern, part in kind.PART_PATTERNS:
             match = pattern.search(key)
             if match:
                 return key[: match.start()], kind, part
     return None
+
+
+def build_delta(kinds: set[type], parts: dict, scale_for):
+    """The delta of one module from its parts ({part: tensor}) and the kinds they belong to; an error
+    message when they name no kind or several. A magnitude part makes it the kind's DoRA form."""
+    if not kinds:
+        return f"only {', '.join(sorted(parts))}: no adapter weights"
+    if len(kinds) > 1:
+        return "mixes the parts of " + " and ".join(sorted(k.KIND for k in kinds)) + " adapters"
+    own = dict(parts)
+    magnitude = own.pop("magnitude", None)
+    delta = next(iter(kinds)).from_file_parts(own, scale_for)
+    if isinstance(delta, str) or magnitude is None:
+        return delta
+    from zrecipe.lora.variants import DecomposedDelta
+
+    return DecomposedDelta.over(delta, magnitude)
+
+
+# The other kinds register themselves in DELTA_KINDS (imported last: they build on the names above).
+from zrecipe.lora import variants as _variants  # noqa: E402, F401

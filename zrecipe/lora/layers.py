@@ -9,12 +9,20 @@ Every kind derives from `AdapterLayer`, which gives it `to_delta()` (the update 
 - `MultiLoRALinear`: several LoRAs applied at once for generation: base(x) + (x @ A_cat^T) @ B_cat^T with
   every LoRA's A stacked and every strength · scale · B side by side (one low-rank matmul pair).
 
-`TRAINABLE_KINDS` maps an adapter kind name to the layer class training swaps in for it.
+`TRAINABLE_KINDS` maps an adapter kind name to the layer class training swaps in for it; DoRA, LoKr and
+LoHa are in `zrecipe.lora.variant_layers`.
+
+Adapter dropout (`dropout` > 0) zeroes inputs of the adapter path (never the base path) in training only:
+inside `adapter_dropout(key)`, which the train step enters with the step's PRNG key. Each layer's mask is
+a pure function of that key and the layer's `dropout_index`, so a step recomputed by gradient
+checkpointing draws the same masks and a resumed run the same as a straight one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import mlx.core as mx
@@ -23,11 +31,40 @@ from mlx import nn
 from zrecipe.errors import RecipeError
 from zrecipe.lora.delta import LoraDelta, dense_weight, fuse_linear, linear_dims, weight_dtype
 
+# The dropout key of the step being traced (set only inside `adapter_dropout`).
+_DROPOUT_KEY: list[mx.array | None] = [None]
+
+
+@contextmanager
+def adapter_dropout(key: mx.array) -> Iterator[None]:
+    """Adapter dropout on, with masks drawn from `key` (a step's PRNG key; the 3rd key of its split, apart
+    from the two the loss draws σ and noise from)."""
+    previous = _DROPOUT_KEY[0]
+    _DROPOUT_KEY[0] = mx.random.split(key, 3)[2]
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY[0] = previous
+
 
 class AdapterLayer(nn.Module):
-    """Base of every adapter layer. `TRAINABLE` names the parameters the optimiser updates."""
+    """Base of every adapter layer. `TRAINABLE` names the parameters the optimiser updates; `OPTIONS` the
+    recipe target fields (`LoraTarget`) besides rank, alpha and dropout that `from_base` takes."""
 
     TRAINABLE: ClassVar[tuple[str, ...]] = ()
+    OPTIONS: ClassVar[tuple[str, ...]] = ()
+    dropout: float = 0.0  # probability of zeroing an input of the adapter path (training only)
+    dropout_index: int = 0  # which mask of the step's dropout key this layer draws
+
+    def adapter_input(self, x: mx.array) -> mx.array:
+        """`x` with adapter dropout applied (inverted: kept inputs scaled by 1 / (1 − p)), or `x`."""
+        root = _DROPOUT_KEY[0]
+        if not self.dropout or not self.training or root is None:
+            return x
+        keep = 1.0 - self.dropout
+        key = mx.random.split(root, self.dropout_index + 1)[self.dropout_index]
+        mask = mx.random.bernoulli(keep, x.shape, key=key)
+        return mx.where(mask, x * (1.0 / keep), mx.zeros_like(x))
 
     def base_layer(self) -> nn.Module:
         """The frozen Linear / QuantizedLinear inside."""
@@ -53,21 +90,26 @@ class LoRALinear(AdapterLayer):
 
     TRAINABLE = ("lora_a", "lora_b")
 
-    @staticmethod
-    def from_base(linear: nn.Module, rank: int = 8, alpha: float | None = None) -> LoRALinear:
+    @classmethod
+    def from_base(
+        cls, linear: nn.Module, rank: int = 8, alpha: float | None = None, dropout: float = 0.0
+    ) -> LoRALinear:
         """Wrap `linear`; A ~ U(±1/sqrt(in)) as in mlx-examples, B = 0, scale = alpha / rank."""
         out_dims, in_dims = linear_dims(linear)
-        lora = LoRALinear(in_dims, out_dims, rank, rank if alpha is None else alpha)
+        lora = cls(in_dims, out_dims, rank, rank if alpha is None else alpha, dropout)
         lora.linear = linear
         return lora
 
-    def __init__(self, input_dims: int, output_dims: int, rank: int = 8, alpha: float = 8.0):
+    def __init__(
+        self, input_dims: int, output_dims: int, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0
+    ):
         super().__init__()
         if rank < 1:
             raise RecipeError(f"LoRA rank must be at least 1 (got {rank}).")
         self.linear = nn.Linear(input_dims, output_dims, bias=False)
         self.rank = int(rank)
         self.alpha = float(alpha)
+        self.dropout = float(dropout)
         bound = 1.0 / math.sqrt(input_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, rank))
         self.lora_b = mx.zeros((rank, output_dims))
@@ -79,7 +121,7 @@ class LoRALinear(AdapterLayer):
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
         # Low-rank path in the activation dtype (bf16 compute keeps the fp32 adapter as master copy).
-        z = (x @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        z = (self.adapter_input(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + (self.scale * z).astype(y.dtype)
 
     def base_layer(self) -> nn.Module:
@@ -101,8 +143,8 @@ class LoRALinear(AdapterLayer):
 
     def set_delta(self, delta: LoraDelta) -> bool:
         """Take `delta`'s factors in place (keeping the module the optimiser state refers to); False when
-        its rank or sizes do not fit this layer."""
-        if (delta.rank, delta.in_dims, delta.out_dims) != (
+        its kind, rank or sizes do not fit this layer."""
+        if not isinstance(delta, LoraDelta) or (delta.rank, delta.in_dims, delta.out_dims) != (
             self.rank,
             self.lora_a.shape[0],
             self.lora_b.shape[1],
@@ -111,8 +153,10 @@ class LoRALinear(AdapterLayer):
         alpha = delta.file_alpha
         if float(mx.array(self.alpha, dtype=mx.float32).item()) != alpha:
             self.alpha = float(alpha)  # the file stores float32: keep the exact Python value if equal
-        self.lora_a = delta.A.T.astype(mx.float32)
-        self.lora_b = delta.B.T.astype(mx.float32)
+        # Row-major copies, like fresh parameters: a transposed view would take other BLAS paths (another
+        # rounding), and a resumed run must compute exactly what the straight one does.
+        self.lora_a = mx.contiguous(delta.A.T.astype(mx.float32))
+        self.lora_b = mx.contiguous(delta.B.T.astype(mx.float32))
         return True
 
 
@@ -180,3 +224,7 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
         elif isinstance(module, (nn.Linear, nn.QuantizedLinear)):
             shapes[path] = linear_dims(module)
     return {p: s for p, s in shapes.items() if p.rsplit(".", 1)[0] not in wrapped}
+
+
+# DoRA, LoKr and LoHa layers register themselves in TRAINABLE_KINDS (last: they build on the names above).
+from zrecipe.lora import variant_layers as _variant_layers  # noqa: E402, F401

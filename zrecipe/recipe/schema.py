@@ -35,6 +35,10 @@ from zrecipe.models.z_image.vocabulary import (  # noqa: F401
 # Names the recipe language knows (not defaults: the closed sets values are checked against).
 MODEL_PRESETS = ("z-image", "z-image-turbo", "tiny")
 MODES = ("lora", "full")
+# Adapter kinds a LoRA target can train (zrecipe.lora: LoRA, DoRA, LyCORIS LoKr and LoHa), and the target
+# fields only LoKr reads.
+LORA_KINDS = ("lora", "dora", "lokr", "loha")
+LOKR_OPTIONS = ("factor", "decompose_both", "full_matrix")
 CAPTION_KINDS = ("sidecar", "manifest", "filename", "inline", "template")
 TEMPLATE_FIELDS = ("trigger", "caption", "filename")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -146,7 +150,10 @@ class Optimizer:
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """LoRA on `layer_types` of blocks `start <= i < end` of `block_type` (`end=None`: to the last)."""
+    """An adapter of `kind` on `layer_types` of blocks `start <= i < end` of `block_type` (`end=None`: to
+    the last). `dropout`: LoRA dropout on the adapter path's input (training only). LoKr only, defaults
+    as LyCORIS': `factor` (-1: the factors nearest the square root), `decompose_both` (W1 low-rank too),
+    `full_matrix` (W2 a full matrix whatever the rank)."""
 
     block_type: Literal["layers", "noise_refiner", "context_refiner"]
     start: int = 0
@@ -154,6 +161,11 @@ class LoraTarget:
     layer_types: tuple[str, ...] = DEFAULT_LORA_LAYER_TYPES
     rank: int = DEFAULT_LORA_RANK
     alpha: float = float(DEFAULT_LORA_RANK)
+    kind: Literal["lora", "dora", "lokr", "loha"] = "lora"
+    dropout: float = 0.0
+    factor: int = -1
+    decompose_both: bool = False
+    full_matrix: bool = False
 
 
 @dataclass(frozen=True)

@@ -51,14 +51,23 @@ def _dataset(d: Dataset) -> dict[str, Any]:
     return out
 
 
+# Target fields written only when they differ from their default, so a plain LoRA recipe resolves (and
+# hashes, and keys its train step) as it did before adapter kinds existed.
+_TARGET_OPTIONAL = ("kind", "dropout", "factor", "decompose_both", "full_matrix")
+
+
 def _target(t: LoraTarget) -> dict[str, Any]:
-    return {
+    out = {
         "blocks": t.block_type,
         "range": [t.start, t.end],
         "layer_types": list(t.layer_types),
         "rank": t.rank,
         "alpha": t.alpha,
     }
+    for name in _TARGET_OPTIONAL:
+        if getattr(t, name) != getattr(LoraTarget, name):
+            out[name] = getattr(t, name)
+    return out
 
 
 def lora_target_from_dict(d: dict[str, Any]) -> LoraTarget:

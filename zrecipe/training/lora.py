@@ -33,15 +33,16 @@ def _block_count(modules: dict[str, nn.Module], block_type: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def resolve_targets(model: nn.Module, targets: Iterable[Any]) -> list[tuple[str, int, float, str]]:
-    """(module path, rank, alpha, kind) for every target; raises one RecipeError listing targets that
+def resolve_targets(model: nn.Module, targets: Iterable[Any]) -> list[tuple[str, Any]]:
+    """(module path, its target) for every targeted layer; raises one RecipeError listing targets that
     match nothing.
 
     A target is any object with block_type, start, end (exclusive), layer_types, rank, alpha
-    (`zrecipe.recipe.LoraTarget`) and optionally `kind` (an adapter kind of `TRAINABLE_KINDS`; "lora").
+    (`zrecipe.recipe.LoraTarget`) and optionally `kind` (an adapter kind of `TRAINABLE_KINDS`; "lora"),
+    `dropout` and the kind's `OPTIONS` (LoKr: factor, decompose_both, full_matrix).
     """
     modules = _children(model)
-    found: dict[str, tuple[str, int, float, str]] = {}
+    found: dict[str, tuple[str, Any]] = {}
     problems: list[str] = []
     for target in targets:
         count = _block_count(modules, target.block_type)
@@ -72,25 +73,37 @@ def resolve_targets(model: nn.Module, targets: Iterable[Any]) -> list[tuple[str,
                     + (" (context_refiner blocks have no adaLN_modulation)" if "adaLN" in layer_type else "")
                 )
             for path in usable:
-                found[path] = (path, int(target.rank), float(target.alpha), getattr(target, "kind", "lora"))
+                found[path] = (path, target)
     if problems:
         raise RecipeError("LoRA targets that match nothing: " + "; ".join(problems), problems)
     return list(found.values())
 
 
 def apply_lora(model: nn.Module, targets: Iterable[Any]) -> list[str]:
-    """Freeze `model`, swap an adapter layer in at every target path; returns the wrapped module paths."""
+    """Freeze `model`, swap an adapter layer in at every target path; returns the wrapped module paths.
+
+    Layers get their `dropout_index` in path order, so their dropout masks do not depend on target order.
+    """
     resolved = resolve_targets(model, targets)
     modules = _children(model)
     model.freeze()
     updates = []
-    for path, rank, alpha, kind in resolved:
+    dropout_index = {path: i for i, path in enumerate(sorted(path for path, _ in resolved))}
+    for path, target in resolved:  # in target order: the order the layers draw their initial values
+        kind = getattr(target, "kind", "lora")
         if kind not in TRAINABLE_KINDS:
             raise RecipeError(f"LoRA kind {kind!r} is not known (use one of {', '.join(TRAINABLE_KINDS)}).")
         base = modules[path]
         if isinstance(base, AdapterLayer):  # a later target overrides an earlier one on the same layer
             base = base.base_layer()
-        updates.append((path, TRAINABLE_KINDS[kind].from_base(base, rank=rank, alpha=alpha)))
+        cls = TRAINABLE_KINDS[kind]
+        options = {name: getattr(target, name) for name in cls.OPTIONS if hasattr(target, name)}
+        layer = cls.from_base(
+            base, rank=int(target.rank), alpha=float(target.alpha), dropout=float(getattr(target, "dropout", 0.0)),
+            **options,
+        )  # fmt: skip
+        layer.dropout_index = dropout_index[path]
+        updates.append((path, layer))
     model.update_modules(_unflatten_modules(updates))
     for _, layer in updates:
         _train_only_adapter(layer)
@@ -127,8 +140,8 @@ def adapter_deltas(model: nn.Module) -> dict:
 
 
 def lora_weights(model: nn.Module) -> dict[str, tuple[mx.array, mx.array, float]]:
-    """{module path: (A (r, in), B (out, r), alpha)} in the adapter-file orientation."""
-    return {p: (d.A, d.B, d.alpha) for p, d in adapter_deltas(model).items()}
+    """{module path: (A (r, in), B (out, r), alpha)} of the plain LoRA layers, adapter-file orientation."""
+    return {p: (d.A, d.B, d.alpha) for p, d in adapter_deltas(model).items() if d.KIND == "lora"}
 
 
 def fuse_lora(model: nn.Module) -> list[str]:

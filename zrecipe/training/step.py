@@ -19,6 +19,7 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_map
 
+from zrecipe.lora.layers import adapter_dropout
 from zrecipe.training import distributed as dist
 from zrecipe.training.data import BatchIterator
 from zrecipe.training.objective import Objective
@@ -51,7 +52,8 @@ def make_step(
 
     @partial(mx.compile, inputs=state, outputs=state)
     def compiled(batch, key, prev_grad, do_update, share=None):
-        loss, grad = loss_and_grad(model, batch, key, share)
+        with adapter_dropout(key):  # LoRA dropout masks from the step's key (recomputed blocks included)
+            loss, grad = loss_and_grad(model, batch, key, share)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
