@@ -7,13 +7,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_training import quiet_train
 
 from zrecipe.models.z_image.tiny import create_tiny_model
 from zrecipe.models.z_image.transformer import load_transformer
 from zrecipe.recipe import LoraTarget, Optimizer
 from zrecipe.training.checkpoint import read_checkpoint
 from zrecipe.training.data import Example
-from zrecipe.training.loop import TrainSettings, train
+from zrecipe.training.loop import TrainSettings
 
 ATTN = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
 FFN = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0")
@@ -71,17 +72,22 @@ def test_resume_is_bit_exact_for_every_kind(tiny_path, tmp_path, kind):
     model = load_transformer(tiny_path, dtype="float32")
     examples = _examples(model.config.cap_feat_dim)
     empty = np.zeros((3, model.config.cap_feat_dim), np.float32)
-    straight = train(
-        model, examples, empty, cfg, tmp_path / "straight", model_identity="tiny", progress=False
-    )
+    straight = quiet_train(model, examples, empty, cfg, tmp_path / "straight", "tiny")
     half = tmp_path / "straight" / "checkpoints" / f"{n // 2:07d}_checkpoint.zip"
     adapter = read_checkpoint(half).adapter
     for part in PARTS[kind]:  # the kind's own parameters are in the zip, and they trained
         assert f"layers.0.attention.to_q{part}" in adapter
     assert "layers.0.feed_forward.w1.lora_A.weight" in adapter
 
-    resumed = train(load_transformer(tiny_path, dtype="float32"), examples, empty, cfg, tmp_path / "resumed",
-                    model_identity="tiny", resume_from=half, progress=False)  # fmt: skip
+    resumed = quiet_train(
+        load_transformer(tiny_path, dtype="float32"),
+        examples,
+        empty,
+        cfg,
+        tmp_path / "resumed",
+        "tiny",
+        resume_from=half,
+    )
     assert resumed.step == n
     for member in ("adapter", "optimizer"):
         a, b = (getattr(read_checkpoint(r.checkpoint), member) for r in (straight, resumed))
@@ -103,8 +109,8 @@ def test_dropout_masks_survive_gradient_checkpointing(tiny_path, tmp_path):
     for name, overrides in (("plain", {}), ("ckpt", {"gradient_checkpointing": True})):
         model = load_transformer(tiny_path, dtype="float32")
         examples = _examples(model.config.cap_feat_dim, wide=0)
-        result = train(model, examples, np.zeros((2, model.config.cap_feat_dim), np.float32),
-                       _settings("dora", 3, **overrides), tmp_path / name, progress=False)  # fmt: skip
+        result = quiet_train(model, examples, np.zeros((2, model.config.cap_feat_dim), np.float32),
+                             _settings("dora", 3, **overrides), tmp_path / name)  # fmt: skip
         histories[name] = [h["loss"] for h in result.history]
     assert np.allclose(histories["plain"], histories["ckpt"], rtol=1e-5)
 
@@ -113,6 +119,6 @@ def test_dropout_masks_survive_gradient_checkpointing(tiny_path, tmp_path):
     )
     model = load_transformer(tiny_path, dtype="float32")
     examples = _examples(model.config.cap_feat_dim, wide=0)
-    result = train(model, examples, np.zeros((2, model.config.cap_feat_dim), np.float32),
-                   _settings("dora", 3, lora_targets=no_dropout), tmp_path / "off", progress=False)  # fmt: skip
+    result = quiet_train(model, examples, np.zeros((2, model.config.cap_feat_dim), np.float32),
+                         _settings("dora", 3, lora_targets=no_dropout), tmp_path / "off")  # fmt: skip
     assert [h["loss"] for h in result.history][1:] != histories["plain"][1:]

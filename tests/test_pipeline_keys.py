@@ -176,3 +176,26 @@ def plan_recipe_node(recipe: Path, tmp_path: Path):
 
     (node,) = plan_recipe(load_recipe(recipe), tmp_path / "cache").plan.nodes["train"]
     return node.node
+
+
+def test_every_lora_target_field_survives_the_train_params():
+    """The train step rebuilds its LoRA targets from the train params: no field may be lost on the way
+    (a kind, dropout or LoKr option dropped there trains something other than what the key says)."""
+    import dataclasses
+
+    from zrecipe.recipe import LoraTarget
+    from zrecipe.recipe.serialize import _target, lora_target_from_dict
+
+    plain = LoraTarget("layers", 0, 4, LAYER_TYPES[:2], rank=4, alpha=8.0)
+    every = LoraTarget(
+        "noise_refiner", 1, None, LAYER_TYPES[4:6], rank=2, alpha=1.0, kind="lokr", dropout=0.25,
+        factor=4, decompose_both=True, full_matrix=True,
+    )  # fmt: skip
+    for target in (plain, every):
+        assert lora_target_from_dict(_target(target)) == target
+    # Every field of LoraTarget is covered by this check (a new field must be added to the serialiser too).
+    assert {f.name for f in dataclasses.fields(LoraTarget)} <= set(dataclasses.asdict(every))
+    changed = {
+        f.name for f in dataclasses.fields(LoraTarget) if getattr(every, f.name) != getattr(plain, f.name)
+    }
+    assert changed == {f.name for f in dataclasses.fields(LoraTarget)}

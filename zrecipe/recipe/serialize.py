@@ -71,9 +71,11 @@ def _target(t: LoraTarget) -> dict[str, Any]:
 
 
 def lora_target_from_dict(d: dict[str, Any]) -> LoraTarget:
-    """The inverse of the resolved form of a LoRA target (`{blocks, range, layer_types, rank, alpha}`)."""
+    """The inverse of `_target`, the resolved form of a LoRA target (`{blocks, range, layer_types, rank,
+    alpha}` plus the optional fields that differ from their defaults: kind, dropout, LoKr options)."""
     start, end = d["range"]
-    return LoraTarget(d["blocks"], start, end, tuple(d["layer_types"]), d["rank"], d["alpha"])
+    optional = {name: d[name] for name in _TARGET_OPTIONAL if name in d}
+    return LoraTarget(d["blocks"], start, end, tuple(d["layer_types"]), d["rank"], d["alpha"], **optional)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
