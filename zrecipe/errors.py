@@ -119,6 +119,32 @@ def is_environment_error(exc: BaseException) -> bool:
     return exc.errno in ENVIRONMENT_ERRNOS or exc.filename is not None
 
 
+# Below this much free space on the store's disk, a step that failed writing is taken to have met a full
+# disk even when its library reported it without an errno (MLX raises RuntimeError("[write] ...")).
+LOW_SPACE_BYTES = 16 * 2**20
+
+
+def disk_full(exc: BaseException, folder: str | os.PathLike[str]) -> EnvironmentProblem | None:
+    """The EnvironmentProblem for a failure that is really a full disk at `folder` (little space left, or
+    a library's "unable to write"), else None."""
+    import re
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    says_write = bool(re.search(r"unable to write|no space left", str(exc), re.IGNORECASE))
+    if free >= LOW_SPACE_BYTES and not says_write:
+        return None
+    problem = EnvironmentProblem(
+        f"{folder}: the disk is full or nearly ({free / 2**20:.1f} MiB free) and writing failed ({exc}); free some "
+        "space (`zrecipe gc` removes old store entries) or move the store to a bigger disk, then run again."
+    )
+    problem.__cause__ = exc
+    return problem
+
+
 def os_problem(exc: OSError, what: str | None = None, fix: str | None = None) -> EnvironmentProblem:
     """The EnvironmentProblem for `exc`: `<what> <path>: <what is wrong>; <what to do>`.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputDamaged, UserError, is_environment_error, os_problem
+from ..errors import InputDamaged, UserError, disk_full, is_environment_error, os_problem
 from .graph import Node, Ref
 from .store import Store
 
@@ -92,6 +92,8 @@ class RunContext:
             damaged = error.key
         if isinstance(error, BaseException) and is_environment_error(error):
             error = os_problem(error)  # type: ignore[arg-type]
+        elif isinstance(error, Exception) and not isinstance(error, (UserError, InputDamaged)):
+            error = disk_full(error, self.store.root) or error  # MLX reports a full disk as RuntimeError
         if isinstance(error, BaseException):
             user = isinstance(error, UserError) or bool(damaged)  # damage is the machine's, not a bug
             text = (

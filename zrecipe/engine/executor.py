@@ -77,6 +77,22 @@ def _mp_context(name: str | None):
     return multiprocessing.get_context(name)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux, ask the kernel to kill this worker when the build process dies (a
+    forked worker of a kill -9'ed build would otherwise wait on its task queue forever)."""
+    if not sys.platform.startswith("linux"):
+        return  # spawned workers (macOS) see their queue close when the parent dies
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the build died before the request took effect
+        os._exit(1)
+
+
 def _run_kind(
     sk: StepKind,
     tasks: list[Task],
@@ -96,7 +112,12 @@ def _run_kind(
     batch = sk.item_batch or max(1, min(256, math.ceil(len(tasks) / (jobs * 4))))
     chunks = [tasks[i : i + batch] for i in range(0, len(tasks), batch)]
     outcomes: dict[str, Outcome] = {}
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=_mp_context(mp_context))
+    pool = ProcessPoolExecutor(
+        max_workers=min(jobs, len(chunks)),
+        mp_context=_mp_context(mp_context),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
         futures = {
             pool.submit(run_chunk, sk.run, chunk, str(store.root), store.fsync, data, skipped): chunk
@@ -235,7 +256,7 @@ def execute(
         report.seconds = time.perf_counter() - t0
         report.measure_memory()
         report.repaired = sorted(set(repaired or ()) | set(damaged))
-        _finish(plan, store, done, pending, report, report_path, raise_errors=finished)
+        _finish(plan, store, done, pending, report, report_path, raise_errors=finished and not failures)
     if failures:
         err = StepFailed(_failure_message(failures))
         err.failures = failures  # type: ignore[attr-defined]
@@ -253,21 +274,21 @@ def _finish(plan, store, done, pending, report, report_path, raise_errors: bool)
     """Write the build record and the report, and drop the pending list. When an exception is already on
     its way out (`raise_errors` False), a failure here (a full disk) must not hide it: it becomes a
     warning. Otherwise it is raised as the EnvironmentProblem naming the file."""
-    problems: list[OSError] = []
-    for write in (
-        lambda: _write_record(plan, store, done),
-        lambda: pending.unlink(missing_ok=True),
-        lambda: report.write(report_path) if report_path is not None else None,
+    problems: list[tuple[str, OSError]] = []
+    for what, write in (
+        ("writing the build record", lambda: _write_record(plan, store, done)),
+        ("removing the pending list", lambda: pending.unlink(missing_ok=True)),
+        ("writing the build report", lambda: report.write(report_path) if report_path is not None else None),
     ):
         try:
             write()
         except OSError as exc:
-            problems.append(exc)
+            problems.append((what, exc))
     if not problems:
         return
-    first = os_problem(problems[0], "writing the build record", FINISH_FIX)
+    first = os_problem(problems[0][1], problems[0][0], FINISH_FIX)
     if raise_errors:
-        raise first from problems[0]
+        raise first from problems[0][1]
     warnings.warn(str(first), ZRecipeWarning, stacklevel=3)
 
 

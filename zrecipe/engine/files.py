@@ -73,7 +73,14 @@ def read_verified(path: str | os.PathLike[str], expected: str) -> bytes:
     Raises InputChanged ("changed during the build; run it again") when they differ: whatever is made from
     these bytes must not be stored under a key computed from the old content.
     """
-    data = read_regular(path)
+    try:
+        data = read_regular(path)
+    except FileNotFoundError:
+        raise InputChanged(
+            f"{os.fspath(path)}: the file was removed during the build; put it back or run the build again "
+            "(it then leaves the dataset)",
+            items=[os.fspath(path)],
+        ) from None
     if xxhash.xxh128_hexdigest(data) != expected:
         raise InputChanged(
             f"{os.fspath(path)}: the file changed during the build (its content no longer matches the plan); "
@@ -114,6 +121,11 @@ def copy_verified(src: str | os.PathLike[str], dst: str | os.PathLike[str], expe
             tmp.unlink()
             return False
         os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write names no file: say which one (a full disk at dst)
+            raise OSError(exc.errno, exc.strerror, os.fspath(dst)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -25,6 +25,22 @@ _held: dict[str, list] = {}
 _held_guard = threading.Lock()
 
 
+def _forget_in_child() -> None:
+    """In a forked child (a worker process of a parallel step): close the inherited lock files. A flock
+    belongs to the open file, which the child shares: a worker that outlives a killed build would
+    otherwise keep the store locked for as long as it lives."""
+    for fd, _count in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class StoreLock:
     """`with StoreLock(root, timeout=600): ...` — exclusive lock on `<root>/LOCK`.
 

@@ -29,7 +29,7 @@ from typing import Literal
 
 import xxhash
 
-from ..errors import InputDamaged, os_problem
+from ..errors import EnvironmentProblem, InputDamaged, os_problem
 from .files import copy_verified, probe_writable
 from .statcache import UNWRITABLE_FIX, hash_file
 
@@ -68,6 +68,11 @@ def prepare_root(root: str | os.PathLike[str]) -> Path:
     """Create the store folder `root` if needed and check that builds can write there; an OS fault (a
     file in the way, a read-only disk, no permission) becomes the EnvironmentProblem that says so."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise EnvironmentProblem(
+            f"the store folder (--cache / `cache:`) {root} is a file; the store is a folder: pass --cache "
+            "with a folder (created if missing), or move that file away."
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe_writable(root)

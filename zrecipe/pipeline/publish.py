@@ -75,7 +75,7 @@ def publish(plan, store, recipe, report=None) -> dict[str, list[str]]:
     try:
         return _publish(plan, store, recipe, report, out)
     except OSError as exc:
-        raise os_problem(exc, "publishing the outputs:", "free some space or fix the output folder, then run "
+        raise os_problem(exc, "publishing the outputs to", "free some space or fix the output folder, then run "
                          "the build again (the store keeps every result)") from exc  # fmt: skip
 
 
