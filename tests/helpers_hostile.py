@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,23 @@ def assert_store_consistent(cache: Path) -> None:
 def temp_files(folder: Path) -> list[Path]:
     """Temp files zrecipe writes beside their destination (`.<name>.tmp-...`, `.tmp-...`)."""
     return [p for p in folder.rglob("*") if ".tmp-" in p.name or p.name.startswith(".zrecipe-probe")]
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (TimeoutError) instead of hanging when the block blocks longer than `seconds` — e.g. an
+    `open()` of a FIFO nobody writes to (the alarm interrupts the system call)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"blocked for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @contextlib.contextmanager

@@ -19,8 +19,6 @@ from helpers_hostile import (
 )
 
 import zrecipe.engine.executor as executor
-from zrecipe.engine.files import read_verified
-from zrecipe.errors import InputChanged
 
 
 def _change_after_planning(monkeypatch, path, new_bytes) -> None:
@@ -98,6 +96,9 @@ def test_recipe_edited_between_builds_never_mixes(tmp_path, tiny_model):
 
 def test_read_verified_refuses_other_bytes(tmp_path):
     import xxhash
+
+    from zrecipe.engine.files import read_verified
+    from zrecipe.errors import InputChanged
 
     f = tmp_path / "a.bin"
     f.write_bytes(b"planned")

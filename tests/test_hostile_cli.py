@@ -10,8 +10,6 @@ import sys
 import pytest
 from helpers_hostile import make_project, run_cli, run_subprocess
 
-from zrecipe.cli.generate import expand_generate_args
-
 USAGE_ERRORS = [
     (["build", "--no-such-flag", "r.yaml"], "No such option: --no-such-flag"),
     (["generate", "--promt", "x"], "No such option: --promt"),
@@ -116,11 +114,15 @@ def test_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
     ],
 )  # fmt: skip
 def test_expand_generate_args(given, expected):
+    from zrecipe.cli.generate import expand_generate_args
+
     # The LoRA options come first, paths then scales; everything else follows in its order.
     assert expand_generate_args(["generate", *given]) == ["generate", *expected]
 
 
 def test_other_commands_are_not_rewritten():
+    from zrecipe.cli.generate import expand_generate_args
+
     argv = ["build", "r.yaml", "--lora-paths", "A", "B"]
     assert expand_generate_args(argv) == argv
 

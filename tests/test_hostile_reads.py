@@ -7,12 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers_hostile import make_project, run_subprocess, write_recipe
-
-from zrecipe.data.captions import read_files
-from zrecipe.engine import StatCache
-from zrecipe.engine.files import FileTooLarge, NotRegularFile, read_regular
-from zrecipe.engine.statcache import MAX_SMALL_FILE_BYTES
+from helpers_hostile import deadline, make_project, run_subprocess, write_recipe
 
 MANIFEST_RECIPE = """\
 model: tiny
@@ -62,7 +57,7 @@ def test_caption_sidecar_that_is_huge(tmp_path):
     recipe = make_project(tmp_path, "tiny")
     side = _sidecar(tmp_path)
     with open(side, "wb") as f:
-        f.truncate(MAX_SMALL_FILE_BYTES + 1)  # sparse: cheap to make, expensive to read whole
+        f.truncate((1 << 20) + 1)  # sparse: cheap to make, expensive to read whole
     rc, text = _plan(recipe)
     assert rc == 2 and "is larger than 1,048,576 bytes" in text and "is it the right file?" in text
 
@@ -78,7 +73,8 @@ def test_caption_manifest_that_is_a_fifo(tmp_path):
     # Swapped in after loading, the manifest reader refuses it too, without blocking.
     from zrecipe.data.manifest import manifest_entries
 
-    ((_, _, _, problem),) = manifest_entries(fifo)
+    with deadline(10):
+        ((_, _, _, problem),) = manifest_entries(fifo)
     assert problem == f"{fifo}: the manifest is a FIFO (named pipe), not a regular file; fix `captions.file`"
 
 
@@ -106,16 +102,21 @@ def test_skip_hint_is_not_given_when_skip_is_set(tmp_path):
 
 
 def test_readers_refuse_non_regular_files_directly(tmp_path):
+    from zrecipe.data.captions import read_files
+    from zrecipe.engine import StatCache
+    from zrecipe.engine.files import FileTooLarge, NotRegularFile, read_regular
+
     fifo = tmp_path / "f"
     os.mkfifo(fifo)
-    with pytest.raises(NotRegularFile):
-        read_regular(fifo)  # returns at once: opened non-blocking, checked with fstat
-    with pytest.raises(FileTooLarge):
-        read_regular(_sparse(tmp_path), limit=10)
-    result = read_files([str(fifo)])
-    assert isinstance(result[str(fifo)], NotRegularFile)
-    with StatCache(tmp_path / "stat.sqlite") as sc:
-        assert isinstance(sc.read_small_files([fifo])[str(fifo)], NotRegularFile)
+    with deadline(10):
+        with pytest.raises(NotRegularFile):
+            read_regular(fifo)  # returns at once: opened non-blocking, checked with fstat
+        with pytest.raises(FileTooLarge):
+            read_regular(_sparse(tmp_path), limit=10)
+        result = read_files([str(fifo)])
+        assert isinstance(result[str(fifo)], NotRegularFile)
+        with StatCache(tmp_path / "stat.sqlite") as sc:
+            assert isinstance(sc.read_small_files([fifo])[str(fifo)], NotRegularFile)
 
 
 def _sparse(tmp_path):

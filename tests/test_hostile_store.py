@@ -21,7 +21,7 @@ from helpers_hostile import (
     zrecipe,
 )
 
-from zrecipe.engine import Record, StepKind, Store, StoreLock, build, execute, plan, verify_store
+from zrecipe.engine import Record, StepKind, Store, StoreLock, build, execute, plan
 from zrecipe.errors import StepFailed
 
 OUTPUT_FILES = ("adapter.safetensors", "loss.json", "loss.png", "exports/recipe_mflux.safetensors")
@@ -163,6 +163,8 @@ def test_doctor_store_and_gc_verify_find_damage(tmp_path, tiny_model, capsys):
 
 
 def test_verify_store_engine_level(tmp_path):
+    from zrecipe.engine import verify_store
+
     e = Env(tmp_path, n=3)
     e.build()
     assert verify_store(e.store).ok

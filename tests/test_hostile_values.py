@@ -9,8 +9,8 @@ import warnings
 import pytest
 from helpers_hostile import make_project, run_cli, write_recipe
 
-from zrecipe.errors import ZRecipeWarning
-from zrecipe.pipeline.checks import MAX_EPOCH_EXAMPLES, block_counts, layer_shapes
+# Ten million examples per epoch (zrecipe.pipeline.checks.MAX_EPOCH_EXAMPLES).
+MAX_EPOCH_EXAMPLES = 10_000_000
 
 
 def test_repeats_too_large_for_an_epoch(tmp_path, capsys):
@@ -50,6 +50,7 @@ def test_layer_shapes_match_the_real_modules(tiny_model):
     import mlx.nn as nn
 
     from zrecipe.models.z_image.transformer import load_transformer
+    from zrecipe.pipeline.checks import block_counts, layer_shapes
 
     config = json.loads((tiny_model / "transformer" / "config.json").read_text())
     model = load_transformer(tiny_model)
@@ -88,6 +89,8 @@ def test_long_captions_are_counted_at_plan_time(tmp_path, tiny_model, capsys):
 
 
 def test_no_warning_for_short_captions(tmp_path, tiny_model, capsys):
+    from zrecipe.errors import ZRecipeWarning
+
     recipe = make_project(tmp_path, tiny_model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ZRecipeWarning)

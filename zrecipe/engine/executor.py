@@ -178,7 +178,7 @@ def execute(
         try:
             write_atomic(pending, "\n".join(sorted({p.key for p in plan.stale()})).encode(), fsync=False)
         except OSError as exc:
-            raise os_problem(exc, "the store: writing", FINISH_FIX) from exc
+            raise os_problem(exc, "writing the build's pending list", FINISH_FIX) from exc
     bar = _progress(progress)
     try:
         if bar is not None:
@@ -373,9 +373,10 @@ def build(
                     raise
                 found = sorted(set(exc.damaged))  # type: ignore[attr-defined]
                 repaired.extend(found)
+                one = len(found) == 1
                 print(
-                    f"{len(found)} store entr{'y' if len(found) == 1 else 'ies'} failed the hash check while "
-                    "being read and were discarded; rebuilding", file=sys.stderr,
+                    f"{len(found)} store entr{'y' if one else 'ies'} failed the hash check while being read "
+                    f"and {'was' if one else 'were'} discarded; rebuilding", file=sys.stderr,
                 )  # fmt: skip
     raise AssertionError("unreachable")  # the loop returns or raises
 
