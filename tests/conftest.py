@@ -45,3 +45,11 @@ def _offline_switch_does_not_leak():
         os.environ.pop("HF_HUB_OFFLINE", None)
     else:
         os.environ["HF_HUB_OFFLINE"] = before
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random-weight Z-Image folder in the real layout, made once per test session."""
+    from zrecipe.models.z_image.tiny import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("model") / "tiny")

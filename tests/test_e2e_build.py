@@ -217,6 +217,9 @@ def test_corrupt_image_fails_with_its_name_or_is_skipped(tmp_path, tiny_model, c
 def test_seed_lora_config_builds(tmp_path, tiny_model):
     config = json.loads((REPO / "tests" / "fixtures" / "seed" / "lora_config.json").read_text())
     config["model"] = str(tiny_model)
+    # The seed's range is the real model's 30 blocks; the tiny model has 2 (a range past the last block is
+    # refused, not clamped: tests/test_hostile_values.py).
+    config["lora_layers"]["main_layers"]["block_range"]["end"] = 2
     config["training_loop"] = {"num_epochs": 2, "batch_size": 2}
     config["save"]["output_path"] = str(tmp_path / "lora_out")
     images = tmp_path / "images"

@@ -114,11 +114,13 @@ def _bad_image(path: str | os.PathLike[str], exc: BaseException) -> DatasetError
     )
 
 
-def _open(path: str | os.PathLike[str]) -> Image.Image:
+def _open(path: str | os.PathLike[str], data: bytes | None = None) -> Image.Image:
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        return Image.open(path)
+        return Image.open(path if data is None else io.BytesIO(data))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _bad_image(path, exc) from exc
 
@@ -197,17 +199,25 @@ def _orient(img: Image.Image, orientation: int) -> Image.Image:
 
 
 def _decode(
-    path: str | os.PathLike[str], plan: Callable[[int, int, int], tuple[int, int] | None]
+    path: str | os.PathLike[str],
+    plan: Callable[[int, int, int], tuple[int, int] | None],
+    expected_hash: str | None = None,
 ) -> tuple[Image.Image, int, float]:
     """Open and decode `path` once, to RGB in the file's stored (un-rotated) frame.
 
     `plan(w, h, orientation)` gets the stored size from the header and may return the stored-frame size
     needed afterwards; a JPEG then decodes at a reduced scale. Returns (image, EXIF orientation, decoded pixels
-    per stored pixel).
+    per stored pixel). With `expected_hash` (the content hash the build was planned with) the file is read
+    once, its bytes checked against it (`InputChanged` if the file changed since), and those bytes decoded.
     """
     from PIL import Image
 
-    img = _open(path)
+    data = None
+    if expected_hash is not None:
+        from zrecipe.engine.files import read_verified
+
+        data = read_verified(path, expected_hash)
+    img = _open(path, data)
     try:
         with img:
             orientation = _orientation(img)
@@ -246,11 +256,13 @@ def resize_image(
     *,
     step: int = 16,
     draft: bool = True,
+    expected_hash: str | None = None,
 ) -> Image.Image:
     """Decode `path` and return it as an RGB image of its bucket's size (see `output_size`).
 
     The image is scaled (LANCZOS) to cover the target and centre-cropped, in one resampling pass.
     `draft=False` forces a full-resolution decode (the reference the draft path is tested against).
+    `expected_hash`: decode only bytes with this content hash (see `_decode`).
     Raises `DatasetError` for undecodable files and images smaller than `step` pixels.
     """
     from PIL import Image
@@ -281,7 +293,7 @@ def resize_image(
             else None
         )
 
-    img, orientation, f = _decode(path, plan)
+    img, orientation, f = _decode(path, plan, expected_hash)
     ((sw, sh, tw, th, cw, ch),) = geometry
     box = ((sw - cw) / 2 * f, (sh - ch) / 2 * f, (sw + cw) / 2 * f, (sh + ch) / 2 * f)
     if img.size != (tw, th) or box != (0.0, 0.0, float(tw), float(th)):
@@ -299,16 +311,20 @@ def resize_to_file(
     *,
     step: int = 16,
     draft: bool = True,
+    expected_hash: str | None = None,
 ) -> tuple[int, int]:
     """`resize_image` and write the result as PNG to `out_path`; returns (width, height).
 
     The bytes depend only on the pixels (no timestamps, text, EXIF or ICC chunks), so the same input gives
     the same file. Written by `zrecipe.data.png`, which is several times faster than Pillow's encoder.
+    With `expected_hash`, only the bytes the plan hashed are decoded (a build step passes the key's hash).
     """
     import numpy as np
 
     from zrecipe.data.png import write_png
 
-    img = resize_image(path, resolution, max_aspect, bucketing, upscale, step=step, draft=draft)
+    img = resize_image(
+        path, resolution, max_aspect, bucketing, upscale, step=step, draft=draft, expected_hash=expected_hash
+    )
     write_png(out_path, np.asarray(img))
     return img.size

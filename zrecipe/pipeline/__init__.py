@@ -36,20 +36,22 @@ class BuildOutcome:
 
 
 def _cache(recipe, cache: str | Path | None) -> Path:
-    path = Path(cache).expanduser() if cache else default_cache_dir(recipe)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    from zrecipe.engine.store import prepare_root
+
+    return prepare_root(Path(cache).expanduser() if cache else default_cache_dir(recipe))
 
 
 def plan_recipe(recipe, cache: str | Path | None = None, until: str | None = None, force=()) -> BuildOutcome:
     """What a build of `recipe` would run and why (takes the store lock briefly, runs nothing)."""
     from zrecipe.engine import Store, build
     from zrecipe.models.z_image.resolve import no_downloads
+    from zrecipe.pipeline.checks import warn_long_texts
 
     cache_dir = _cache(recipe, cache)
     with no_downloads():  # a plan never fetches the model: it says what the build would download
         graph, data = build_graph(recipe, cache_dir, until=until)
-    plan, _ = build(graph, Store(cache_dir), data, force=force, dry_run=True, lock_timeout=60)
+    plan, _ = build(graph, Store(cache_dir), data, force=force, dry_run=True, lock_timeout=60,
+                    on_plan=lambda p: warn_long_texts(p, data))  # fmt: skip
     return BuildOutcome(plan, cache_dir=cache_dir, skipped_at_plan=data.options["skipped_at_plan"])
 
 
@@ -75,12 +77,13 @@ def build_recipe(
     Under a distributed launcher (`mlx.launch`) every rank calls this: the ranks share the per-item steps
     and train together (zrecipe.pipeline.distributed); `published` is None on ranks > 0."""
     from zrecipe.engine import Store, build
-    from zrecipe.pipeline.publish import publish
+    from zrecipe.errors import InputDamaged
+    from zrecipe.pipeline.checks import warn_long_texts
+    from zrecipe.pipeline.publish import prepare_output, publish
     from zrecipe.training.distributed import launched
 
     cache_dir = _cache(recipe, cache)
-    out = Path(recipe.save.output_path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(recipe)  # created and checked writable before any step runs
     options = {
         "progress": progress,
         "battery_limit": battery_limit,
@@ -99,10 +102,15 @@ def build_recipe(
     graph, data = build_graph(recipe, cache_dir, until=until)
     data.options.update(options)
     store = Store(cache_dir)
-    plan, report = build(
-        graph, store, data, force=force, jobs=jobs, progress=progress, report_path=out / "build-report.json"
-    )
-    published = publish(plan, store, recipe)
+    for attempt in range(2):
+        plan, report = build(graph, store, data, force=force, jobs=jobs, progress=progress,
+                             report_path=out / "build-report.json", on_plan=lambda p: warn_long_texts(p, data))  # fmt: skip
+        try:
+            published = publish(plan, store, recipe, report)
+            break
+        except InputDamaged:  # a damaged entry met while publishing was discarded: build it again
+            if attempt:
+                raise
     return BuildOutcome(plan, report, published, cache_dir, data.options["skipped_at_plan"])
 
 

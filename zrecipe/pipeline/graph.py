@@ -22,6 +22,7 @@ import xxhash
 
 from zrecipe.engine import Graph, Node, Ref
 from zrecipe.errors import DatasetError, UserError
+from zrecipe.pipeline import checks
 from zrecipe.pipeline.captions import (
     CAPTION_PRODUCERS,
     CaptionProducer,
@@ -90,11 +91,13 @@ def scan_datasets(recipe, stat_cache=None, produced: Container[str] = ()) -> Sca
     scan = Scan()
     problems: list[str] = []
     for ds in recipe.datasets:
+        broken: list[str] | None = [] if ds.on_error == "skip" else None  # skip datasets: skip bad entries
         try:
-            files = scan_images(ds.path, recursive=ds.recursive)
+            files = scan_images(ds.path, recursive=ds.recursive, broken=broken)
         except DatasetError as exc:
             problems.append(f"dataset {ds.name!r}: {exc}")
             continue
+        scan.skipped.extend(f"dataset {ds.name!r}: {line}" for line in broken or ())
         if ds.name in produced:
             scan.images[ds.name] = files
             continue
@@ -124,12 +127,14 @@ def scan_datasets(recipe, stat_cache=None, produced: Container[str] = ()) -> Sca
         scan.images[ds.name] = [f for f in files if f.rel_path in result.captions]
         scan.captions[ds.name] = result.captions
     if problems:
+        skip_helps = any(ds.on_error == "fail" for ds in recipe.datasets)
         raise DatasetError(
             f"{recipe.source}: {len(problems)} dataset problem(s):\n  "
             + "\n  ".join(problems)
-            + "\nFix them, or set `on_error: skip` on the dataset to leave those items out.",
+            + ("\nFix them, or set `on_error: skip` on the dataset to leave those items out." if skip_helps
+               else "\nFix them (`on_error: skip` leaves out bad items, not a missing or empty folder)."),
             items=problems,
-        )
+        )  # fmt: skip
     return scan
 
 
@@ -183,11 +188,14 @@ def build_graph(
         # of them cyclic: the cyclic GC would only rescan them again and again.
         with paused_gc():
             scan = scan_datasets(recipe, sc, used)
-            hashes = _hash_with_stats(sc, scan)
+            unreadable: dict[str, OSError] = {}
+            hashes = _hash_with_stats(sc, scan, unreadable)
+            checks.drop_unreadable(recipe, scan, unreadable)
             identity = ModelIdentity(recipe.model, cache_dir, sc) if uses_model else None
             _add_nodes(graph, recipe, scan, hashes, identity, data, wanted, used)
             if identity is not None:
                 data.model_path = identity.model_path
+            checks.check_values(recipe, scan, data, wanted)
     finally:
         if own_cache:
             sc.close()
@@ -195,11 +203,12 @@ def build_graph(
     return graph, data
 
 
-def _hash_with_stats(sc, scan: Scan) -> dict[str, str]:
-    """Content hashes through the stat cache, reusing the scan's stat fields (no second stat).
+def _hash_with_stats(sc, scan: Scan, errors: dict[str, OSError]) -> dict[str, str]:
+    """Content hashes through the stat cache, reusing the scan's stat fields (no second stat); files that
+    cannot be read land in `errors`.
 
     An ImageFile is (rel_path, path, size, mtime_ns, ctime_ns, inode): its tail is the signature."""
-    return sc.hash_signed([f[1:] for files in scan.images.values() for f in files])
+    return sc.hash_signed([f[1:] for files in scan.images.values() for f in files], errors)
 
 
 def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: PipelineData, wanted: set[str],

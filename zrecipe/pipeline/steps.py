@@ -51,6 +51,7 @@ def run_resize(tasks, ctx) -> None:
                 p["bucketing"],
                 p["upscale"],
                 step=p["step"],
+                expected_hash=task.inputs[0],  # decode the bytes the key was made from, or fail
             )
             (folder / "size.json").write_text(json.dumps({"width": w, "height": h}))
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from zrecipe.engine.files import read_regular
 from zrecipe.errors import RecipeError
 from zrecipe.recipe.datasets import RESOLUTION, read_datasets, read_examples
 from zrecipe.recipe.fields import (
@@ -102,7 +103,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         msg = f"a recipe path must be a file path, got {type(path).__name__}"
         raise RecipeError(msg, [msg]) from None
     try:
-        raw = file.read_bytes()
+        raw = read_regular(file)  # a FIFO or device named as the recipe is refused, not read forever
     except (OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             why = "no such recipe file"
