@@ -32,7 +32,8 @@ def tiny_path(tmp_path_factory):
 
 
 def seed_lora_config(tmp_path, tiny_path) -> dict:
-    """The seed's lora_config.json with only the machine-specific values changed."""
+    """The seed's lora_config.json with only the machine-specific values changed (and the block range cut to
+    the tiny model's 2 blocks: a range past the model's last block is an error, not silently clamped)."""
     images = tmp_path / "images"
     images.mkdir()
     for i, colour in enumerate(("red", "blue")):
@@ -49,7 +50,7 @@ def seed_lora_config(tmp_path, tiny_path) -> dict:
         "optimizer": {"name": "AdamW", "learning_rate": 1e-4},
         "lora_layers": {
             "main_layers": {
-                "block_range": {"start": 0, "end": 30},
+                "block_range": {"start": 0, "end": 2},
                 "layer_types": ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"],
                 "lora_rank": 32,
             }
