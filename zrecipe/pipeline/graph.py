@@ -29,7 +29,9 @@ VERSIONS = {
     "resize": 1,
     "encode-image": 2,
     "encode-text": 2,
-    "train": 2,  # 2: AdamW follows torch.optim.AdamW (bias-corrected)
+    # 2: AdamW follows torch.optim.AdamW (bias-corrected); 3: the optimisers, schedules, EMA, loss
+    # weighting, noise offset and TensorBoard keys enter the params (every recipe's train key changes)
+    "train": 3,
     "sample": 1,
     "contact-sheet": 1,
     "export": 2,  # 2: the kohya format became ComfyUI's names with fused qkv (musubi keeps the old)
@@ -349,6 +351,8 @@ def _add_nodes(
                             "every": sample.every,
                             "cfg_normalization": sample.cfg_normalization,
                             "cfg_truncation": sample.cfg_truncation,
+                            # only when on: the keys of samples of the trained weights stay as they were
+                            **({"use_ema": True} if sample.use_ema else {}),
                         },
                         [
                             Ref("train", "train"),
@@ -370,6 +374,7 @@ def _add_nodes(
             )
     if "export" in wanted:
         for fmt in recipe.export.formats:
-            graph.add(
-                Node("export", fmt, {"format": fmt, "dtype": recipe.export.dtype}, [Ref("train", "train")])
-            )
+            params = {"format": fmt, "dtype": recipe.export.dtype}
+            if recipe.export.use_ema:  # only when on: exports of the trained weights keep their keys
+                params["use_ema"] = True
+            graph.add(Node("export", fmt, params, [Ref("train", "train")]))

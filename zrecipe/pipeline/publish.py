@@ -4,6 +4,8 @@ The store is the source of truth; the output folder is a view of the latest buil
 build (cheap: files already there with the same size are left alone). Layout:
 
     <output_path>/adapter.safetensors | transformer.safetensors, loss.json, loss.png
+    <output_path>/adapter_ema.safetensors | transformer_ema.safetensors (training_loop.ema)
+    <output_path>/tensorboard/events.out.tfevents.* (training_loop.tensorboard)
     <output_path>/checkpoints/<step:07d>_checkpoint.zip
     <output_path>/samples/<prompt>-<seed>_<n>.png, samples/contact_sheet.png
     <export.output_path>/<name>.safetensors (or a model folder for full fine-tunes)
@@ -49,10 +51,16 @@ def publish(plan, store, recipe) -> dict[str, list[str]]:
     nodes = plan.by_id()
     train = nodes.get(("train", "train"))
     if train is not None and store.has(train.key):
+        from zrecipe.pipeline.steps import FINAL_FILES
+
         entry = store.path(train.key)
-        for name in ("adapter.safetensors", "transformer.safetensors", "loss.json", "loss.png"):
+        for name in FINAL_FILES:
             if (entry / name).exists():
                 published["final"].append(str(_copy(entry / name, out / name)))
+        if (entry / "tensorboard").is_dir():
+            published["tensorboard"] = [
+                str(f) for f in _copy_tree(entry / "tensorboard", out / "tensorboard")
+            ]
         for zpath in sorted((store.work_dir(train.key) / "checkpoints").glob("*_checkpoint.zip")):
             published["checkpoints"].append(str(_copy(zpath, out / "checkpoints" / zpath.name)))
     for (kind, item), p in sorted(nodes.items()):

@@ -21,6 +21,15 @@ from zrecipe.pipeline.identity import resolve_model_path
 ENCODE_BATCH = 1
 LATENTS_FILE = "latents.safetensors"
 EMBEDDING_FILE = "embedding.safetensors"
+# What a train entry holds beside its per-checkpoint adapters (the EMA weights when the run keeps one).
+FINAL_FILES = (
+    "adapter.safetensors",
+    "transformer.safetensors",
+    "adapter_ema.safetensors",
+    "transformer_ema.safetensors",
+    "loss.json",
+    "loss.png",
+)
 
 
 def _free() -> None:
@@ -183,6 +192,7 @@ def run_train(tasks, ctx) -> None:
     from zrecipe.training.checkpoint import list_checkpoints, read_checkpoint
     from zrecipe.training.checkpointer import RunInfo
     from zrecipe.training.distributed import world
+    from zrecipe.training.ema import ema_weights
     from zrecipe.training.loop import train
     from zrecipe.training.session import prepare_training
 
@@ -205,6 +215,8 @@ def run_train(tasks, ctx) -> None:
         break
     if resume is not None and world().main:
         print(f"train: resuming from {resume.name}")
+    if recipe.training_loop.tensorboard and world().main:  # live while training; published when done
+        print(f"train: TensorBoard events in {work / 'tensorboard'}")
     meta = {"base_model": recipe.model, "recipe_hash": recipe_hash(recipe), "train_step_key": task.key}
     run = RunInfo(
         model_identity=task.inputs[0],
@@ -231,9 +243,11 @@ def run_train(tasks, ctx) -> None:
     if result.world_size > 1 and not world().main:
         return  # a distributed build: rank 0 commits the entry, the others learn its outcome from it
     with ctx.output(task) as folder:
-        for name in ("adapter.safetensors", "transformer.safetensors", "loss.json", "loss.png"):
+        for name in FINAL_FILES:
             if (work / name).exists():
                 shutil.copy2(work / name, folder / name)
+        if (work / "tensorboard").is_dir():
+            shutil.copytree(work / "tensorboard", folder / "tensorboard")
         steps = []
         if recipe.mode == "lora":
             # Intermediate adapters (small) for per-checkpoint samples; the zips stay in the work folder.
@@ -244,6 +258,10 @@ def run_train(tasks, ctx) -> None:
                 mx.save_safetensors(
                     str(folder / "adapters" / f"{ck.step:07d}.safetensors"), ck.adapter, ck.adapter_metadata
                 )
+                if (averaged := ema_weights(ck)) is not None:
+                    mx.save_safetensors(
+                        str(folder / "adapters" / f"{ck.step:07d}_ema.safetensors"), *averaged
+                    )
         (folder / "train.json").write_text(
             json.dumps(
                 {"checkpoint_steps": steps, "skipped_items": skipped, "final_step": result.step}, indent=1
@@ -254,17 +272,25 @@ def run_train(tasks, ctx) -> None:
 # --- sample (per prompt x seed; every adapter of the run) -------------------------------------------------
 
 
-def _sample_adapters(train_dir: Path, every: int | None) -> list[tuple[str, Path]]:
-    info = json.loads((train_dir / "train.json").read_text())
-    out = []
-    if every:
-        for step in info["checkpoint_steps"]:
-            if step % every == 0 and step != info["final_step"]:
-                out.append((f"step {step}", train_dir / "adapters" / f"{step:07d}.safetensors"))
+def _final_weights(train_dir: Path, use_ema: bool = False) -> Path:
+    """The train entry's final adapter (LoRA) or transformer (full), or their EMA."""
+    from zrecipe.training.ema import ema_name
+
     final = train_dir / "adapter.safetensors"
     if not final.exists():
         final = train_dir / "transformer.safetensors"
-    out.append(("final", final))
+    return final.with_name(ema_name(final.name)) if use_ema else final
+
+
+def _sample_adapters(train_dir: Path, every: int | None, use_ema: bool = False) -> list[tuple[str, Path]]:
+    info = json.loads((train_dir / "train.json").read_text())
+    out = []
+    suffix = "_ema" if use_ema else ""
+    if every:
+        for step in info["checkpoint_steps"]:
+            if step % every == 0 and step != info["final_step"]:
+                out.append((f"step {step}", train_dir / "adapters" / f"{step:07d}{suffix}.safetensors"))
+    out.append(("final", _final_weights(train_dir, use_ema)))
     return out
 
 
@@ -302,7 +328,9 @@ def run_sample(tasks, ctx) -> None:
         )  # fmt: skip
         prepared.append((task, settings, pos, neg))
     rendered = {}
-    for label, adapter in _sample_adapters(train_dir, tasks[0].params["every"]):
+    for label, adapter in _sample_adapters(
+        train_dir, tasks[0].params["every"], tasks[0].params.get("use_ema", False)
+    ):
         restore = swap_in(transformer, adapter, Path(model_path))
         for task, settings, pos, neg in prepared:
             p = task.params
@@ -356,10 +384,8 @@ def run_export(tasks, ctx) -> None:
     stem = Path(recipe.source).stem
     for task in tasks:
         train_dir = ctx.input_dir(task, 0)
-        final = train_dir / "adapter.safetensors"
-        full = not final.exists()
-        if full:
-            final = train_dir / "transformer.safetensors"
+        full = not (train_dir / "adapter.safetensors").exists()
+        final = _final_weights(train_dir, task.params.get("use_ema", False))
         fmt = task.params["format"]
         with ctx.output(task) as folder:
             dest = folder / (f"{stem}_{fmt}" if full else f"{stem}_{fmt}.safetensors")

@@ -7,20 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zrecipe.errors import RecipeError
-
-
-@dataclass(frozen=True)
-class DefaultOptimizer:
-    """AdamW settings used when the caller passes none (the recipe schema's defaults)."""
-
-    name: str = "AdamW"
-    learning_rate: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    min_learning_rate: float = 0.0
+from zrecipe.recipe.schema import Optimizer
 
 
 @dataclass(frozen=True)
@@ -41,10 +28,14 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     compute_dtype: str = "float32"
     max_grad_norm: float | None = 1.0
-    optimizer: Any = field(default_factory=DefaultOptimizer)
+    optimizer: Any = field(default_factory=Optimizer)  # a zrecipe.recipe.Optimizer
     checkpoint_frequency: int = 500
     keep_last: int | None = None
     low_ram: bool = False
+    loss_weighting: str = "none"
+    noise_offset: float = 0.0
+    ema: Any = None  # a zrecipe.recipe.Ema (decay, start_step, every) or None
+    tensorboard: bool = False
 
     @classmethod
     def from_recipe(cls, recipe: Any, scheduler_shift: float, batch_size: int | None = None) -> TrainSettings:
@@ -86,6 +77,10 @@ class TrainSettings:
             checkpoint_frequency=int(recipe.save.checkpoint_frequency),
             keep_last=recipe.save.keep_last,
             low_ram=bool(loop.low_ram),
+            loss_weighting=loop.loss_weighting,
+            noise_offset=float(loop.noise_offset),
+            ema=loop.ema,
+            tensorboard=bool(loop.tensorboard),
         )
 
 
