@@ -926,3 +926,9 @@ def test_training_loop_methods_round_trip(proj):
     assert Recipe.from_dict(r.to_dict(), source=r.source) == r
     assert load(proj, BASE + "  ema: {}\n").training_loop.ema == Ema()
     assert load(proj, BASE).training_loop.ema is None
+
+
+def test_the_training_methods_example_recipe_loads():
+    r = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny_methods.yaml")
+    assert r.optimizer.name == "Prodigy" and r.optimizer.num_cycles == 2 and r.training_loop.ema.decay == 0.9
+    assert r.sample.use_ema and r.export.use_ema and r.training_loop.tensorboard
