@@ -146,6 +146,8 @@ def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) 
     typer.echo(f"outputs in {out}")
     if pub.get("final"):
         typer.echo(f"  final:       {', '.join(Path(p).name for p in pub['final'])}")
+    if pub.get("tensorboard"):
+        typer.echo(f"  tensorboard: {out / 'tensorboard'} (tensorboard --logdir {out / 'tensorboard'})")
     if pub.get("checkpoints"):
         typer.echo(f"  checkpoints: {out / 'checkpoints'} ({len(pub['checkpoints'])})")
     if pub.get("samples"):

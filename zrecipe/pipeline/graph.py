@@ -282,6 +282,8 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
                 "dtype": recipe.export.dtype,
                 "name": f"{Path(recipe.source).stem}_{fmt}",
             }
+            if recipe.export.use_ema:  # only when on: exports of the trained weights keep their keys
+                params["use_ema"] = True
             # A full fine-tune exports a whole model folder: the base model's VAE and text encoder with it.
             models = [identity.vae, identity.text_encoder] if full else []
             add(Node("export", fmt, params, [Ref("train", "train"), *models]))
@@ -320,6 +322,8 @@ def _add_samples(graph: Graph, sample, identity, sheet: bool) -> None:
                 "every": sample.every,
                 "cfg_normalization": sample.cfg_normalization,
                 "cfg_truncation": sample.cfg_truncation,
+                # only when on: the keys of samples of the trained weights stay as they were
+                **({"use_ema": True} if sample.use_ema else {}),
             }
             inputs = [
                 Ref("train", "train"),

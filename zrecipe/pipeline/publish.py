@@ -9,6 +9,8 @@ checkpoint step that no longer exists) are removed, so the folder never mixes tw
 report's `outputs` says, per file, which step and key it came from. Layout:
 
     <output_path>/adapter.safetensors | transformer.safetensors, loss.json, loss.png
+    <output_path>/adapter_ema.safetensors | transformer_ema.safetensors (training_loop.ema)
+    <output_path>/tensorboard/events.out.tfevents.* (training_loop.tensorboard)
     <output_path>/checkpoints/<step:07d>_checkpoint.zip
     <output_path>/samples/<prompt>-<seed>_<n>.png, samples/contact_sheet.png
     <export.output_path>/<name>.safetensors (or a model folder for full fine-tunes)
@@ -30,7 +32,15 @@ from zrecipe.engine.store import MANIFEST, write_atomic
 from zrecipe.errors import InputDamaged, ZRecipeWarning, os_problem
 
 STATE_FILE = ".zrecipe-outputs.json"
-FINAL_FILES = ("adapter.safetensors", "transformer.safetensors", "loss.json", "loss.png")
+# The train entry's files published as they are (zrecipe.pipeline.train_work.FINAL_FILES, plus loss.json).
+FINAL_FILES = (
+    "adapter.safetensors",
+    "transformer.safetensors",
+    "adapter_ema.safetensors",
+    "transformer_ema.safetensors",
+    "loss.json",
+    "loss.png",
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,13 @@ def publish(plan, store, recipe, report=None) -> dict[str, list[str]]:
 
 
 def _publish(plan, store, recipe, report, out: Path) -> dict[str, list[str]]:
-    published: dict[str, list[str]] = {"checkpoints": [], "final": [], "samples": [], "exports": []}
+    published: dict[str, list[str]] = {
+        "checkpoints": [],
+        "final": [],
+        "samples": [],
+        "exports": [],
+        "tensorboard": [],
+    }
     damaged: list[str] = []
     outputs: dict[str, dict[str, str]] = {}
     with StatCache(store.root / STAT_CACHE_NAME) as sc:
@@ -117,7 +133,11 @@ def _publish(plan, store, recipe, report, out: Path) -> dict[str, list[str]]:
 
 
 def _category(o: Output) -> str:
-    return {"train": "checkpoints" if o.rel is None else "final", "export": "exports"}.get(o.kind, "samples")
+    if o.kind == "train":
+        return (
+            "final" if o.rel is not None else ("checkpoints" if o.source.suffix == ".zip" else "tensorboard")
+        )
+    return {"export": "exports"}.get(o.kind, "samples")
 
 
 def _outputs(plan, store, recipe, out: Path, sc, damaged: list[str]) -> list[Output]:
@@ -142,14 +162,23 @@ def _outputs(plan, store, recipe, out: Path, sc, damaged: list[str]) -> list[Out
         try:
             if kind == "train":
                 entry_files(p, [(name, out / name) for name in FINAL_FILES])
-                zips = sorted((store.root / "work" / p.key / "checkpoints").glob("*_checkpoint.zip"))
-                hashes = sc.lookup(zips)
-                for z in zips:
-                    if os.fspath(z) in hashes:
+                # From the work folder: the checkpoint zips, and TensorBoard's event files (their wall-clock
+                # times keep them out of the keyed entry).
+                work = store.root / "work" / p.key
+                files = [
+                    (z, out / "checkpoints" / z.name)
+                    for z in sorted((work / "checkpoints").glob("*_checkpoint.zip"))
+                ]
+                files += [
+                    (f, out / f.relative_to(work))
+                    for f in sorted((work / "tensorboard").glob("*"))
+                    if f.is_file()
+                ]
+                hashes = sc.lookup([source for source, _ in files])
+                for source, dest in files:
+                    if os.fspath(source) in hashes:
                         wanted.append(
-                            Output(
-                                out / "checkpoints" / z.name, kind, item, p.key, None, z, hashes[os.fspath(z)]
-                            )
+                            Output(dest, kind, item, p.key, None, source, hashes[os.fspath(source)])
                         )
             elif kind == "sample":
                 labels = json.loads(store.read_file(p.key, "labels.json"))
@@ -177,15 +206,19 @@ def _copy(o: Output, store, damaged: list[str]) -> bool:
             damaged.append(o.key)
             return False
         return True
-    # A checkpoint zip from the train step's work folder: it must be a sound zip (member CRCs) and be
-    # copied with the bytes that were hashed.
-    try:
-        with zipfile.ZipFile(o.source) as zf:
-            sound = zf.testzip() is None
-    except (zipfile.BadZipFile, OSError, EOFError):
-        sound = False
+    # A file from the train step's work folder, copied with the bytes that were hashed; a checkpoint zip must
+    # also be a sound zip (member CRCs).
+    sound = True
+    if o.source.suffix == ".zip":
+        try:
+            with zipfile.ZipFile(o.source) as zf:
+                sound = zf.testzip() is None
+        except (zipfile.BadZipFile, OSError, EOFError):
+            sound = False
     if not sound or not copy_verified(o.source, o.dest, o.digest):
-        warnings.warn(f"{o.source}: damaged checkpoint, not published", ZRecipeWarning, stacklevel=3)
+        warnings.warn(
+            f"{o.source}: damaged or changed while publishing, not published", ZRecipeWarning, stacklevel=3
+        )
         return False
     return True
 

@@ -23,6 +23,7 @@ from zrecipe.pipeline.identity import resolve_model_path
 ENCODE_BATCH = 1
 LATENTS_FILE = "latents.safetensors"
 EMBEDDING_FILE = "embedding.safetensors"
+# What a train entry holds beside its per-checkpoint adapters (the EMA weights when the run keeps one).
 
 
 def _free() -> None:
@@ -191,8 +192,15 @@ def run_train(tasks, ctx) -> None:
     work = ctx.work_dir(task)
     resume = resume_point(task, ctx, work, examples, log)
     transformer, settings = load_for_training(task.params, resolve_model_path(ctx.data), examples, log)
-    if options.get("low_ram"):  # `--low-ram` changes when memory is released, never a value
-        settings = dataclasses.replace(settings, low_ram=True)
+    # Runtime options: `--low-ram` changes when memory is released, TensorBoard only logs; neither changes a
+    # value, so neither is in the key.
+    settings = dataclasses.replace(
+        settings,
+        low_ram=recipe.training_loop.low_ram or bool(options.get("low_ram")),
+        tensorboard=recipe.training_loop.tensorboard,
+    )
+    if settings.tensorboard and w.main:  # live while training; published from the work folder
+        log(f"train: TensorBoard events in {work / 'tensorboard'}")
     # Everything written under the key depends only on what it covers: the base model's identity and a
     # hash of the train parameters, not the recipe's paths, sample prompts or exports.
     meta = {"base_model": task.inputs[0], "recipe_hash": params_hash(task.params), "train_step_key": task.key}
@@ -230,17 +238,25 @@ def _log(message: str) -> None:
 # --- sample (per prompt x seed; every adapter of the run) -------------------------------------------------
 
 
-def _sample_adapters(train_dir: Path, every: int | None) -> list[tuple[str, Path]]:
-    info = json.loads((train_dir / "train.json").read_text())
-    out = []
-    if every:
-        for step in info["checkpoint_steps"]:
-            if step % every == 0 and step != info["final_step"]:
-                out.append((f"step {step}", train_dir / "adapters" / f"{step:07d}.safetensors"))
+def _final_weights(train_dir: Path, use_ema: bool = False) -> Path:
+    """The train entry's final adapter (LoRA) or transformer (full), or their EMA."""
+    from zrecipe.training.ema import ema_name
+
     final = train_dir / "adapter.safetensors"
     if not final.exists():
         final = train_dir / "transformer.safetensors"
-    out.append(("final", final))
+    return final.with_name(ema_name(final.name)) if use_ema else final
+
+
+def _sample_adapters(train_dir: Path, every: int | None, use_ema: bool = False) -> list[tuple[str, Path]]:
+    info = json.loads((train_dir / "train.json").read_text())
+    out = []
+    suffix = "_ema" if use_ema else ""
+    if every:
+        for step in info["checkpoint_steps"]:
+            if step % every == 0 and step != info["final_step"]:
+                out.append((f"step {step}", train_dir / "adapters" / f"{step:07d}{suffix}.safetensors"))
+    out.append(("final", _final_weights(train_dir, use_ema)))
     return out
 
 
@@ -264,7 +280,9 @@ def run_sample(tasks, ctx) -> None:
         )  # fmt: skip
         requests.append(SampleRequest(settings, p["seed"], pos, neg))
     # Every sample node reads the one train node and shares `every`.
-    adapters = _sample_adapters(ctx.input_dir(tasks[0], 0), tasks[0].params["every"])
+    adapters = _sample_adapters(
+        ctx.input_dir(tasks[0], 0), tasks[0].params["every"], tasks[0].params.get("use_ema", False)
+    )
     # The model named in the PNGs is the transformer's identity (an input of the key), not its path.
     rows = render_samples(resolve_model_path(ctx.data), adapters, requests, tasks[0].inputs[3])
     for task, row in zip(tasks, rows, strict=True):
@@ -302,10 +320,8 @@ def run_export(tasks, ctx) -> None:
     model = str(resolve_model_path(ctx.data))
     for task in tasks:
         train_dir = ctx.input_dir(task, 0)
-        final = train_dir / "adapter.safetensors"
-        full = not final.exists()
-        if full:
-            final = train_dir / "transformer.safetensors"
+        full = not (train_dir / "adapter.safetensors").exists()
+        final = _final_weights(train_dir, task.params.get("use_ema", False))
         name = task.params["name"]
         with ctx.output(task) as folder:
             dest = folder / (name if full else f"{name}.safetensors")

@@ -87,14 +87,26 @@ def mismatch(checkpoint, task, examples) -> str:
     )
 
 
+# The run's final files copied into the train entry (loss.json is written from the history, without the
+# wall-clock times; TensorBoard's event files stay in the work folder: they hold wall-clock times too).
+FINAL_FILES = (
+    "adapter.safetensors",
+    "transformer.safetensors",
+    "adapter_ema.safetensors",
+    "transformer_ema.safetensors",
+    "loss.png",
+)
+
+
 def commit_train(task, ctx, work: Path, result, skipped: list[str], settings) -> None:
     """The train entry: the final weights, the loss log and plot, the scheduled checkpoints' adapters."""
     import mlx.core as mx
 
     from zrecipe.training.checkpoint import list_checkpoints, read_checkpoint
+    from zrecipe.training.ema import ema_weights
 
     with ctx.output(task) as folder:
-        for name in ("adapter.safetensors", "transformer.safetensors", "loss.png"):
+        for name in FINAL_FILES:
             if (work / name).exists():
                 shutil.copy2(work / name, folder / name)
         # Wall-clock step times stay in the checkpoints' loss.json: an entry holds only what its key
@@ -115,5 +127,9 @@ def commit_train(task, ctx, work: Path, result, skipped: list[str], settings) ->
                 mx.save_safetensors(
                     str(folder / "adapters" / f"{ck.step:07d}.safetensors"), ck.adapter, ck.adapter_metadata
                 )
+                if (averaged := ema_weights(ck)) is not None:  # for `sample.use_ema`
+                    mx.save_safetensors(
+                        str(folder / "adapters" / f"{ck.step:07d}_ema.safetensors"), *averaged
+                    )
         info = {"checkpoint_steps": steps, "skipped_items": skipped, "final_step": result.step}
         (folder / "train.json").write_text(json.dumps(info, indent=1))

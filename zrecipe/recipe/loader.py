@@ -176,6 +176,9 @@ def build_recipe(
     save = read_save(top, root, source_path.stem if source_path else "recipe")
     sample = read_sample(top, seed, top_level)
     export = read_export(top, root, save)
+    for section, wants in (("sample", sample is not None and sample.use_ema), ("export", export.use_ema)):
+        if wants and training_loop.ema is None:
+            ctx.add((section, "use_ema"), "needs `training_loop.ema: {decay: ...}` (no EMA weights are kept)")
     cache = None
     if top.data.get("cache") is not None:
         cache = resolve_path(ctx, ("cache",), top.data["cache"], root)

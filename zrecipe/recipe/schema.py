@@ -13,13 +13,15 @@ never spells a default itself. A few defaults are derived from other values, and
 - a dataset made from the seed's `examples:` gets `resolution = max(width, height)` when those are given.
 - mode `lora` with neither `lora_layers` nor `lora`: `DEFAULT_LORA_LAYER_TYPES` on every block of
   `layers` at rank `DEFAULT_LORA_RANK`.
+- `Optimizer`: the field defaults are AdamW's; `OPTIMIZER_DEFAULTS[name]` lists where another optimiser's
+  default differs (Prodigy's learning_rate 1.0, Lion's betas, ...).
 
 No MLX / numpy here: `zrecipe plan` and `--help` import this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,8 +47,10 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv")
 SIGMA_SAMPLINGS = ("shifted", "uniform", "logit_normal")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 QUANTIZE_BITS = (4, 8)
-OPTIMIZERS = ("AdamW",)
-SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "SGD", "Adafactor", "Prodigy")
+# constant / cosine: zrecipe's warm-up lr·(s+1)/(W+1); the other three: transformers' get_scheduler.
+SCHEDULES = ("constant", "cosine", "constant_with_warmup", "linear", "cosine_with_restarts")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap", "logit_normal")
 ON_ERROR = ("fail", "skip")
 EXPORT_FORMATS = ("mflux", "comfyui", "diffusers", "kohya", "musubi")
 EXPORT_DTYPES = ("bfloat16", "float32")
@@ -114,9 +118,21 @@ class Dataset:
 
 
 @dataclass(frozen=True)
+class Ema:
+    """An exponential moving average of the trained weights: until `start_step` it is a copy of them, then
+    every `every` steps shadow ← decay·shadow + (1 − decay)·weights."""
+
+    decay: float = 0.999
+    start_step: int = 0
+    every: int = 1
+
+
+@dataclass(frozen=True)
 class TrainingLoop:
     """How long and how to train. At least one of `num_epochs` / `max_steps`; with both, training stops at
-    whichever comes first. `shift=None`: the model's scheduler shift. `max_grad_norm=None`: no clipping."""
+    whichever comes first. `shift=None`: the model's scheduler shift. `max_grad_norm=None`: no clipping.
+    `loss_weighting`: a per-item weight of the loss by σ (SD3's schemes); `noise_offset`: diffusers'
+    offset noise; `ema=None`: no moving average; `tensorboard`: event files beside loss.json."""
 
     num_epochs: int | None = None
     max_steps: int | None = None
@@ -131,21 +147,97 @@ class TrainingLoop:
     max_grad_norm: float | None = 1.0
     low_ram: bool = False
     quantize: int | None = None
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap", "logit_normal"] = "none"
+    noise_offset: float = 0.0
+    ema: Ema | None = None
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
 class Optimizer:
-    """AdamW with an optional linear warm-up then a constant or cosine (down to `min_learning_rate`)
-    schedule."""
+    """The optimiser, its hyper-parameters and the learning-rate schedule (optional linear warm-up).
 
-    name: Literal["AdamW"] = "AdamW"
+    Which fields an optimiser reads: `OPTIMIZER_KEYS` (the others keep their defaults and are not part of
+    the resolved recipe). `num_cycles` is read by the `cosine_with_restarts` schedule only."""
+
+    name: Literal["AdamW", "AdamW8bit", "Lion", "SGD", "Adafactor", "Prodigy"] = "AdamW"
     learning_rate: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine", "constant_with_warmup", "linear", "cosine_with_restarts"] = (
+        "constant"
+    )
     min_learning_rate: float = 0.0
+    num_cycles: int = 1  # cosine_with_restarts
+    momentum: float = 0.9  # SGD
+    nesterov: bool = False  # SGD
+    min_8bit_size: int = 4096  # AdamW8bit: smaller tensors keep fp32 moments (bitsandbytes' default)
+    beta1: float | None = None  # Adafactor's first moment (None: none kept)
+    eps_scale: float = 1e-3  # Adafactor's ε2 (parameter scale floor); `eps` is its ε1
+    clip_threshold: float = 1.0  # Adafactor
+    decay_rate: float = -0.8  # Adafactor
+    relative_step: bool = False  # Adafactor: its own step size min(1e-2, 1/√t) instead of learning_rate
+    scale_parameter: bool = False  # Adafactor
+    warmup_init: bool = False  # Adafactor (needs relative_step)
+    beta3: float | None = None  # Prodigy (None: √β2)
+    d0: float = 1e-6  # Prodigy's initial step-size estimate
+    d_coef: float = 1.0  # Prodigy
+    growth_rate: float | None = None  # Prodigy (None: unbounded)
+    use_bias_correction: bool = False  # Prodigy
+    safeguard_warmup: bool = False  # Prodigy
+
+
+# Where an optimiser's default differs from the field default (AdamW's).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "AdamW": {},
+    "AdamW8bit": {},
+    "Lion": {"betas": (0.9, 0.99), "weight_decay": 0.0},
+    "SGD": {"weight_decay": 0.0},
+    "Adafactor": {"weight_decay": 0.0, "eps": 1e-30},
+    "Prodigy": {"learning_rate": 1.0, "weight_decay": 0.0},
+}
+# The learning-rate keys every optimiser reads, then each optimiser's hyper-parameters.
+SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "schedule", "min_learning_rate")
+OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
+    "AdamW": ("betas", "weight_decay", "eps"),
+    "AdamW8bit": ("betas", "weight_decay", "eps", "min_8bit_size"),
+    "Lion": ("betas", "weight_decay"),
+    "SGD": ("momentum", "nesterov", "weight_decay"),
+    "Adafactor": (
+        "eps",
+        "eps_scale",
+        "clip_threshold",
+        "decay_rate",
+        "beta1",
+        "weight_decay",
+        "relative_step",
+        "scale_parameter",
+        "warmup_init",
+    ),  # fmt: skip
+    "Prodigy": (
+        "betas",
+        "beta3",
+        "eps",
+        "weight_decay",
+        "d0",
+        "d_coef",
+        "growth_rate",
+        "use_bias_correction",
+        "safeguard_warmup",
+    ),  # fmt: skip
+}
+
+
+def optimizer_fields(name: str, schedule: str, relative_step: bool = False) -> tuple[str, ...]:
+    """The `optimizer:` keys that apply to optimiser `name` with `schedule`, in field order (what the
+    resolved recipe lists). Adafactor's `relative_step` replaces the learning rate and its schedule."""
+    relative = name == "Adafactor" and relative_step
+    wanted = {"name", *(() if relative else SCHEDULE_KEYS), *OPTIMIZER_KEYS[name]}
+    if schedule == "cosine_with_restarts" and not relative:
+        wanted.add("num_cycles")
+    return tuple(f.name for f in fields(Optimizer) if f.name in wanted)
 
 
 @dataclass(frozen=True)
@@ -209,6 +301,7 @@ class Sample:
     every: int | None = None
     cfg_normalization: bool = False
     cfg_truncation: float = 1.0
+    use_ema: bool = False  # sample the EMA weights (training_loop.ema) instead of the trained ones
 
 
 @dataclass(frozen=True)
@@ -218,6 +311,7 @@ class Export:
     output_path: Path
     formats: tuple[Literal["mflux", "comfyui", "diffusers", "kohya", "musubi"], ...] = ()
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    use_ema: bool = False  # export the EMA weights (training_loop.ema) instead of the trained ones
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ keys; the dataclass supplies every default) after recording any problem in the C
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from zrecipe.recipe.fields import (
     Reader,
     Spec,
     boolean,
+    describe,
     integer,
     list_of,
     number,
@@ -29,18 +31,24 @@ from zrecipe.recipe.schema import (
     DEFAULT_OUTPUT_DIR,
     EXPORT_DTYPES,
     EXPORT_FORMATS,
+    LOSS_WEIGHTINGS,
     MAX_SEED,
     MAX_SIDE,
+    OPTIMIZER_DEFAULTS,
+    OPTIMIZER_KEYS,
     OPTIMIZERS,
     QUANTIZE_BITS,
+    SCHEDULE_KEYS,
     SCHEDULES,
     SIGMA_SAMPLINGS,
+    Ema,
     Export,
     FullFinetune,
     Optimizer,
     Sample,
     Save,
     TrainingLoop,
+    optimizer_fields,
 )
 
 
@@ -54,6 +62,29 @@ def _one_of_ints(choices: tuple[int, ...]) -> Spec:
         return value
 
     return check
+
+
+EMA = {"decay": number(gt=0.0, lt=1.0), "start_step": integer(min=0), "every": integer(min=1)}
+
+
+def _ema(value: Any) -> Ema | None:
+    """`ema: {decay, start_step, every}` (any of them; `{}` takes every default) or null (no EMA)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise Bad(f"expected a mapping of {', '.join(EMA)} (or null for no EMA), got {describe(value)}")
+    kwargs, problems = {}, []
+    for key, item in value.items():
+        if key not in EMA:
+            problems.append(((key,), f"unknown key{suggest(key, EMA)}"))
+            continue
+        try:
+            kwargs[key] = EMA[key](item)
+        except Bad as exc:
+            problems += [((key,) + at, message) for at, message in exc.items]
+    if problems:
+        raise Bad(items=problems)
+    return Ema(**kwargs)
 
 
 TRAINING_LOOP = {
@@ -70,8 +101,13 @@ TRAINING_LOOP = {
     "max_grad_norm": number(gt=0.0, nullable=True),
     "low_ram": boolean(),
     "quantize": _one_of_ints(QUANTIZE_BITS),
+    "loss_weighting": text(choices=LOSS_WEIGHTINGS),
+    "noise_offset": number(ge=0.0),
+    "ema": _ema,
+    "tensorboard": boolean(),
 }
 
+# Every optimizer key; which of them an optimiser reads is schema.optimizer_fields.
 OPTIMIZER = {
     "learning_rate": number(gt=0.0),
     "betas": list_of(number(ge=0.0, lt=1.0), length=2),
@@ -80,7 +116,26 @@ OPTIMIZER = {
     "warmup_steps": integer(min=0),
     "schedule": text(choices=SCHEDULES),
     "min_learning_rate": number(ge=0.0),
+    "num_cycles": integer(min=1),
+    "momentum": number(ge=0.0, lt=1.0),
+    "nesterov": boolean(),
+    "min_8bit_size": integer(min=1),
+    "beta1": number(ge=0.0, lt=1.0, nullable=True),
+    "eps_scale": number(gt=0.0),
+    "clip_threshold": number(gt=0.0),
+    "decay_rate": number(lt=0.0),
+    "relative_step": boolean(),
+    "scale_parameter": boolean(),
+    "warmup_init": boolean(),
+    "beta3": number(ge=0.0, lt=1.0, nullable=True),
+    "d0": number(gt=0.0),
+    "d_coef": number(gt=0.0),
+    "growth_rate": number(ge=1.0, nullable=True),
+    "use_bias_correction": boolean(),
+    "safeguard_warmup": boolean(),
 }
+# The schedules that decay to 0 as transformers' do (min_learning_rate is the cosine schedule's).
+_TO_ZERO = ("constant_with_warmup", "linear", "cosine_with_restarts")
 
 # The seed format's top-level steps / guidance / width / height are sample settings.
 SIDE = integer(min=BUCKET_STEP, max=MAX_SIDE, multiple_of=BUCKET_STEP)
@@ -98,6 +153,7 @@ SAMPLE = {
     "every": integer(min=1, nullable=True),
     "cfg_normalization": boolean(),
     "cfg_truncation": number(ge=0.0, le=1.0),
+    "use_ema": boolean(),
 }
 
 
@@ -113,23 +169,63 @@ def read_training_loop(top: Reader) -> TrainingLoop:
     stops = [k for k in ("num_epochs", "max_steps") if r.data.get(k) is not None]
     if not stops:
         top.ctx.add(r.path, "set `num_epochs` or `max_steps` (or both: training stops at the first reached)")
+    if kwargs.get("loss_weighting") == "logit_normal" and kwargs.get("sigma_sampling") == "logit_normal":
+        top.ctx.add(
+            r.path + ("loss_weighting",),
+            "`logit_normal` weighting on logit-normal σ samples applies the density twice; use one of them "
+            "(sigma_sampling: logit_normal samples by it, loss_weighting: logit_normal weights by it)",
+        )
     return TrainingLoop(**kwargs)
 
 
 def read_optimizer(top: Reader) -> Optimizer:
-    """`optimizer:` — AdamW only; optional."""
+    """`optimizer:` — optional; `name` picks the optimiser, which decides the keys that apply (each
+    optimiser's own defaults from schema.OPTIMIZER_DEFAULTS)."""
     r = top.sub("optimizer")
     if r is None:
         return Optimizer()
-    r.check_keys(("name",) + tuple(OPTIMIZER))
     name = r.get("name", text(), Optimizer.name)
     if name is not MISSING and name not in OPTIMIZERS:
-        r.ctx.add(r.path + ("name",), f"only AdamW is supported, got {name!r}{suggest(name, OPTIMIZERS)}")
-    kwargs = r.fill(OPTIMIZER)
-    low, lr = kwargs.get("min_learning_rate"), kwargs.get("learning_rate", Optimizer.learning_rate)
+        choices = ", ".join(OPTIMIZERS)
+        r.ctx.add(r.path + ("name",), f"must be one of {choices}; got {name!r}{suggest(name, OPTIMIZERS)}")
+    name = name if name in OPTIMIZERS else Optimizer.name
+    schedule = r.data.get("schedule")  # checked with the other keys below
+    relative = r.data.get("relative_step") is True
+    allowed = optimizer_fields(name, schedule if schedule in SCHEDULES else Optimizer.schedule, relative)
+    for key in r.data:
+        users = [n for n, keys in OPTIMIZER_KEYS.items() if key in keys]
+        if key in SCHEDULE_KEYS and key not in allowed:
+            r.ctx.add(
+                r.path + (key,),
+                "Adafactor with `relative_step: true` computes its own step size, min(1e-2, 1/sqrt(t)); "
+                "remove it or set relative_step: false",
+            )
+        elif users and key not in allowed:
+            r.ctx.add(r.path + (key,), f"not used by {name} ({', '.join(users)} only); remove it")
+        elif key == "num_cycles" and key not in allowed:
+            r.ctx.add(r.path + (key,), "only used by `schedule: cosine_with_restarts`; remove it")
+    r.check_keys(tuple(OPTIMIZER) + ("name",))
+    kwargs = r.fill({k: spec for k, spec in OPTIMIZER.items() if k in allowed})
+    _check_optimizer(r, name, kwargs)
+    return Optimizer(**{"name": name, **OPTIMIZER_DEFAULTS[name], **kwargs})
+
+
+def _check_optimizer(r: Reader, name: str, kwargs: dict[str, Any]) -> None:
+    """Combinations of optimizer keys that cannot mean what they say."""
+    lr = kwargs.get("learning_rate", OPTIMIZER_DEFAULTS[name].get("learning_rate", Optimizer.learning_rate))
+    low, schedule = kwargs.get("min_learning_rate"), kwargs.get("schedule", Optimizer.schedule)
     if low is not None and low > lr:
         r.ctx.add(r.path + ("min_learning_rate",), f"must not exceed learning_rate ({lr:g}), got {low:g}")
-    return Optimizer(**kwargs)
+    if low and schedule in _TO_ZERO:
+        r.ctx.add(
+            r.path + ("min_learning_rate",),
+            f"`{schedule}` decays to 0 as transformers' schedule does; min_learning_rate is the `cosine` "
+            "schedule's floor. Remove it or use `schedule: cosine`",
+        )
+    if name == "Adafactor" and kwargs.get("warmup_init") and not kwargs.get("relative_step"):
+        r.ctx.add(r.path + ("warmup_init",), "needs `relative_step: true` (it warms up the relative step)")
+    if name == "SGD" and kwargs.get("nesterov") and kwargs.get("momentum", Optimizer.momentum) == 0:
+        r.ctx.add(r.path + ("nesterov",), "Nesterov momentum needs momentum > 0")
 
 
 def read_full_finetune(top: Reader, mode: Any) -> FullFinetune:
@@ -190,11 +286,11 @@ def read_export(top: Reader, root: Path, save: Save) -> Export:
     r = top.sub("export")
     if r is None:
         return Export(output_path=default)
-    r.check_keys(("formats", "dtype", "output_path"))
+    r.check_keys(("formats", "dtype", "output_path", "use_ema"))
     fmt = text(choices=EXPORT_FORMATS)
     # A single format may be written without brackets.
     formats = r.get("formats", lambda v: (fmt(v),) if isinstance(v, str) else list_of(fmt, unique=True)(v))
-    kwargs = r.fill({"dtype": text(choices=EXPORT_DTYPES)})
+    kwargs = r.fill({"dtype": text(choices=EXPORT_DTYPES), "use_ema": boolean()})
     if formats is not MISSING:
         kwargs["formats"] = formats
     output = (

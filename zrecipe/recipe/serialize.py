@@ -14,7 +14,15 @@ from typing import Any
 
 import xxhash
 
-from zrecipe.recipe.schema import CaptionSource, Dataset, LoraTarget, Recipe
+from zrecipe.recipe.schema import (
+    CaptionSource,
+    Dataset,
+    LoraTarget,
+    Optimizer,
+    Recipe,
+    TrainingLoop,
+    optimizer_fields,
+)
 
 # Bump when the resolved form changes meaning, so old hashes cannot collide with new ones.
 HASH_FORMAT = "zrecipe-recipe/1"
@@ -78,6 +86,18 @@ def lora_target_from_dict(d: dict[str, Any]) -> LoraTarget:
     return LoraTarget(d["blocks"], start, end, tuple(d["layer_types"]), d["rank"], d["alpha"], **optional)
 
 
+def _training_loop(loop: TrainingLoop) -> dict[str, Any]:
+    out = _plain(loop)
+    out["ema"] = None if loop.ema is None else _plain(loop.ema)
+    return out
+
+
+def _optimizer(o: Optimizer) -> dict[str, Any]:
+    """The keys that apply to this optimiser and schedule (the others are not read)."""
+    plain = _plain(o)
+    return {k: plain[k] for k in optimizer_fields(o.name, o.schedule, o.relative_step)}
+
+
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe in the native form (see Recipe.to_dict)."""
     out: dict[str, Any] = {
@@ -85,8 +105,8 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         "mode": recipe.mode,
         "seed": recipe.seed,
         "datasets": [_dataset(d) for d in recipe.datasets],
-        "training_loop": _plain(recipe.training_loop),
-        "optimizer": _plain(recipe.optimizer),
+        "training_loop": _training_loop(recipe.training_loop),
+        "optimizer": _optimizer(recipe.optimizer),
         "save": _plain(recipe.save),
         "export": _plain(recipe.export),
     }

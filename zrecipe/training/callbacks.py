@@ -1,4 +1,4 @@
-"""Training callbacks: what watches a run (progress, stop requests, future logging, EMA, validation).
+"""Training callbacks: what watches a run (progress, stop requests, TensorBoard, EMA, validation).
 
 `train()` calls every callback's hooks in list order (mlx-lm's `TrainingCallback`, plus a stop vote):
 
@@ -15,9 +15,13 @@ so a run trains the same bytes with or without them.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from zrecipe.errors import UserError
 
 
 @dataclass
@@ -36,17 +40,22 @@ class TrainState:
 @dataclass(frozen=True)
 class StepReport:
     """One optimiser step: its number, mean loss over the micro-batches (global), learning rate, seconds,
-    and every rank's items/s (empty on a single process)."""
+    every rank's items/s (empty on a single process), and the global gradient norm before clipping (None
+    when the run neither clips nor logs it)."""
 
     step: int
     loss: float
     learning_rate: float
     seconds: float
     rank_rates: Sequence[float] = ()
+    grad_norm: float | None = None
 
     def record(self) -> dict[str, Any]:
         """The step's entry in loss.json."""
-        return {"step": self.step, "loss": self.loss, "lr": self.learning_rate, "time": self.seconds}
+        out = {"step": self.step, "loss": self.loss, "lr": self.learning_rate, "time": self.seconds}
+        if self.grad_norm is not None:
+            out["grad_norm"] = self.grad_norm
+        return out
 
 
 class TrainingCallback:
@@ -112,6 +121,53 @@ class ProgressBar(TrainingCallback):
 
     def on_train_end(self, state: TrainState) -> None:
         self.bar.close()
+
+
+def require_tensorboard() -> None:
+    """UserError (exit 2) unless tensorboardX can be imported."""
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            "training_loop.tensorboard: true needs the tensorboardX package, which is not installed "
+            f"({exc}). Install it with `pip install 'zrecipe[tensorboard]'` (or `pip install tensorboardX`), "
+            "or set tensorboard: false."
+        ) from None
+
+
+class TensorBoardLogger(TrainingCallback):
+    """TensorBoard event files in `log_dir`, written by rank 0 with tensorboardX: `train/loss`,
+    `train/learning_rate` and `train/grad_norm` (before clipping) at every optimiser step. A resumed run
+    starts its file with a purge at its first step, so TensorBoard drops what an interrupted run logged
+    after the checkpoint it resumed from."""
+
+    def __init__(self, log_dir: str | Path):
+        require_tensorboard()  # while preparing: a missing package stops the run before it trains
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None
+
+    def on_train_begin(self, state: TrainState) -> None:
+        if not state.world.main:
+            return
+        from tensorboardX import SummaryWriter
+
+        # Its file name has the second it opened in: a resumed run in the same second needs its own file.
+        suffix = f".from-step-{state.step}.{time.time_ns()}"
+        purge = state.step + 1 if state.step else None
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge, filename_suffix=suffix)
+
+    def on_step(self, state: TrainState, report: StepReport) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("train/loss", report.loss, report.step)
+        self.writer.add_scalar("train/learning_rate", report.learning_rate, report.step)
+        if report.grad_norm is not None:
+            self.writer.add_scalar("train/grad_norm", report.grad_norm, report.step)
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def default_callbacks(progress: bool = True, battery_limit: int | None = None) -> list[TrainingCallback]:

@@ -2,10 +2,11 @@
 
 `Checkpointer` writes `<output_path>/checkpoints/<step:07d>_checkpoint.zip` (DESIGN §6, format in
 checkpoint.py), keeps the last `keep_last` of them, rewrites loss.json / loss.png with each one, and writes
-the final adapter.safetensors (LoRA) or transformer.safetensors (full). Reading goes the other way:
-`read` verifies a zip and its fit to this run before anything is touched; `restore` then puts adapter or
-transformer, optimiser state, data order and loss history back. Under a distributed launcher only rank 0
-writes; the other ranks keep the same bookkeeping.
+the final adapter.safetensors (LoRA) or transformer.safetensors (full), plus adapter_ema.safetensors /
+transformer_ema.safetensors when the run keeps an EMA (ema.py: its shadow travels in optimizer.safetensors
+under `ema/`). Reading goes the other way: `read` verifies a zip and its fit to this run before anything
+is touched; `restore` then puts adapter or transformer, optimiser state, EMA, data order and loss history
+back. Under a distributed launcher only rank 0 writes; the other ranks keep the same bookkeeping.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mlx.utils import tree_flatten
 
 from zrecipe.errors import CheckpointError
 from zrecipe.training import checkpoint as ckpt
+from zrecipe.training import ema as ema_state
 from zrecipe.training.data import BatchIterator, dataset_fingerprint
 from zrecipe.training.lora import adapter_metadata, adapter_tensors, load_adapter_tensors, save_adapter
 from zrecipe.training.optim import check_rule, flatten_state, restore_state, state_metadata
@@ -46,9 +48,17 @@ class RunInfo:
 class Checkpointer:
     """Checkpoints, loss log and final weights of one run in `output_path` (see the module docstring)."""
 
-    def __init__(self, output_path: str | Path, settings: Any, run: RunInfo, examples: Sequence[Any], world):
+    def __init__(
+        self,
+        output_path: str | Path,
+        settings: Any,
+        run: RunInfo,
+        examples: Sequence[Any],
+        world,
+        ema: ema_state.ExponentialMovingAverage | None = None,
+    ):
         self.output_path = Path(output_path).expanduser()
-        self.settings, self.run, self.world = settings, run, world
+        self.settings, self.run, self.world, self.ema = settings, run, world, ema
         self.fingerprint = dataset_fingerprint(examples)
         self.history: list[dict[str, Any]] = []  # one record per optimiser step, restored on resume
         self.last: Path | None = None  # the newest checkpoint of this run
@@ -68,6 +78,13 @@ class Checkpointer:
         )
         where = f"{checkpoint.path}: optimizer.safetensors"
         check_rule(checkpoint.optimizer_metadata, self.settings.optimizer, where)
+        has_ema = ema_state.METADATA_KEY in checkpoint.optimizer_metadata
+        if has_ema != (self.ema is not None):
+            kept, asked = ("keeps", "asks for none") if has_ema else ("keeps no", "asks for one")
+            raise CheckpointError(
+                f"{where}: the checkpoint {kept} EMA of the weights but this recipe {asked} "
+                "(training_loop.ema); resume with the EMA setting it was trained with."
+            )
         return checkpoint
 
     def restore(self, checkpoint: ckpt.Checkpoint | None, model, optimizer, iterator: BatchIterator) -> int:
@@ -76,14 +93,12 @@ class Checkpointer:
         if checkpoint is None:
             return 0
         where = str(checkpoint.path)
-        if self.settings.mode == "lora":
-            load_adapter_tensors(model, checkpoint.adapter, where)
-        else:
-            try:
-                model.load_weights(list(checkpoint.adapter.items()), strict=True)
-            except ValueError as exc:
-                raise CheckpointError(f"{where}: transformer weights do not fit this model ({exc}).") from exc
-        restore_state(optimizer, checkpoint.optimizer, where)
+        optimizer_state, ema_weights = ema_state.split_state(checkpoint.optimizer)
+        if self.ema is not None and self.world.main:  # through the model: file layout → parameters
+            self._load_weights(model, ema_weights, f"{where}: EMA weights")
+            self.ema.take_from(model)
+        self._load_weights(model, checkpoint.adapter, where)
+        restore_state(optimizer, optimizer_state, where)
         if checkpoint.meta.get("dataset_fingerprint") == self.fingerprint:
             iterator.restore(checkpoint.iterator, where)
         else:  # --force over a changed dataset: keep the epoch count, start that epoch's (new) order afresh
@@ -91,6 +106,16 @@ class Checkpointer:
             iterator.position, iterator.batches = 0, iterator.epoch_batches(iterator.epoch)
         self.history = list(checkpoint.loss)
         return checkpoint.step
+
+    def _load_weights(self, model, tensors: dict[str, mx.array], where: str) -> None:
+        """Put weights in the layout of adapter.safetensors (LoRA, or the transformer) into the model."""
+        if self.settings.mode == "lora":
+            load_adapter_tensors(model, tensors, where)
+            return
+        try:
+            model.load_weights(list(tensors.items()), strict=True)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: transformer weights do not fit this model ({exc}).") from exc
 
     def start(self, total_steps: int, trainable_parameters: int) -> None:
         """Fix what every checkpoint.json of the run says about it."""
@@ -120,29 +145,44 @@ class Checkpointer:
             **iterator.state(),
             "rng": {"seed": self.settings.seed, "scheme": "pure(seed, step, micro)"},
         }
+        state, metadata = flatten_state(optimizer), state_metadata(self.settings.optimizer)
+        if self.ema is not None:
+            with self.ema.swapped_in(model):
+                ema_tensors, _ = self._weights(model, step)
+            state.update({ema_state.PREFIX + k: v for k, v in ema_tensors.items()})
+            metadata[ema_state.METADATA_KEY] = ema_state.settings_metadata(self.ema.spec)
         self.last = ckpt.write_checkpoint(
-            self.output_path, step, self._weights(model, step), flatten_state(optimizer), iterator_state,
+            self.output_path, step, self._weights(model, step), state, iterator_state,
             self.history, self.run.config, self._meta, keep_last=self.settings.keep_last,
-            optimizer_metadata=state_metadata(self.settings.optimizer),
+            optimizer_metadata=metadata,
         )  # fmt: skip
         write_loss_log(self.output_path / "loss.json", self.history)
         plot_loss(self.output_path / "loss.png", self.history)
         return self.last
 
     def finish(self, step: int, model, optimizer, iterator: BatchIterator) -> Path:
-        """After the last step: its checkpoint (unless written already) and the final weights file."""
+        """After the last step: its checkpoint (unless written already) and the final weights file (the
+        trained weights; the EMA's beside it when the run keeps one)."""
         if self.last != ckpt.checkpoint_path(self.output_path, step):
             self.save(step, model, optimizer, iterator)
         path = self.output_path / final_name(self.settings.mode)
         if not self.world.main:
             return path
+        self._write_weights(model, step, path)
+        if self.ema is not None:
+            with self.ema.swapped_in(model):
+                extra = {"ema": ema_state.settings_metadata(self.ema.spec)}
+                self._write_weights(model, step, self.output_path / ema_state.ema_name(path.name), extra)
+        return path
+
+    def _write_weights(self, model, step: int, path: Path, extra: dict[str, str] | None = None) -> None:
         if self.settings.mode == "lora":
-            return save_adapter(model, path, self._adapter_meta(step))
+            save_adapter(model, path, {**self._adapter_meta(step), **(extra or {})})
+            return
         tensors, metadata = self._weights(model, step)
         mx.eval(tensors)
         with ckpt.atomic_path(path) as tmp:
-            mx.save_safetensors(str(tmp), tensors, metadata=metadata)
-        return path
+            mx.save_safetensors(str(tmp), tensors, metadata={**metadata, **(extra or {})})
 
     def _adapter_meta(self, step: int) -> dict[str, Any]:
         return {**self.run.adapter_metadata, "step": str(step)}

@@ -3,7 +3,8 @@
 The pieces, each with one job: the model family's objective (batch preparation and loss,
 `objective.Objective`), the compiled step (`step.make_step`), the optimiser (`optim.make_optimizer`), the
 data order (`data.BatchIterator`), the files (`checkpointer.Checkpointer`) and the observers
-(`callbacks`: progress bar, stop monitor).
+(`callbacks`: progress bar, stop monitor; and those the settings ask for: the EMA of the weights,
+`ema.ExponentialMovingAverage`, and TensorBoard event files, `callbacks.TensorBoardLogger`).
 
 Everything random in a step is a pure function of (seed, step, micro-batch), and a checkpoint holds the
 adapter, the optimiser state (with the step counter the learning-rate schedule reads) and the data order:
@@ -29,9 +30,17 @@ from mlx import nn
 from zrecipe.backend import resolve_dtype
 from zrecipe.errors import RecipeError
 from zrecipe.training import distributed as dist
-from zrecipe.training.callbacks import Callbacks, StepReport, TrainingCallback, TrainState, default_callbacks
+from zrecipe.training.callbacks import (
+    Callbacks,
+    StepReport,
+    TensorBoardLogger,
+    TrainingCallback,
+    TrainState,
+    default_callbacks,
+)
 from zrecipe.training.checkpointer import Checkpointer, RunInfo
 from zrecipe.training.data import BatchIterator, Example
+from zrecipe.training.ema import ExponentialMovingAverage
 from zrecipe.training.lora import apply_lora, trainable_parameter_count
 from zrecipe.training.objective import Objective
 from zrecipe.training.optim import make_optimizer
@@ -74,14 +83,21 @@ def train(
     Checkpointer); `run` says what they record and guards resumes. `resume_from` continues a checkpoint
     bit-exactly (`force`: even over a changed dataset). `callbacks` watch the run (default: stop on
     SIGINT / SIGTERM with a checkpoint, and a progress bar); when one asks to stop, training checkpoints
-    and returns with `stopped` set. Under a distributed launcher every rank calls train() with the same
+    and returns with `stopped` set. What the settings ask for is added to them: the EMA of the weights
+    (`settings.ema`) and TensorBoard event files in `output_path/tensorboard` (`settings.tensorboard`). Under a distributed launcher every rank calls train() with the same
     arguments (checked) and trains its slice of each global batch; only rank 0 writes files, and all
     ranks return after they exist.
     """
     w = dist.world()
     with dist.phase("preparing training", w):  # a failure on one rank stops every rank
         _check_batch(settings, w)
-        saver = Checkpointer(output_path, settings, run or RunInfo(), examples, w)
+        ema = ExponentialMovingAverage(settings.ema) if settings.ema is not None else None
+        logger = (
+            TensorBoardLogger(Path(output_path).expanduser() / "tensorboard")
+            if settings.tensorboard
+            else None
+        )
+        saver = Checkpointer(output_path, settings, run or RunInfo(), examples, w, ema)
         checkpoint = saver.read(resume_from, force)  # verified before the model is touched
         lora_paths = prepare_model(model, settings, objective)
         iterator = BatchIterator(examples, settings.batch_size, settings.seed)
@@ -92,16 +108,17 @@ def train(
     _agree_on_run(settings, saver, step, steps_total, w)
     trainable = trainable_parameter_count(model)
     saver.start(steps_total, trainable)
-    train_step = make_step(model, optimizer, objective, examples, settings, w)
+    train_step = make_step(model, optimizer, objective, examples, settings, w, grad_norm=logger is not None)
     state = TrainState(model, optimizer, w, step, steps_total, saver.history)
-    watchers = Callbacks(default_callbacks() if callbacks is None else callbacks)
+    chosen = default_callbacks() if callbacks is None else list(callbacks)
+    watchers = Callbacks([*chosen, *(cb for cb in (ema, logger) if cb is not None)])
 
     mx.reset_peak_memory()
     stopped: str | None = None
     with watchers.running(state):
         while state.step < steps_total and stopped is None:
             t0 = time.perf_counter()
-            losses, items = train_step(iterator, state.step)
+            losses, items, grad_norm = train_step(iterator, state.step)
             state.step += 1
             stopped, rates = watchers.stop_reason(state), []
             if w.distributed:  # every rank learns every loss, speed and stop request
@@ -109,7 +126,8 @@ def train(
                 losses, rates, stopped = dist.step_stats(losses, rate, stopped, w)
             lr = optimizer.learning_rate
             lr = float(lr.item() if hasattr(lr, "item") else lr)
-            report = StepReport(state.step, sum(losses) / len(losses), lr, time.perf_counter() - t0, rates)
+            seconds = time.perf_counter() - t0
+            report = StepReport(state.step, sum(losses) / len(losses), lr, seconds, rates, grad_norm)
             saver.history.append(report.record())
             watchers.on_step(state, report)
             if settings.low_ram:

@@ -1,16 +1,25 @@
-"""Optimisers by name (one table), the learning-rate schedule, and the state's (de)serialisation.
+"""Optimisers by name (one table), and the state's (de)serialisation and rule check.
 
-AdamW follows `torch.optim.AdamW` step for step (decoupled weight decay, bias-corrected moments), so a
-learning rate brought from a PyTorch trainer (ai-toolkit, musubi-tuner, OneTrainer, kohya) means the same
-here. MLX's own `optim.AdamW` defaults to `bias_correction=False`, whose first steps are 3-6x larger.
+Each optimiser follows a PyTorch reference step for step (tests/test_optimizers.py), so hyper-parameters
+brought from a PyTorch trainer (ai-toolkit, musubi-tuner, OneTrainer, kohya) mean the same here:
 
-The schedule is a pure function of the optimiser's own `step` counter, which lives in the optimiser state:
-restoring the flattened state from a checkpoint therefore restores the learning rate exactly. Every
-optimiser has a `rule` written into optimizer.safetensors; a checkpoint whose state follows another rule
-(another optimiser, or the uncorrected AdamW of older zrecipe versions) is refused instead of continued.
+| recipe name | update | reference |
+|---|---|---|
+| AdamW | `PyTorchAdamW` (bias-corrected; MLX's own defaults to uncorrected, 3-6x larger first steps) | `torch.optim.AdamW` |
+| AdamW8bit | `adamw8bit.AdamW8bit`: block-quantised 8-bit moments | `bitsandbytes.optim.AdamW8bit` |
+| Lion | MLX's `Lion` | `lion_pytorch.Lion` |
+| SGD | MLX's `SGD` (momentum, Nesterov, L2 weight decay) | `torch.optim.SGD` |
+| Adafactor | MLX's `Adafactor` | `transformers.optimization.Adafactor` |
+| Prodigy | `prodigy.Prodigy` | `prodigyopt.Prodigy` |
 
-A new optimiser is one entry in OPTIMIZERS (a build function and a rule name) plus its name in the
-recipe schema's `Optimizer.name`.
+The learning-rate schedule (schedules.py) is a pure function of the optimiser's own `step` counter, which
+lives in the optimiser state: restoring the flattened state from a checkpoint restores the learning rate
+exactly. Every optimiser has a `rule` written into optimizer.safetensors; a checkpoint whose state follows
+another rule (another optimiser, or the uncorrected AdamW of older zrecipe versions) is refused instead of
+continued.
+
+A new optimiser is one entry in OPTIMIZERS (a build function, a rule name, its state bytes per tensor)
+plus its name and hyper-parameters in the recipe schema (`recipe.schema.OPTIMIZERS`, `OPTIMIZER_KEYS`).
 """
 
 from __future__ import annotations
@@ -25,55 +34,12 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from zrecipe.errors import CheckpointError, RecipeError
+from zrecipe.training.adamw8bit import AdamW8bit
+from zrecipe.training.adamw8bit import state_bytes as adamw8bit_state_bytes
+from zrecipe.training.prodigy import Prodigy
+from zrecipe.training.schedules import Schedule, learning_rate_schedule
 
 STATE_FORMAT = "zrecipe-optimizer"
-
-Schedule = float | Callable[[mx.array], mx.array]
-
-
-def learning_rate_schedule(
-    learning_rate: float,
-    total_steps: int,
-    warmup_steps: int = 0,
-    schedule: str = "constant",
-    min_learning_rate: float = 0.0,
-) -> Schedule:
-    """A schedule callable step → lr (or a float for a plain constant rate).
-
-    With the optimiser's step counter s (0 for the first update): warm-up lr·(s+1)/(W+1) for s < W, then
-    constant lr, or a cosine from lr towards `min_learning_rate` over the remaining steps — PyTorch's
-    `LinearLR(start_factor=1/(W+1), total_iters=W)` followed (`SequentialLR`, milestone W) by
-    `CosineAnnealingLR(T_max=total_steps - W, eta_min=min_learning_rate)`."""
-    if schedule not in ("constant", "cosine"):
-        raise RecipeError(f"optimizer.schedule: unknown schedule {schedule!r} (use constant or cosine).")
-    warmup_steps = max(0, int(warmup_steps))
-    if schedule == "constant":
-        if warmup_steps == 0:
-            return float(learning_rate)
-
-        def body(step: mx.array) -> mx.array:
-            return mx.array(learning_rate, dtype=mx.float32)
-
-    else:
-        body = _cosine(learning_rate, min_learning_rate, max(1, int(total_steps) - warmup_steps))
-    if warmup_steps == 0:
-        return body
-    warmup = optim.linear_schedule(learning_rate / (warmup_steps + 1), learning_rate, warmup_steps)
-    return optim.join_schedules([warmup, body], [warmup_steps])
-
-
-def _cosine(
-    learning_rate: float, min_learning_rate: float, decay_steps: int
-) -> Callable[[mx.array], mx.array]:
-    """min + (lr − min)·½(1 + cos(π·s/T)), written as sin²(π/2·(T − s)/T): the same value without the
-    float32 cancellation of 1 + cos near the end of the run, where it would lose most of its digits."""
-
-    def schedule(step: mx.array) -> mx.array:
-        remaining = decay_steps - mx.minimum(step, decay_steps).astype(mx.float32)
-        decay = mx.square(mx.sin((math.pi / 2 / decay_steps) * remaining))
-        return min_learning_rate + decay * (learning_rate - min_learning_rate)
-
-    return schedule
 
 
 class PyTorchAdamW(optim.AdamW):
@@ -114,19 +80,118 @@ def _adamw(spec: Any, learning_rate: Schedule) -> optim.Optimizer:
     )
 
 
+def _adamw8bit(spec: Any, learning_rate: Schedule) -> optim.Optimizer:
+    return AdamW8bit(
+        learning_rate, [float(b) for b in spec.betas], spec.eps, spec.weight_decay, spec.min_8bit_size
+    )
+
+
+def _lion(spec: Any, learning_rate: Schedule) -> optim.Optimizer:
+    # MLX's Lion is lion-pytorch's update (weight decay p·(1 − lr·λ), not divided by the initial lr).
+    return optim.Lion(
+        learning_rate, betas=[float(b) for b in spec.betas], weight_decay=float(spec.weight_decay)
+    )
+
+
+def _sgd(spec: Any, learning_rate: Schedule) -> optim.Optimizer:
+    # MLX's SGD is torch.optim.SGD without dampening (its first momentum buffer is the gradient itself).
+    return optim.SGD(
+        learning_rate,
+        momentum=float(spec.momentum),
+        weight_decay=float(spec.weight_decay),
+        nesterov=bool(spec.nesterov),
+    )
+
+
+def _adafactor(spec: Any, learning_rate: Schedule) -> optim.Optimizer:
+    if spec.relative_step:
+        # The step size Adafactor computes itself, min(1e-2 (or 1e-6·t with warmup_init), 1/√t), given as
+        # the schedule so that the loop reports it; MLX's Adafactor ignores it in the update.
+        def relative(step: mx.array) -> mx.array:
+            t = step.astype(mx.float32) + 1
+            return mx.minimum(1e-6 * t if spec.warmup_init else 1e-2, mx.rsqrt(t))
+
+        learning_rate = relative
+    # MLX's Adafactor is transformers' `Adafactor` (the same factored second moment, RMS clipping,
+    # parameter scale and relative step).
+    return optim.Adafactor(
+        learning_rate,
+        eps=(float(spec.eps), float(spec.eps_scale)),
+        clip_threshold=float(spec.clip_threshold),
+        decay_rate=float(spec.decay_rate),
+        beta_1=None if spec.beta1 is None else float(spec.beta1),
+        weight_decay=float(spec.weight_decay),
+        scale_parameter=bool(spec.scale_parameter),
+        relative_step=bool(spec.relative_step),
+        warmup_init=bool(spec.warmup_init),
+    )
+
+
+def _prodigy(spec: Any, learning_rate: Schedule) -> optim.Optimizer:
+    return Prodigy(
+        learning_rate,
+        betas=[float(b) for b in spec.betas],
+        beta3=spec.beta3,
+        eps=float(spec.eps),
+        weight_decay=float(spec.weight_decay),
+        d0=float(spec.d0),
+        d_coef=float(spec.d_coef),
+        growth_rate=spec.growth_rate,
+        use_bias_correction=bool(spec.use_bias_correction),
+        safeguard_warmup=bool(spec.safeguard_warmup),
+    )
+
+
+# State bytes of one trainable tensor: (recipe optimizer spec, tensor shape, parameter dtype's itemsize).
+StateBytes = Callable[[Any, tuple[int, ...], int], int]
+
+
+def _moments(count: int) -> StateBytes:
+    """`count` tensors the shape and dtype of the parameter (AdamW: m, v; Lion and SGD: one)."""
+    return lambda spec, shape, itemsize: count * math.prod(shape) * itemsize
+
+
+def _adafactor_bytes(spec: Any, shape: tuple[int, ...], itemsize: int) -> int:
+    size = math.prod(shape)
+    if len(shape) >= 2:  # factored: one row and one column statistic per matrix
+        second = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+    else:
+        second = size
+    return (second + (size if spec.beta1 is not None else 0)) * itemsize
+
+
+def _prodigy_bytes(spec: Any, shape: tuple[int, ...], itemsize: int) -> int:
+    # s, p0, exp_avg (β1 > 0), exp_avg_sq; p0 of an all-zero tensor (LoRA B) is one element (at most this)
+    tensors = 4 if spec.betas[0] > 0 else 3
+    return tensors * math.prod(shape) * itemsize
+
+
+def _adamw8bit_bytes(spec: Any, shape: tuple[int, ...], itemsize: int) -> int:
+    return adamw8bit_state_bytes(math.prod(shape), int(spec.min_8bit_size))
+
+
 @dataclass(frozen=True)
 class OptimizerKind:
-    """One optimiser: how to build it from the recipe's `optimizer:` block and a schedule, and the name of
-    its update rule (recorded with its state; change it whenever the update changes, so that no checkpoint
-    continues under a rule it was not trained with)."""
+    """One optimiser: how to build it from the recipe's `optimizer:` block and a schedule, the name of its
+    update rule (recorded with its state; change it whenever the update changes, so that no checkpoint
+    continues under a rule it was not trained with), and `state_bytes(spec, shape, itemsize)`: the bytes
+    of optimiser state it keeps for one trainable tensor (what the memory model counts)."""
 
     build: Callable[[Any, Schedule], optim.Optimizer]
     rule: str
+    state_bytes: StateBytes
 
 
-# Keyed by the lower-cased recipe name (`optimizer.name`).
+# Keyed by the lower-cased recipe name (`optimizer.name`); the recipe's names are recipe.schema.OPTIMIZERS.
 OPTIMIZERS: dict[str, OptimizerKind] = {
-    "adamw": OptimizerKind(_adamw, rule="adamw-pytorch"),
+    "adamw": OptimizerKind(_adamw, rule="adamw-pytorch", state_bytes=_moments(2)),
+    "adamw8bit": OptimizerKind(
+        _adamw8bit, rule="adamw8bit-bnb-dynamic-block256", state_bytes=_adamw8bit_bytes
+    ),
+    "lion": OptimizerKind(_lion, rule="lion-pytorch", state_bytes=_moments(1)),
+    "sgd": OptimizerKind(_sgd, rule="sgd-pytorch", state_bytes=_moments(1)),
+    "adafactor": OptimizerKind(_adafactor, rule="adafactor-transformers", state_bytes=_adafactor_bytes),
+    "prodigy": OptimizerKind(_prodigy, rule="prodigy-prodigyopt-1.1", state_bytes=_prodigy_bytes),
 }
 
 
@@ -140,16 +205,23 @@ def optimizer_kind(spec: Any) -> OptimizerKind:
 
 
 def make_optimizer(spec: Any, total_steps: int) -> optim.Optimizer:
-    """The optimiser a `zrecipe.recipe.Optimizer` describes (name, learning_rate, betas, weight_decay, eps,
-    warmup_steps, schedule, min_learning_rate), for a run of `total_steps` optimiser steps."""
+    """The optimiser a `zrecipe.recipe.Optimizer` describes (its name, hyper-parameters and learning-rate
+    schedule), for a run of `total_steps` optimiser steps."""
     schedule = learning_rate_schedule(
         float(spec.learning_rate),
         total_steps,
         spec.warmup_steps,
         spec.schedule,
         float(spec.min_learning_rate),
+        int(spec.num_cycles),
     )
     return optimizer_kind(spec).build(spec, schedule)
+
+
+def optimizer_state_bytes(spec: Any, shapes: Any, itemsize: int) -> int:
+    """Bytes of optimiser state for trainable tensors of `shapes` whose dtype has `itemsize` bytes."""
+    kind = optimizer_kind(spec)
+    return sum(kind.state_bytes(spec, tuple(shape), itemsize) for shape in shapes)
 
 
 def state_metadata(spec: Any) -> dict[str, str]:

@@ -3,7 +3,7 @@
 Nothing random in a step depends on hidden RNG state, so resuming at any step draws the same numbers an
 uninterrupted run draws. `purpose` keeps independent draws of one micro-batch apart: 1 is the MLX key the
 loop hands to the objective's loss (σ and noise for Z-Image); 2 and above are the model family's own
-(Z-Image's caption dropout uses 2).
+(Z-Image's caption dropout uses 2, its noise offset 3).
 """
 
 from __future__ import annotations

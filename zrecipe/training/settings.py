@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zrecipe.errors import RecipeError
-from zrecipe.recipe.schema import DEFAULT_MODE, DEFAULT_SEED, Optimizer, Save, TrainingLoop
+from zrecipe.recipe.schema import DEFAULT_MODE, DEFAULT_SEED, Ema, Optimizer, Save, TrainingLoop
 
 _LOOP = TrainingLoop()  # the schema's defaults, read once
+
+
+# `training_loop` fields that change when memory is released or what is logged, never a trained value:
+# runtime options of the train step, not train parameters (toggling them does not retrain).
+RUNTIME_LOOP_FIELDS = ("low_ram", "tensorboard")
 
 
 def train_params(recipe: Any) -> dict[str, Any]:
@@ -24,10 +29,11 @@ def train_params(recipe: Any) -> dict[str, Any]:
     the LoRA targets (LoRA) or full_finetune (full), in the resolved recipe's form. (The examples digest
     is added by the graph builder.)"""
     d = recipe.to_dict()
+    loop = {k: v for k, v in (d.get("training_loop") or {}).items() if k not in RUNTIME_LOOP_FIELDS}
     params = {
         "mode": recipe.mode,
         "seed": recipe.seed,
-        "training_loop": d.get("training_loop"),
+        "training_loop": loop,
         "optimizer": d.get("optimizer"),
         "save": {
             k: v for k, v in (d.get("save") or {}).items() if k in ("checkpoint_frequency", "keep_last")
@@ -79,7 +85,11 @@ class TrainSettings:
     optimizer: Any = field(default_factory=Optimizer)
     checkpoint_frequency: int = Save.checkpoint_frequency
     keep_last: int | None = Save.keep_last
-    low_ram: bool = _LOOP.low_ram
+    low_ram: bool = _LOOP.low_ram  # a runtime option: not in the train params (memory only)
+    loss_weighting: str = _LOOP.loss_weighting
+    noise_offset: float = _LOOP.noise_offset
+    ema: Any = _LOOP.ema  # a zrecipe.recipe.Ema (decay, start_step, every) or None
+    tensorboard: bool = _LOOP.tensorboard  # a runtime option: not in the train params (logging only)
 
     @classmethod
     def from_params(
@@ -108,7 +118,9 @@ class TrainSettings:
             optimizer=Optimizer(**opt),
             checkpoint_frequency=int(save["checkpoint_frequency"]),
             keep_last=save["keep_last"],
-            low_ram=bool(loop["low_ram"]),
+            loss_weighting=loop["loss_weighting"],
+            noise_offset=float(loop["noise_offset"]),
+            ema=None if loop["ema"] is None else Ema(**loop["ema"]),
         )
 
 

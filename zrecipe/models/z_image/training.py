@@ -1,7 +1,16 @@
-"""Z-Image's training objective: flow matching (DESIGN §5), σ sampling, caption dropout and batch collation.
+"""Z-Image's training objective: flow matching (DESIGN §5), σ sampling, loss weighting, noise offset,
+caption dropout and batch collation.
 
 x_σ = (1−σ)·x0 + σ·ε; the model sees time t = 1−σ and outputs ≈ x0 − ε; the pipeline negates it to get the
 velocity ε − x0, so the loss is mean((x0 + (−out) − ε)²) — the seed's ||clean + predicted − noise||².
+
+Loss weighting (`training_loop.loss_weighting`, SD3's family as diffusers' `compute_loss_weighting_for_sd3`
+writes it) multiplies each item's mean squared error by w(σ) before the batch mean; `logit_normal` weights
+by the logit-normal density of σ (what `sigma_sampling: logit_normal` samples from, diffusers'
+`compute_density_for_timestep_sampling`), so uniform σ with that weight has logit-normal sampling's
+expected loss. The noise offset (`training_loop.noise_offset`, diffusers' training scripts) adds
+offset·n to ε with n ~ N(0, 1) per item and channel, constant over the image; n is drawn per global item
+from the step's position (`rng.step_rng` purpose 3), so a resumed run draws the same numbers.
 
 `FlowMatchingObjective` is what `zrecipe.training.train` calls (the `Objective` protocol): the loop never
 touches latents, captions or σ itself.
@@ -9,15 +18,19 @@ touches latents, captions or σ itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from zrecipe.training.rng import step_rng
 
 SIGMA_SAMPLING = ("shifted", "uniform", "logit_normal")
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap", "logit_normal")
+NOISE_OFFSET_PURPOSE = 3  # rng.step_rng purpose of the noise offset draws (2 is caption dropout)
 # The transformer's block groups, in call order; gradient checkpointing recomputes each of their blocks.
 BLOCK_GROUPS = ("noise_refiner", "context_refiner", "layers")
 
@@ -42,6 +55,24 @@ def sample_sigmas(
     raise ValueError(f"unknown sigma sampling {method!r}; use one of {', '.join(SIGMA_SAMPLING)}")
 
 
+def loss_weights(
+    sigma: mx.array, method: str = "none", logit_mean: float = 0.0, logit_std: float = 1.0
+) -> mx.array | None:
+    """Per-item loss weight w(σ) in float32, None for `none`: `sigma_sqrt` σ⁻², `cosmap`
+    2 / (π(1 − 2σ + 2σ²)), `logit_normal` the density 1/(s√(2π)) · 1/(σ(1−σ)) · exp(−(logit σ − m)²/(2s²))."""
+    sigma = sigma.astype(mx.float32)
+    if method == "none":
+        return None
+    if method == "sigma_sqrt":
+        return 1.0 / mx.square(sigma)
+    if method == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * mx.square(sigma)))
+    if method == "logit_normal":
+        z = (mx.log(sigma) - mx.log1p(-sigma) - logit_mean) / logit_std
+        return mx.exp(-0.5 * mx.square(z)) / (logit_std * math.sqrt(2 * math.pi) * sigma * (1.0 - sigma))
+    raise ValueError(f"unknown loss weighting {method!r}; use one of {', '.join(LOSS_WEIGHTING)}")
+
+
 def noisy_latents(x0: mx.array, noise: mx.array, sigma: mx.array) -> mx.array:
     """x_σ = (1−σ)·x0 + σ·ε with σ broadcast over (B, C, H, W)."""
     s = sigma.reshape(-1, 1, 1, 1).astype(x0.dtype)
@@ -49,13 +80,28 @@ def noisy_latents(x0: mx.array, noise: mx.array, sigma: mx.array) -> mx.array:
 
 
 def flow_matching_loss(
-    model: Callable, x0: mx.array, cap_feats: Sequence[mx.array], sigma: mx.array, noise: mx.array
+    model: Callable,
+    x0: mx.array,
+    cap_feats: Sequence[mx.array],
+    sigma: mx.array,
+    noise: mx.array,
+    weights: mx.array | None = None,
 ) -> mx.array:
-    """Mean squared error between the negated model output and ε − x0 (in float32)."""
+    """Mean squared error between the negated model output and ε − x0 (in float32); with `weights` (B,),
+    the batch mean of each item's mean squared error times its weight."""
     x_sigma = noisy_latents(x0, noise, sigma)
     out = model(x_sigma, (1.0 - sigma).astype(x0.dtype), list(cap_feats))
     residual = x0.astype(mx.float32) - out.astype(mx.float32) - noise.astype(mx.float32)
-    return mx.mean(mx.square(residual))
+    if weights is None:
+        return mx.mean(mx.square(residual))
+    per_item = mx.mean(mx.square(residual).reshape(residual.shape[0], -1), axis=1)
+    return mx.mean(weights * per_item)
+
+
+def noise_offsets(seed: int, step: int, micro: int, items: int, channels: int, offset: float) -> mx.array:
+    """offset · n, n ~ N(0, 1) of shape (items, channels, 1, 1): the noise offset of one micro-batch."""
+    draws = step_rng(seed, step, micro, NOISE_OFFSET_PURPOSE).standard_normal((items, channels, 1, 1))
+    return mx.array((offset * draws).astype(np.float32))
 
 
 def caption_dropout_mask(seed: int, step: int, micro: int, probabilities: Sequence[float]) -> list[bool]:
@@ -87,10 +133,13 @@ class FlowMatchingObjective:
     logit_mean: float
     logit_std: float
     dtype: Any  # the compute dtype the batch is cast to (the transformer's)
+    loss_weighting: str = "none"
+    noise_offset: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Any, empty_embedding: Any) -> FlowMatchingObjective:
-        """The objective a `TrainSettings` describes (seed, σ sampling, shift, compute dtype)."""
+        """The objective a `TrainSettings` describes (seed, σ sampling, shift, compute dtype, loss weighting,
+        noise offset)."""
         from zrecipe.backend import resolve_dtype
 
         return cls(
@@ -101,27 +150,40 @@ class FlowMatchingObjective:
             settings.logit_mean,
             settings.logit_std,
             resolve_dtype(settings.compute_dtype),  # `auto`: fp32 on the CPU, bf16 on a GPU
+            settings.loss_weighting,
+            float(settings.noise_offset),
         )
 
     def batch(self, examples: Sequence[Any], indices: list[int], step: int, micro: int, share=None):
-        """(latents, captions) of this rank's rows; dropout is drawn per global item, then sliced."""
+        """(latents, captions) of this rank's rows, plus their noise offsets (B, C, 1, 1) when the offset is
+        on; dropout and offsets are drawn per global item, then sliced."""
         drop = caption_dropout_mask(self.seed, step, micro, [examples[i].caption_dropout for i in indices])
+        n_global = len(indices)
         if share is not None:
             indices, drop = indices[share.start : share.stop], drop[share.start : share.stop]
         x0, caps = collate(examples, indices, drop, self.empty_caption)
-        return x0.astype(self.dtype), [c.astype(self.dtype) for c in caps]
+        batch = (x0.astype(self.dtype), [c.astype(self.dtype) for c in caps])
+        if not self.noise_offset:
+            return batch
+        offsets = noise_offsets(self.seed, step, micro, n_global, x0.shape[1], self.noise_offset)
+        if share is not None:
+            offsets = offsets[share.start : share.stop]
+        return (*batch, offsets.astype(self.dtype))
 
     def loss(self, model: Callable, batch, key: mx.array, share=None) -> mx.array:
         """Flow-matching loss with σ and noise drawn from `key` for the global batch (then sliced)."""
-        x0, caps = batch
+        x0, caps = batch[:2]
         sigma_key, noise_key = mx.random.split(key)
         n = x0.shape[0] if share is None else share.n_global
         sigma = sample_sigmas(sigma_key, n, self.sigma_sampling, self.shift, self.logit_mean, self.logit_std)
         noise = mx.random.normal((n, *x0.shape[1:]), key=noise_key).astype(x0.dtype)
-        if share is None:
-            return flow_matching_loss(model, x0, caps, sigma, noise)
-        start, stop = share.start, share.start + x0.shape[0]
-        return flow_matching_loss(model, x0, caps, sigma[start:stop], noise[start:stop])
+        if share is not None:
+            start, stop = share.start, share.start + x0.shape[0]
+            sigma, noise = sigma[start:stop], noise[start:stop]
+        if len(batch) > 2:  # the noise offset, already this rank's rows
+            noise = noise + batch[2]
+        weights = loss_weights(sigma, self.loss_weighting, self.logit_mean, self.logit_std)
+        return flow_matching_loss(model, x0, caps, sigma, noise, weights)
 
     def checkpoint_blocks(self, model: Any) -> Iterable[Any]:
         """Every transformer block (noise refiner, context refiner, main layers)."""
