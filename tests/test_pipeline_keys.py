@@ -24,7 +24,10 @@ GOLDEN = {
         "resize": (12, "a2d634d7d4f161be"),
         "encode-text": (10, "344c7124ef03d398"),
         "encode-image": (12, "ac4b17f740209ddf"),
-        "train": (1, "6b345a2252ffc71c"),  # AdamW follows torch.optim.AdamW (v2); the loss options join the params
+        "train": (
+            1,
+            "6b345a2252ffc71c",
+        ),  # AdamW follows torch.optim.AdamW (v2); the loss options join the params
         "sample": (2, "9a7cade2b2d9791d"),
         "export": (1, "e92310e6498a8b01"),  # v2: the file name became a parameter
         "contact-sheet": (1, "260913da40e7638d"),
