@@ -17,7 +17,7 @@ from zrecipe.errors import ZRecipeError
 
 # Modules under zrecipe.cli that define `register(app)`. Only working commands are listed here.
 COMMAND_MODULES: list[str] = [
-    "build", "train", "generate", "export", "memory", "store", "init", "doctor", "download"
+    "build", "train", "generate", "export", "memory", "store", "init", "doctor", "download", "caption"
 ]  # fmt: skip
 
 app = typer.Typer(

@@ -8,6 +8,7 @@ build (cheap: files already there with the same size are left alone). Layout:
     <output_path>/samples/<prompt>-<seed>_<n>.png, samples/contact_sheet.png
     <export.output_path>/<name>.safetensors (or a model folder for full fine-tunes)
     <output_path>/build-report.json
+    <output_path>/captions.jsonl (datasets with generated captions: every image's caption and its origin)
 """
 
 from __future__ import annotations
@@ -70,4 +71,7 @@ def publish(plan, store, recipe) -> dict[str, list[str]]:
             published["exports"] += [
                 str(f) for f in _copy_tree(store.path(p.key), Path(recipe.export.output_path))
             ]
+    from zrecipe.pipeline.caption_view import publish_captions
+
+    published.update(publish_captions(plan, store, recipe))  # captions.jsonl, with generated captions
     return published
