@@ -37,14 +37,12 @@ def run_caption(tasks, ctx) -> None:
     for task in tasks:
         by_model[task.node.inputs[1]].append(task)
     for identity, group in by_model.items():
-        captioner = Captioner(resolve_vlm(models[identity]))
+        captioner = Captioner(resolve_vlm(models[identity]), name=models[identity])
         for task in group:
             p = task.params
             with ctx.output(task) as folder:
-                image = source_image(task, ctx)
-                caption = captioner.caption(
-                    image, task.item, p["prompt"], p["max_tokens"], p["repetition_penalty"]
-                )
+                path, image = source_image(task, ctx)
+                caption = captioner.caption(image, str(path), p["prompt"], p["max_tokens"], p["repetition_penalty"])
                 (folder / CAPTION_FILE).write_text(caption.text, encoding="utf-8")
                 info = {"tokens": caption.tokens, "finish": caption.finish}
                 (folder / CAPTION_INFO).write_text(json.dumps(info, sort_keys=True))
@@ -53,7 +51,7 @@ def run_caption(tasks, ctx) -> None:
 
 
 def source_image(task, ctx):
-    """The task's source image, decoded upright (EXIF orientation) to RGB from bytes that are checked
+    """(path, image): the task's source image, decoded upright (EXIF orientation) to RGB from bytes that are checked
     against the planned content hash (a file changed since planning fails this item, never stored under
     the old key)."""
     import io
@@ -71,7 +69,7 @@ def source_image(task, ctx):
     if hash_bytes(data) != task.node.inputs[0]:
         raise DatasetError(f"{path}: the image changed during the build; build again.", items=[task.item])
     try:
-        return load_image(io.BytesIO(data))
+        return path, load_image(io.BytesIO(data))
     except DatasetError as exc:
         raise DatasetError(f"{path}: {str(exc).split(': ', 1)[-1]}", items=[task.item]) from exc
 

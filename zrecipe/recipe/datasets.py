@@ -224,6 +224,12 @@ def _read_generated(r: Reader, root: Path, trigger: Any, folder: Path | None) ->
     kind = human[0] if human else "sidecar"
     generate = _read_generate(r.ctx, r.path + ("generate",), r.data["generate"], root)
     prefer = r.get("prefer", text(choices=CAPTION_PREFER), CaptionSource.prefer)
+    if prefer == "generated" and kind != "sidecar":
+        r.ctx.add(
+            r.path + ("prefer",),
+            f"`prefer: generated` would ignore every {kind} caption; use `prefer: sidecar` to mix them with "
+            f"the model's, or drop `{kind}`",
+        )
     extension = r.get("extension", _extension(), CaptionSource.extension)
     if r.has("extension") and kind != "sidecar":
         r.ctx.add(r.path + ("extension",), f"only used with sidecar captions, not {kind}")

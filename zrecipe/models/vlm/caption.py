@@ -33,7 +33,7 @@ def require_mlx_vlm() -> None:
 
 @dataclass(frozen=True)
 class Caption:
-    """A generated caption: its text (stripped), how many tokens it took, and why generation stopped
+    """A generated caption: its text (on one line, whitespace runs made one space), how many tokens it took, and why generation stopped
     (`stop`: the model ended it; `length`: it reached max_tokens)."""
 
     text: str
@@ -44,20 +44,22 @@ class Caption:
 class Captioner:
     """A vision-language model loaded once, captioning one image per call."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, name: str | None = None):
+        """Load the model in `folder`; `name` is how messages call it (default: the folder)."""
         require_mlx_vlm()
         import mlx_vlm
         from mlx_vlm import load
 
         self.folder = Path(folder)
+        self.name = name or str(folder)
         try:
             self.model, self.processor = load(str(self.folder))
         except (ValueError, KeyError, OSError, TypeError, AttributeError, ImportError) as exc:
             raise ModelError(_load_problem(self.folder, exc, getattr(mlx_vlm, "__version__", "?"))) from exc
 
     def caption(self, image: Any, item: str, prompt: str, max_tokens: int, repetition_penalty=None) -> Caption:
-        """Caption one PIL image (item: its name, for messages). DatasetError (a per-item failure) when
-        the model cannot process the image or generates nothing."""
+        """Caption one PIL image (`item`: the image as messages name it, e.g. its path). DatasetError (a
+        per-item failure) when the model cannot process the image or generates nothing."""
         from mlx_vlm import generate
         from mlx_vlm.prompt_utils import apply_chat_template
 
@@ -69,19 +71,21 @@ class Captioner:
             result = generate(self.model, self.processor, text, image=[image], verbose=False, **options)
         except Exception as exc:  # noqa: BLE001 - any failure on this image is this item's failure
             raise DatasetError(
-                f"{item}: the captioning model {self.folder} cannot read this image ({type(exc).__name__}: "
+                f"{item}: the captioning model {self.name} cannot read this image ({type(exc).__name__}: "
                 f"{exc}); re-export the image, or set `on_error: skip` to leave it out.",
                 items=[item],
             ) from exc
-        caption = result.text.strip()
+        caption = " ".join(result.text.split())  # one line: newlines and runs of spaces become one space
         if not caption:
             raise DatasetError(
-                f"{item}: the captioning model {self.folder} generated an empty caption "
-                f"({result.generation_tokens} tokens); change `captions.generate.prompt`, write a caption "
-                "for this image, or set `on_error: skip` to leave it out.",
+                f"{item}: the captioning model {self.name} generated an empty caption (it stopped after "
+                f"{result.generation_tokens} token{'s' if result.generation_tokens != 1 else ''}); change "
+                "`captions.generate.prompt`, write a caption for this image, or set `on_error: skip` to "
+                "leave it out.",
                 items=[item],
             )
-        finish = "length" if result.generation_tokens >= max_tokens else "stop"
+        finish = result.finish_reason if result.finish_reason in ("stop", "length") else None
+        finish = finish or ("length" if result.generation_tokens >= max_tokens else "stop")
         return Caption(caption, int(result.generation_tokens), finish)
 
 
