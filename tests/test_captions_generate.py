@@ -163,7 +163,10 @@ def test_captions_are_the_same_bytes_in_another_store(tmp_path, tiny_model):
         outcome = build(recipe, until="caption")
         store = Store(outcome.cache_dir)
         entries.append(
-            {p.node.item: (p.key, (store.path(p.key) / CAPTION_FILE).read_bytes()) for p in outcome.plan.nodes["caption"]}
+            {
+                p.node.item: (p.key, (store.path(p.key) / CAPTION_FILE).read_bytes())
+                for p in outcome.plan.nodes["caption"]
+            }
         )
     assert entries[0] == entries[1] and len(entries[0]) == 3
     assert all(text for _, text in entries[0].values())
@@ -206,7 +209,11 @@ def test_human_captions_precedence_and_edits(tmp_path, tiny_model):
     assert run_app(app, ["caption", str(recipe), "-q", "--write-sidecars"]) == 0
     assert sorted(p.name for p in (tmp_path / "data").glob("*.txt")) == ["0.txt", "1.txt", "2.txt", "3.txt"]
     assert (tmp_path / "data" / "0.txt").read_text() == "a hand-written caption\n"  # never overwritten
-    assert set(json.loads((tmp_path / "data" / MARKS_FILE).read_text())["sidecars"]) == {"1.txt", "2.txt", "3.txt"}
+    assert set(json.loads((tmp_path / "data" / MARKS_FILE).read_text())["sidecars"]) == {
+        "1.txt",
+        "2.txt",
+        "3.txt",
+    }
     assert stale(recipe) == {}
 
     # Editing one re-encodes that caption and retrains; nothing is recaptioned.
@@ -231,7 +238,9 @@ def test_human_captions_precedence_and_edits(tmp_path, tiny_model):
     # An emptied sidecar is no caption: the model's is used again (still cached).
     (tmp_path / "data" / "2.txt").write_text("  \n")
     graph, _, p = graph_and_plan(recipe)
-    assert "d/2.png" in graph.nodes["caption"] and not any(n.node.item == "d/2.png" for n in p.stale("caption"))
+    assert "d/2.png" in graph.nodes["caption"] and not any(
+        n.node.item == "d/2.png" for n in p.stale("caption")
+    )
 
 
 def test_write_sidecars_never_replaces_a_persons_caption(tmp_path):
@@ -248,12 +257,17 @@ def test_write_sidecars_never_replaces_a_persons_caption(tmp_path):
 def test_manifest_captions_mix_with_generated_ones(tmp_path, tiny_model):
     recipe = project(tmp_path, tiny_model, images=range(3))
     (tmp_path / "caps.jsonl").write_text(json.dumps({"file": "1.png", "caption": "from the manifest"}) + "\n")
-    text = recipe.read_text().replace("prefer: sidecar", "manifest: caps.jsonl\n      template: '{caption}, photo'")
+    text = recipe.read_text().replace(
+        "prefer: sidecar", "manifest: caps.jsonl\n      template: '{caption}, photo'"
+    )
     recipe.write_text(text)
     graph, data, _ = graph_and_plan(recipe)
     assert sorted(graph.nodes["caption"]) == ["d/0.png", "d/2.png"]
     assert {e.image: e.text for e in data.examples}["d/1.png"] == text_item("zc, from the manifest, photo")
-    assert graph.node("encode-text", produced_item(Ref("caption", "d/0.png"))).params["template"] == "{caption}, photo"
+    assert (
+        graph.node("encode-text", produced_item(Ref("caption", "d/0.png"))).params["template"]
+        == "{caption}, photo"
+    )
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
@@ -263,7 +277,10 @@ def test_manifest_captions_mix_with_generated_ones(tmp_path, tiny_model):
 def test_bad_images_fail_naming_the_item_or_are_skipped(tmp_path, tiny_model):
     recipe = project(tmp_path, tiny_model, images=range(3))
     Image.new("RGB", (2, 600), "red").save(tmp_path / "data" / "1.png")  # decodes, but no VLM reads it
-    with pytest.raises(StepFailed, match=r"caption:d/1.png: .*data/1.png: the captioning model tiny-vlm cannot read this image") as failed:
+    with pytest.raises(
+        StepFailed,
+        match=r"caption:d/1.png: .*data/1.png: the captioning model tiny-vlm cannot read this image",
+    ) as failed:
         build(recipe, until="caption")
     assert failed.value.exit_code == 2
     project(tmp_path, tiny_model, images=range(3), on_error="skip")
@@ -275,7 +292,9 @@ def test_bad_images_fail_naming_the_item_or_are_skipped(tmp_path, tiny_model):
     assert (kinds["caption"].ran, kinds["caption"].cached, kinds["caption"].skipped) == (0, 1, 2)
     assert kinds["train"].ran == 1
     train = outcome.plan.by_id()[("train", "train")]
-    skipped = json.loads((Store(outcome.cache_dir).path(train.key) / "train.json").read_text())["skipped_items"]
+    skipped = json.loads((Store(outcome.cache_dir).path(train.key) / "train.json").read_text())[
+        "skipped_items"
+    ]
     assert skipped == ["d/1.png", "d/2.png"]
 
 
@@ -344,7 +363,12 @@ def test_generate_recipe_keys_round_trip_and_are_checked(tmp_path):
                                      "template: 'photo, {caption}'}\n")  # fmt: skip
     recipe = load_recipe(tmp_path / "r.yaml")
     src = recipe.datasets[0].captions
-    assert (src.kind, src.human, src.prefer, src.generate.model) == ("generate", "sidecar", "sidecar", str(tmp_path / "vlm"))
+    assert (src.kind, src.human, src.prefer, src.generate.model) == (
+        "generate",
+        "sidecar",
+        "sidecar",
+        str(tmp_path / "vlm"),
+    )
     assert dataclasses.replace(recipe) == type(recipe).from_dict(recipe.to_dict(), source=recipe.source)
     bad = {
         "{generate: {model: tiny-vlm, max_token: 4}}": "max_token: unknown key; did you mean `max_tokens`",

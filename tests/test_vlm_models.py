@@ -49,10 +49,15 @@ def test_tiny_vlm_files_are_a_function_of_the_seed(tmp_path, vlms):
 
 def test_tiny_vlm_config_is_the_hub_checkpoints_flat_form(vlms):
     config = json.loads((vlms["qwen2_5_vl"] / "config.json").read_text())
-    assert config["model_type"] == "qwen2_5_vl" and config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert config["model_type"] == "qwen2_5_vl" and config["architectures"] == [
+        "Qwen2_5_VLForConditionalGeneration"
+    ]
     tokens = json.loads((vlms["qwen2_5_vl"] / "tokenizer.json").read_text())["added_tokens"]
     ids = {t["content"]: t["id"] for t in tokens}
-    assert config["image_token_id"] == ids["<|image_pad|>"] and config["vision_start_token_id"] == ids["<|vision_start|>"]
+    assert (
+        config["image_token_id"] == ids["<|image_pad|>"]
+        and config["vision_start_token_id"] == ids["<|vision_start|>"]
+    )
     assert config["hidden_size"] == 64 and "text_config" not in config  # text settings at the top level
 
 
@@ -70,12 +75,16 @@ def test_tiny_vlm_loads_in_transformers_and_mlx_vlm_alike(vlms, family):
     from mlx_vlm.utils import prepare_inputs
 
     folder = vlms[family]
-    reference, info = transformers.AutoModelForImageTextToText.from_pretrained(folder, output_loading_info=True)
+    reference, info = transformers.AutoModelForImageTextToText.from_pretrained(
+        folder, output_loading_info=True
+    )
     assert not any(info.values()), info
     model, processor = load(str(folder))
     prompt = apply_chat_template(processor, model.config, "Describe this image.", num_images=1)
     image = picture()
-    inputs = prepare_inputs(processor, images=[image], prompts=[prompt], image_token_index=model.config.image_token_id)
+    inputs = prepare_inputs(
+        processor, images=[image], prompts=[prompt], image_token_index=model.config.image_token_id
+    )
     ours = model(inputs["input_ids"], inputs["pixel_values"], mask=inputs["attention_mask"],
                  image_grid_thw=inputs["image_grid_thw"]).logits[0, -1]  # fmt: skip
     ids = torch.tensor(np.array(inputs["input_ids"]))
@@ -155,7 +164,10 @@ def test_a_folder_that_is_not_a_vision_language_model_is_refused(tmp_path, vlms)
 def test_a_repo_that_is_not_cached_is_not_downloaded_by_a_plan(monkeypatch):
     from zrecipe.models.z_image.resolve import no_downloads
 
-    with no_downloads(), pytest.raises(ModelError, match="not in the local Hugging Face cache .* Planning never"):
+    with (
+        no_downloads(),
+        pytest.raises(ModelError, match="not in the local Hugging Face cache .* Planning never"),
+    ):
         resolve_vlm("Qwen/Qwen2-VL-2B-Instruct")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="downloads are off"):

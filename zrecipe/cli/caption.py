@@ -23,9 +23,13 @@ def caption(
     recipe: Path = RecipeArg,
     cache: Path | None = CacheOpt,
     write_sidecars: bool = typer.Option(
-        False, "--write-sidecars", help="Write generated captions as <stem>.txt sidecars (never over a human one)."
+        False,
+        "--write-sidecars",
+        help="Write generated captions as <stem>.txt sidecars (never over a human one).",
     ),
-    sheet: Path | None = typer.Option(None, "--sheet", help="Draw a contact sheet of images and captions (PNG)."),
+    sheet: Path | None = typer.Option(
+        None, "--sheet", help="Draw a contact sheet of images and captions (PNG)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the captions as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     offline: bool = OfflineOpt,
@@ -68,7 +72,9 @@ def caption(
     typer.echo(f"{len(rows)} images: {summary}{ran}")
     truncated = sum(r.finish == "length" for r in rows)
     if truncated:
-        typer.echo(f"{truncated} generated caption(s) stopped at max_tokens; raise captions.generate.max_tokens")
+        typer.echo(
+            f"{truncated} generated caption(s) stopped at max_tokens; raise captions.generate.max_tokens"
+        )
 
 
 def _table(rows) -> None:
@@ -100,7 +106,9 @@ def _write_sidecars(recipe, rows) -> None:
         typer.echo(f"dataset {ds.name!r}: wrote {len(written)} sidecar(s) in {ds.path}", err=True)
         for side in kept:
             typer.echo(f"  kept {side}: written or edited by hand", err=True)
-    if not wrote and not any(ds.captions.human == "sidecar" for ds in recipe.datasets if ds.captions.kind == "generate"):
+    if not wrote and not any(
+        ds.captions.human == "sidecar" for ds in recipe.datasets if ds.captions.kind == "generate"
+    ):
         raise UserError("--write-sidecars: no dataset reads sidecar captions; nothing was written.")
 
 

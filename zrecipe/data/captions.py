@@ -153,7 +153,11 @@ def apply_template(template: str, rel_path: str, caption: str, trigger: str | No
     pieces, problems = _parse_template(template)
     if problems:
         raise ValueError(problems[0])
-    values = {"trigger": (trigger or "").strip(), "filename": caption_from_filename(rel_path), "caption": caption}
+    values = {
+        "trigger": (trigger or "").strip(),
+        "filename": caption_from_filename(rel_path),
+        "caption": caption,
+    }
     return _tidy("".join(lit + (values[name] if name else "") for lit, name in pieces))
 
 

@@ -42,7 +42,9 @@ def run_caption(tasks, ctx) -> None:
             p = task.params
             with ctx.output(task) as folder:
                 path, image = source_image(task, ctx)
-                caption = captioner.caption(image, str(path), p["prompt"], p["max_tokens"], p["repetition_penalty"])
+                caption = captioner.caption(
+                    image, str(path), p["prompt"], p["max_tokens"], p["repetition_penalty"]
+                )
                 (folder / CAPTION_FILE).write_text(caption.text, encoding="utf-8")
                 info = {"tokens": caption.tokens, "finish": caption.finish}
                 (folder / CAPTION_INFO).write_text(json.dumps(info, sort_keys=True))
@@ -65,7 +67,9 @@ def source_image(task, ctx):
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DatasetError(f"{path}: cannot read the image ({exc.strerror or exc}).", items=[task.item]) from exc
+        raise DatasetError(
+            f"{path}: cannot read the image ({exc.strerror or exc}).", items=[task.item]
+        ) from exc
     if hash_bytes(data) != task.node.inputs[0]:
         raise DatasetError(f"{path}: the image changed during the build; build again.", items=[task.item])
     try:

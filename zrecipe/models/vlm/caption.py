@@ -57,7 +57,9 @@ class Captioner:
         except (ValueError, KeyError, OSError, TypeError, AttributeError, ImportError) as exc:
             raise ModelError(_load_problem(self.folder, exc, getattr(mlx_vlm, "__version__", "?"))) from exc
 
-    def caption(self, image: Any, item: str, prompt: str, max_tokens: int, repetition_penalty=None) -> Caption:
+    def caption(
+        self, image: Any, item: str, prompt: str, max_tokens: int, repetition_penalty=None
+    ) -> Caption:
         """Caption one PIL image (`item`: the image as messages name it, e.g. its path). DatasetError (a
         per-item failure) when the model cannot process the image or generates nothing."""
         from mlx_vlm import generate

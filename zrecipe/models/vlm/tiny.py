@@ -15,7 +15,6 @@ ids no tokenizer can decode). `max_pixels` is small so that a caption costs a fe
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid

@@ -109,7 +109,9 @@ def pipeline_layout(weights: Iterable[str] = WEIGHT_FOLDERS) -> RepoLayout:
 
     def unusable(wanted: list[str]) -> str | None:
         missing = [
-            c for c in weights if not any(f.startswith(c + "/") and f.endswith(".safetensors") for f in wanted)
+            c
+            for c in weights
+            if not any(f.startswith(c + "/") and f.endswith(".safetensors") for f in wanted)
         ]
         if "model_index.json" in wanted and not missing:
             return None
