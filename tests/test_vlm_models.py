@@ -199,3 +199,29 @@ def test_identity_is_the_content_of_the_model_files(tmp_path, vlms):
         assert vlm_identity(str(tmp_path / "elsewhere"), sc) != original
         assert vlm_identity(str(vlms["qwen2_5_vl"]), sc) != original
         assert vlm_identity(TINY_VLM, sc) == f"tiny-vlm-v{TINY_VLM_VERSION}"  # no model needed to plan
+
+
+def test_a_captioning_model_downloads_only_what_it_needs_from_the_hub(vlms, tmp_path, monkeypatch):
+    """The real huggingface_hub client against the loopback hub (tests/hub_server.py): configs, tokenizer,
+    templates and non-variant weights are fetched; READMEs, images, `.bin` and fp16 copies are not. A plan
+    never downloads; a repo without a config or weights is not a captioning model."""
+    from hub_server import COMMIT, FakeHub
+
+    from zrecipe.models.z_image.resolve import no_downloads
+
+    files = FakeHub.folder_files(vlms["qwen2_vl"])
+    extra = {"README.md": b"# vlm\n", "assets/demo.png": b"png", "model.fp16.safetensors": b"x" * 64,
+             "pytorch_model.bin": b"pickle"}  # fmt: skip
+    with FakeHub() as hub:
+        hub.add_repo("org/vlm", {**files, **extra})
+        hub.add_repo("org/text", {"README.md": b"no model here"})
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        with no_downloads(), pytest.raises(ModelError, match=r"\(9 files, .* MB\)"):
+            resolve_vlm("org/vlm")
+        folder = resolve_vlm("org/vlm")
+        assert folder == tmp_path / "hub" / "models--org--vlm" / "snapshots" / COMMIT
+        fetched = {name for method, name, _, status in hub.requests if method == "GET" and not name.startswith("/api/")}
+        assert fetched == set(files)
+        with pytest.raises(ModelError, match="no config.json or no safetensors weights"):
+            resolve_vlm("org/text")
