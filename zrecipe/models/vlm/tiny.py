@@ -95,21 +95,24 @@ PATCH, MERGE, TEMPORAL = 14, 2, 2
 
 
 def create_tiny_vlm(
-    path: str | Path, family: str = "qwen2_vl", seed: int = 0, dims: Dims = TINY_DIMS
+    path: str | Path, family: str = "qwen2_vl", seed: int = 0, dims: Dims = TINY_DIMS, dtype: str = "float32"
 ) -> Path:
-    """Write the model folder at `path` (which must not exist or be empty); returns its path.
+    """Write the model folder at `path` (which must not exist or be empty); returns its path. `dims`: the
+    sizes (`QWEN2_VL_2B` for a real-size random model); `dtype`: "float32" or "bfloat16" weights.
 
     Written into a temporary sibling folder and renamed at the end, so a reader sees the whole model or
     none, and of two processes creating it at once one rename wins (the other gets ModelError)."""
     if family not in FAMILIES:
         raise ModelError(f"tiny VLM family {family!r}: choose one of {', '.join(FAMILIES)}.")
+    if dtype not in ("float32", "bfloat16"):
+        raise ModelError(f"tiny VLM dtype {dtype!r}: use 'float32' or 'bfloat16'.")
     path = Path(path).expanduser().absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ModelError(f"{path}: already exists and is not empty; pass a new folder for the tiny VLM.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write(tmp, family, seed, dims)
+        _write(tmp, family, seed, dims, dtype)
         try:
             if path.exists():
                 path.rmdir()
@@ -121,14 +124,14 @@ def create_tiny_vlm(
     return path
 
 
-def _write(folder: Path, family: str, seed: int, dims: Dims) -> None:
+def _write(folder: Path, family: str, seed: int, dims: Dims, dtype: str) -> None:
     from zrecipe.models.z_image.tiny import _random_weights, _save, _write_json, write_tokenizer
 
     ids = write_tokenizer(folder, special=SPECIAL_TOKENS, added=[], chat_template=CHAT_TEMPLATE)
     if dims.vocab is not None and dims.vocab < len(ids):
         raise ModelError(f"vocab {dims.vocab} is smaller than the tokenizer's {len(ids)} tokens.")
     dims = replace(dims, vocab=dims.vocab or len(ids))
-    config = model_config(family, dims, ids)
+    config = model_config(family, dims, ids) | {"torch_dtype": dtype}
     _write_json(folder / "config.json", config)
     _write_json(
         folder / "generation_config.json",
@@ -160,7 +163,7 @@ def _write(folder: Path, family: str, seed: int, dims: Dims) -> None:
         # Rows past the tokenizer (a real checkpoint's padding): never the argmax, as in a trained model.
         for key in ("lm_head.weight",):
             weights[key][len(ids) :] = 0.0
-    _save(weights, folder / "model.safetensors", "float32")
+    _save(weights, folder / "model.safetensors", dtype)
 
 
 def model_config(family: str, dims: Dims, ids: dict) -> dict:
