@@ -298,6 +298,18 @@ def test_bad_images_fail_naming_the_item_or_are_skipped(tmp_path, tiny_model):
     assert skipped == ["d/1.png", "d/2.png"]
 
 
+@needs_vlm
+def test_an_image_changed_after_planning_is_not_captioned_under_its_old_key(tmp_path, tiny_model):
+    from zrecipe.engine import build as run
+
+    recipe = project(tmp_path, tiny_model, images=range(2))
+    graph, data = build_graph(load_recipe(recipe), tmp_path / "cache", until="caption")
+    add_images(tmp_path, [5])
+    (tmp_path / "data" / "5.png").replace(tmp_path / "data" / "1.png")  # new bytes under the planned name
+    with pytest.raises(StepFailed, match=r"caption:d/1.png: .*1.png: the image changed during the build"):
+        run(graph, Store(tmp_path / "cache"), data, progress=False)
+
+
 def test_a_captioning_model_that_is_not_a_vlm_stops_the_plan(tmp_path, tiny_model):
     recipe = project(tmp_path, tiny_model, vlm=str(tiny_model))  # a Z-Image pipeline folder
     with pytest.raises(ModelError, match="a diffusers pipeline, not a vision-language model"):

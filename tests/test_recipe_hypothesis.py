@@ -62,7 +62,10 @@ _captions = st.one_of(
                 },
             )
         },
-        optional={"prefer": st.sampled_from(["sidecar", "generated"]), "template": st.just("{caption}, photo")},
+        optional={
+            "prefer": st.sampled_from(["sidecar", "generated"]),
+            "template": st.just("{caption}, photo"),
+        },
     ),
 )
 

@@ -221,7 +221,11 @@ def test_a_captioning_model_downloads_only_what_it_needs_from_the_hub(vlms, tmp_
             resolve_vlm("org/vlm")
         folder = resolve_vlm("org/vlm")
         assert folder == tmp_path / "hub" / "models--org--vlm" / "snapshots" / COMMIT
-        fetched = {name for method, name, _, status in hub.requests if method == "GET" and not name.startswith("/api/")}
+        fetched = {
+            name
+            for method, name, _, status in hub.requests
+            if method == "GET" and not name.startswith("/api/")
+        }
         assert fetched == set(files)
         with pytest.raises(ModelError, match="no config.json or no safetensors weights"):
             resolve_vlm("org/text")

@@ -45,9 +45,10 @@ def generated_datasets(recipe) -> list[Any]:
     return [ds for ds in recipe.datasets if ds.captions.kind == "generate"]
 
 
-def caption_rows(recipe, plan, store, report=None) -> list[CaptionRow]:
+def caption_rows(recipe, plan, store, report=None, verify: bool = True) -> list[CaptionRow]:
     """A row per image of each `generate` dataset, in dataset then file order. `report` (the build's)
-    gives the reason of captions that failed or were skipped."""
+    gives the reason of captions that failed or were skipped; `verify`: check the caption entries'
+    content hashes (else their sizes, as a build checks what it reads)."""
     from zrecipe.data import scan_images
     from zrecipe.errors import DatasetError
     from zrecipe.pipeline.captions import CAPTION_FILE, final_caption, human_captions
@@ -74,7 +75,7 @@ def caption_rows(recipe, plan, store, report=None) -> list[CaptionRow]:
                 row.error = "its caption file cannot be read"
             else:
                 planned = nodes.get((CAPTION_KIND, row.item))
-                entry = store.get(planned.key, verify=True) if planned is not None else None
+                entry = store.get(planned.key, verify=verify) if planned is not None else None
                 if entry is None:
                     row.error = errors.get(row.item, "not captioned yet")
                 else:
@@ -97,11 +98,14 @@ def write_captions_file(rows: list[CaptionRow], path: str | Path) -> Path:
 
 
 def publish_captions(plan, store, recipe) -> dict[str, list[str]]:
-    """Write `<output_path>/captions.jsonl` for a recipe with generated captions (after a build)."""
-    if not generated_datasets(recipe) or not any(kind == "caption" for kind, _ in plan.by_id()):
+    """Write `<output_path>/captions.jsonl` for a recipe with generated captions (after a build; a build
+    that found nothing stale keeps the file there: the captions are the ones it lists)."""
+    if not generated_datasets(recipe) or "caption" not in plan.nodes:
         return {}
-    rows = caption_rows(recipe, plan, store)
-    return {"captions": [str(write_captions_file(rows, Path(recipe.save.output_path) / CAPTIONS_FILE))]}
+    path = Path(recipe.save.output_path) / CAPTIONS_FILE
+    if plan.stale_count or not path.is_file():
+        write_captions_file(caption_rows(recipe, plan, store, verify=False), path)
+    return {"captions": [str(path)]}
 
 
 def caption_sheet(recipe, rows: list[CaptionRow], path: str | Path) -> Path:
