@@ -40,7 +40,12 @@ def caption(
     from zrecipe.engine import Store
     from zrecipe.errors import UserError
     from zrecipe.pipeline import build_recipe
-    from zrecipe.pipeline.caption_view import caption_rows, caption_sheet, generated_datasets
+    from zrecipe.pipeline.caption_view import (
+        SHEET_MAX_IMAGES,
+        caption_rows,
+        caption_sheet,
+        generated_datasets,
+    )
     from zrecipe.pipeline.vlm_captions import CAPTION_KIND
     from zrecipe.recipe import load_recipe
 
@@ -58,7 +63,11 @@ def caption(
     if write_sidecars:
         _write_sidecars(loaded, rows)
     if sheet is not None:
-        typer.echo(f"contact sheet: {caption_sheet(loaded, rows, sheet)}", err=True)
+        drawn = caption_sheet(loaded, rows, sheet)
+        shown = (
+            f" (the first {SHEET_MAX_IMAGES} of {len(rows)} images)" if len(rows) > SHEET_MAX_IMAGES else ""
+        )
+        typer.echo(f"contact sheet: {drawn}{shown}", err=True)
     if as_json:
         typer.echo(json.dumps([asdict(r) for r in rows], indent=2, ensure_ascii=False))
         return

@@ -16,7 +16,8 @@ from typing import Any
 
 CAPTIONS_FILE = "captions.jsonl"
 SHEET_THUMB = 160  # thumbnail side in the dataset contact sheet
-SHEET_COLUMNS = 4
+SHEET_COLUMNS = 8
+SHEET_MAX_IMAGES = 256  # a sheet of 3,000 thumbnails would be a 200-megapixel PNG
 
 
 @dataclass
@@ -109,7 +110,8 @@ def publish_captions(plan, store, recipe) -> dict[str, list[str]]:
 
 
 def caption_sheet(recipe, rows: list[CaptionRow], path: str | Path) -> Path:
-    """A dataset contact sheet: each image as a thumbnail with its caption (origin in brackets) under it."""
+    """A dataset contact sheet: each image as a thumbnail with its caption (origin in brackets) under it;
+    the first SHEET_MAX_IMAGES rows."""
     import textwrap
 
     from PIL import Image, ImageDraw, ImageFont
@@ -123,7 +125,7 @@ def caption_sheet(recipe, rows: list[CaptionRow], path: str | Path) -> Path:
     font = ImageFont.load_default()
     chars = max(8, SHEET_THUMB // 6)
     cells = []
-    for row in rows:
+    for row in rows[:SHEET_MAX_IMAGES]:
         try:
             thumb = load_image(folders[row.dataset] / row.image)
             thumb.thumbnail((SHEET_THUMB, SHEET_THUMB))
