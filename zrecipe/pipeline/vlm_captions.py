@@ -53,9 +53,9 @@ def run_caption(tasks, ctx) -> None:
 
 
 def source_image(task, ctx):
-    """(path, image): the task's source image, decoded upright (EXIF orientation) to RGB from bytes that are checked
-    against the planned content hash (a file changed since planning fails this item, never stored under
-    the old key)."""
+    """(path, image): the task's source image, decoded upright (EXIF orientation) to RGB from bytes that
+    are checked against the planned content hash (a file changed since planning fails this item, never
+    stored under the old key)."""
     import io
 
     from zrecipe.data.images import load_image
