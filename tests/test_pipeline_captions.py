@@ -30,7 +30,7 @@ def run_colour_caption(tasks, ctx) -> None:
             image = Image.open(ctx.input_dir(task, 0) / "image.png").convert("RGB")
             mean = np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(0)
             colour = ("red", "green", "blue")[int(mean.argmax())]
-            (folder / CAPTION_FILE).write_text(f"{task.params['trigger']}, a mostly {colour} picture")
+            (folder / CAPTION_FILE).write_text(f"a mostly {colour} picture")
 
 
 class ColourCaptioner:
@@ -38,10 +38,12 @@ class ColourCaptioner:
         "caption-colour", 1, run_colour_caption, "dominant colour", ("resize",), distribution="sharded"
     )
 
-    def node(self, dataset, item: str, source_hash: str) -> Node:
+    def node_maker(self, dataset, stat_cache, data):
         # Reads the resized image, so its key covers the image content and the resize settings.
-        return Node(self.kind.name, item, {"trigger": dataset.trigger}, [Ref("resize", item)],
-                    on_error=dataset.on_error)  # fmt: skip
+        def node(item: str, source_hash: str) -> Node:
+            return Node(self.kind.name, item, {}, [Ref("resize", item)], on_error=dataset.on_error)
+
+        return node
 
 
 RECIPE = """\
@@ -114,10 +116,11 @@ def test_a_produced_caption_feeds_encode_text_and_train(tmp_path, tiny_model):
     texts = [
         (store.path(nodes[("caption-colour", f"d/{i}.png")].key) / CAPTION_FILE).read_text() for i in range(3)
     ]
-    assert texts == ["zc, a mostly red picture", "zc, a mostly green picture", "zc, a mostly red picture"]
+    # The producer stores its own text; the dataset's trigger is added when it is encoded.
+    assert texts == ["a mostly red picture", "a mostly green picture", "a mostly red picture"]
     # Each embedding is the text encoder's output for the produced text.
     encoder, tokenizer = load_text_encoder(tiny_model, dtype=mx.float32), load_tokenizer(tiny_model)
-    expected = encode_prompts(encoder, tokenizer, [texts[1]])[0]
+    expected = encode_prompts(encoder, tokenizer, ["zc, " + texts[1]])[0]
     got = mx.load(str(store.path(nodes[("encode-text", produced[1])].key) / "embedding.safetensors"))
     assert np.array_equal(np.array(got["embedding"]), np.array(expected.astype(mx.float32)))
 

@@ -157,6 +157,8 @@ def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) 
         {export_dir / Path(p).relative_to(export_dir).parts[0] for p in pub.get("exports", [])}
     ):
         typer.echo(f"  export:      {top}")
+    if pub.get("captions"):
+        typer.echo(f"  captions:    {pub['captions'][0]}")
     typer.echo(f"  report:      {out / 'build-report.json'}")
 
 
@@ -167,11 +169,13 @@ def explain_cmd(
 ) -> None:
     """Why each step is stale or up to date, with the recipe values that changed."""
     from zrecipe.pipeline import KINDS, plan_recipe
+    from zrecipe.pipeline.captions import CAPTION_PRODUCERS
 
-    if step is not None and step not in KINDS:
+    known = (*KINDS, *(p.kind.name for p in CAPTION_PRODUCERS.values()))
+    if step is not None and step not in known:
         from zrecipe.errors import UserError
 
-        raise UserError(f"unknown step {step!r}; choose one of {', '.join(KINDS)}.")
+        raise UserError(f"unknown step {step!r}; choose one of {', '.join(known)}.")
     outcome = plan_recipe(_load(recipe), cache)
     plan = outcome.plan
     for kind in plan.order:

@@ -20,7 +20,8 @@ from zrecipe.errors import ZRecipeError, ZRecipeWarning, is_environment_error, o
 
 # Modules under zrecipe.cli that define `register(app)`. Only working commands are listed here.
 COMMAND_MODULES: list[str] = [
-    "build", "train", "generate", "export", "merge", "memory", "store", "init", "doctor", "download"
+    "build", "train", "generate", "export", "merge", "memory", "store", "init", "doctor", "download",
+    "caption",
 ]  # fmt: skip
 
 app = typer.Typer(

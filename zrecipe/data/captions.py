@@ -143,6 +143,28 @@ def add_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}"
 
 
+def read_sidecars(
+    files: Sequence[_HasPaths], extension: str = ".txt", read: ReadFiles | None = None, required: bool = True
+) -> list[tuple[str | None, str | None]]:
+    """(caption or None, problem or None) per file, in order, from its sidecar (one `read` batch). With
+    `required=False` a missing sidecar is no problem (None, None) and an empty one gives ("", None)."""
+    return _read_sidecars(files, extension, read or read_files, required)
+
+
+def apply_template(template: str, rel_path: str, caption: str, trigger: str | None) -> str:
+    """`template` formatted for one image (`{trigger}`, `{caption}`, `{filename}`), tidied as the
+    `template` source does. The template must be valid (the recipe loader checks it)."""
+    pieces, problems = _parse_template(template)
+    if problems:
+        raise ValueError(problems[0])
+    values = {
+        "trigger": (trigger or "").strip(),
+        "filename": caption_from_filename(rel_path),
+        "caption": caption,
+    }
+    return _tidy("".join(lit + (values[name] if name else "") for lit, name in pieces))
+
+
 # --- sources -----------------------------------------------------------------------------------------
 
 

@@ -175,12 +175,13 @@ def _deep_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str], expected_hash: str | None = None) -> Image.Image:
     """Decode an image fully: EXIF orientation applied, converted to 8-bit RGB, metadata dropped.
 
-    A corrupt or truncated file raises `DatasetError` naming it.
+    A corrupt or truncated file raises `DatasetError` naming it; `expected_hash`: decode only bytes with
+    this content hash (see `_decode`).
     """
-    img, orientation, _ = _decode(path, lambda w, h, o: None)
+    img, orientation, _ = _decode(path, lambda w, h, o: None, expected_hash)
     return _orient(img, orientation)
 
 

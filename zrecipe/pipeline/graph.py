@@ -26,6 +26,7 @@ from zrecipe.pipeline import checks
 from zrecipe.pipeline.captions import (
     CAPTION_PRODUCERS,
     CaptionProducer,
+    human_captions,
     produced_text_node,
     producers_used,
     text_item,
@@ -74,7 +75,7 @@ def default_cache_dir(recipe) -> Path:
 @dataclass
 class Scan:
     """Images and human captions of every dataset, and the problems met (for on_error: skip datasets).
-    A dataset whose captions a step produces has images but no `captions` entry."""
+    For a dataset whose captions a step produces, `captions` holds only the human captions that win."""
 
     images: dict[str, list[Any]] = field(default_factory=dict)  # dataset -> [ImageFile]
     captions: dict[str, dict[str, str]] = field(default_factory=dict)  # dataset -> rel_path -> caption
@@ -99,7 +100,11 @@ def scan_datasets(recipe, stat_cache=None, produced: Container[str] = ()) -> Sca
             continue
         scan.skipped.extend(f"dataset {ds.name!r}: {line}" for line in broken or ())
         if ds.name in produced:
-            scan.images[ds.name] = files
+            human = human_captions(ds, files, None if stat_cache is None else stat_cache.read_small_files)
+            lines = [f"dataset {ds.name!r}: {p}" for p in human.problems]
+            (scan.skipped if ds.on_error == "skip" else problems).extend(lines)
+            scan.images[ds.name] = [f for f in files if f.rel_path not in human.failed]
+            scan.captions[ds.name] = human.captions
             continue
         src = ds.captions
         if src.kind == "inline":
@@ -192,7 +197,13 @@ def build_graph(
             hashes = _hash_with_stats(sc, scan, unreadable)
             checks.drop_unreadable(recipe, scan, unreadable)
             identity = ModelIdentity(recipe.model, cache_dir, sc) if uses_model else None
-            _add_nodes(graph, recipe, scan, hashes, identity, data, wanted, used)
+            datasets = {ds.name: ds for ds in recipe.datasets}
+            makers = {
+                name: p.node_maker(datasets[name], sc, data)
+                for name, p in used.items()
+                if p.kind.name in wanted and name in scan.images
+            }
+            _add_nodes(graph, recipe, scan, hashes, identity, data, wanted, used, makers)
             if identity is not None:
                 data.model_path = identity.model_path
             checks.check_values(recipe, scan, data, wanted)
@@ -212,7 +223,7 @@ def _hash_with_stats(sc, scan: Scan, errors: dict[str, OSError]) -> dict[str, st
 
 
 def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: PipelineData, wanted: set[str],
-               used: Mapping[str, CaptionProducer]) -> None:  # fmt: skip
+               used: Mapping[str, CaptionProducer], makers: Mapping[str, Any]) -> None:  # fmt: skip
     datasets = {ds.name: ds for ds in recipe.datasets}
     texts: dict[str, str] = {}  # text item → known text
     text_ids: dict[str, str] = {}  # caption → text_item(caption)
@@ -229,7 +240,7 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
         ds = datasets[name]
         captions = scan.captions.get(name)
         producer = used.get(name)
-        make_caption = producer is not None and producer.kind.name in wanted
+        make_caption = makers.get(name)  # the caption node of an image without a winning human caption
         on_error = ds.on_error
         resize_params = {
             "resolution": ds.resolution,
@@ -246,18 +257,18 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
                 add(Node("resize", item, resize_params, [hashes[f.path]], None, on_error))
             if want_image:
                 add(Node("encode-image", item, encode_params, [Ref("resize", item), vae], None, on_error))
-            if make_caption:
-                add(producer.node(ds, item, hashes[f.path]))
+            caption = captions.get(rel) if captions is not None else None
+            if make_caption is not None and caption is None:
+                add(make_caption(item, hashes[f.path]))
             if not want_text:
                 continue
-            if captions is not None:
-                caption = captions[rel]
+            if caption is not None:
                 text_id = text_ids.get(caption)
                 if text_id is None:  # many images share a caption: hash each distinct text once
                     text_id = text_ids[caption] = text_item(caption)
                     texts[text_id] = caption
             else:
-                node = add(produced_text_node(Ref(producer.kind.name, item), text_encoder, on_error))
+                node = add(produced_text_node(Ref(producer.kind.name, item), text_encoder, ds))
                 text_id = node.item
                 produced.add(text_id)
             if want_train:  # only the train step reads the examples (and PipelineData travels to workers)

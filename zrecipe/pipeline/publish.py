@@ -15,6 +15,7 @@ report's `outputs` says, per file, which step and key it came from. Layout:
     <output_path>/samples/<prompt>-<seed>_<n>.png, samples/contact_sheet.png
     <export.output_path>/<name>.safetensors (or a model folder for full fine-tunes)
     <output_path>/build-report.json, .zrecipe-outputs.json (what was published, for the next build)
+    <output_path>/captions.jsonl (datasets with generated captions: every image's caption and its origin)
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def _publish(plan, store, recipe, report, out: Path) -> dict[str, list[str]]:
                 "action": action,
             }
         _remove_stale(out, plan, recipe, outputs, sc)
+    from zrecipe.pipeline.caption_view import publish_captions
+
+    published.update(publish_captions(plan, store, recipe))  # captions.jsonl, with generated captions
     if report is not None:
         report.outputs = outputs
         report.write(out / "build-report.json")

@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from zrecipe.pipeline.captions import CAPTION_FILE
+from zrecipe.pipeline.captions import produced_text
 from zrecipe.pipeline.identity import resolve_model_path
 
 # One item per model call: batched numerics depend on the batch (padding length, BLAS blocking by matrix
@@ -123,7 +123,7 @@ def _text(task, ctx) -> str:
     """A known text (params) or the caption a producing step wrote (its entry is the first input)."""
     if "text" in task.params:
         return task.params["text"]
-    return (ctx.input_dir(task, 0) / CAPTION_FILE).read_text(encoding="utf-8")
+    return produced_text(task.params, task.item, ctx.input_dir(task, 0))
 
 
 # --- train (one task) -------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ Caption sources (`captions:` of a dataset):
     captions: {manifest: captions.jsonl}       # .jsonl or .csv; `file`/`image` + `caption`/`prompt`
     captions: {inline: [{image: a.jpg, caption: "a cat"}]}
     captions: {template: "photo of {trigger}, {caption}"}   # formatted over the sidecar caption
+    captions:                                  # a vision-language model captions the images
+      generate: {model: Qwen/Qwen2-VL-2B-Instruct, prompt: "Describe ...", max_tokens: 96}
+      prefer: sidecar                          # or `generated`; human captions: sidecar (default),
+      manifest: captions.jsonl                 #   `manifest:` or `inline:`; `template:` formats all
 
 A template may use `{trigger}`, `{caption}` (the sidecar caption, read with `extension`) and `{filename}`
 (the image stem); one without `{caption}` needs no caption files. Manifest paths resolve against the
@@ -40,7 +44,10 @@ from zrecipe.recipe.fields import (
 from zrecipe.recipe.schema import (
     BUCKET_STEP,
     CAPTION_KINDS,
+    CAPTION_MODEL_PRESETS,
+    CAPTION_PREFER,
     MANIFEST_SUFFIXES,
+    MAX_CAPTION_TOKENS,
     MAX_SIDE,
     MIN_RESOLUTION,
     ON_ERROR,
@@ -48,6 +55,7 @@ from zrecipe.recipe.schema import (
     Bucketing,
     CaptionSource,
     Dataset,
+    GeneratedCaptions,
 )
 
 DATASET_KEYS = (
@@ -166,7 +174,9 @@ def read_captions(
     r = Reader.open(ctx, path, value)
     if r is None:
         return CaptionSource()
-    r.check_keys(CAPTION_KINDS + ("extension",))
+    if r.has("generate"):
+        return _read_generated(r, root, trigger, folder)
+    r.check_keys(CAPTION_KINDS + ("extension", "generate"), hints={"prefer": "a `generate` caption source"})
     kinds = [k for k in CAPTION_KINDS if k in r.data]
     if len(kinds) > 1:
         ctx.add(path, f"choose one caption source, got {', '.join(kinds)}")
@@ -193,6 +203,96 @@ def read_captions(
     return CaptionSource(
         kind="template", template=None if template is MISSING else template, extension=extension
     )
+
+
+_GENERATE_KEYS = ("generate", "prefer", "extension", "manifest", "inline", "template")
+_GENERATE_MODEL_KEYS = ("model", "prompt", "max_tokens", "repetition_penalty")
+
+
+def _read_generated(r: Reader, root: Path, trigger: Any, folder: Path | None) -> CaptionSource:
+    """`captions: {generate: {...}, prefer, extension | manifest | inline, template}`."""
+    r.check_keys(
+        _GENERATE_KEYS,
+        hints={
+            "sidecar": "nowhere: sidecar files are the default human captions of `generate`",
+            "filename": "nowhere: `generate` mixes with sidecar, manifest or inline captions only",
+        },
+    )
+    human = [k for k in ("manifest", "inline") if r.has(k)]
+    if len(human) > 1:
+        r.ctx.add(r.path, f"choose one source of human captions, got {', '.join(human)}")
+    kind = human[0] if human else "sidecar"
+    generate = _read_generate(r.ctx, r.path + ("generate",), r.data["generate"], root)
+    prefer = r.get("prefer", text(choices=CAPTION_PREFER), CaptionSource.prefer)
+    if prefer == "generated" and kind != "sidecar":
+        r.ctx.add(
+            r.path + ("prefer",),
+            f"`prefer: generated` would ignore every {kind} caption; use `prefer: sidecar` to mix them with "
+            f"the model's, or drop `{kind}`",
+        )
+    extension = r.get("extension", _extension(), CaptionSource.extension)
+    if r.has("extension") and kind != "sidecar":
+        r.ctx.add(r.path + ("extension",), f"only used with sidecar captions, not {kind}")
+    template = r.get("template", text(), None)
+    if isinstance(template, str):
+        _check_template(r.ctx, r.path + ("template",), template, trigger)
+    file = _manifest(r, root) if kind == "manifest" else None
+    items = r.get("inline", inline_items(("caption", "prompt"), folder), ()) if kind == "inline" else ()
+    if MISSING in (generate, prefer, extension, template, items):
+        return CaptionSource()
+    return CaptionSource(
+        kind="generate",
+        generate=generate,
+        prefer=prefer,
+        human=kind,
+        file=file,
+        items=items,
+        template=template,
+        extension=extension,
+    )
+
+
+def _read_generate(ctx: Context, path: KeyPath, value: Any, root: Path) -> Any:
+    """The `generate:` mapping as GeneratedCaptions (MISSING, with problems recorded, when bad)."""
+    r = Reader.open(ctx, path, value)
+    if r is None:
+        return MISSING
+    before = ctx.count
+    r.check_keys(_GENERATE_MODEL_KEYS)
+    raw = r.require("model", text(), "the captioning model: tiny-vlm, a Hugging Face repo id or a folder")
+    model = MISSING if raw is MISSING else _caption_model(ctx, path + ("model",), raw, root)
+    kwargs = r.fill(
+        {
+            "prompt": text(),
+            "max_tokens": integer(min=1, max=MAX_CAPTION_TOKENS),
+            "repetition_penalty": number(gt=0.0, nullable=True),
+        }
+    )
+    if ctx.count > before or model is MISSING:
+        return MISSING
+    return GeneratedCaptions(model=model, **kwargs)
+
+
+def _caption_model(ctx: Context, path: KeyPath, raw: str, root: Path) -> Any:
+    """A captioning model: a preset, a Hugging Face repo id, or a folder (made absolute)."""
+    from zrecipe.recipe.model import _PATH_PREFIXES, _REPO_ID
+
+    if raw in CAPTION_MODEL_PRESETS:
+        return raw
+    looks_like_path = raw.startswith(_PATH_PREFIXES) or raw in (".", "..") or os.path.isabs(raw)
+    if not looks_like_path and "\0" not in raw and os.path.isdir(os.path.join(root, raw)):
+        looks_like_path = True
+    if not looks_like_path:
+        if _REPO_ID.fullmatch(raw):
+            return raw
+        ctx.add(
+            path,
+            f"{raw!r} is not a captioning model: give {', '.join(CAPTION_MODEL_PRESETS)}, a Hugging Face "
+            f"repo id such as Qwen/Qwen2-VL-2B-Instruct, or a folder (./{raw}){suggest(raw, CAPTION_MODEL_PRESETS)}",
+        )
+        return MISSING
+    folder = resolve_path(ctx, path, raw, root)
+    return MISSING if folder is None else str(folder)
 
 
 def _extension() -> Any:

@@ -42,6 +42,12 @@ MODES = ("lora", "full")
 LORA_KINDS = ("lora", "dora", "lokr", "loha")
 LOKR_OPTIONS = ("factor", "decompose_both", "full_matrix")
 CAPTION_KINDS = ("sidecar", "manifest", "filename", "inline", "template")
+# `captions: {generate: ...}`: a vision-language model captions the images; human captions of these kinds
+# mix in (`prefer`).
+GENERATE_HUMAN_KINDS = ("sidecar", "manifest", "inline")
+CAPTION_PREFER = ("sidecar", "generated")
+CAPTION_MODEL_PRESETS = ("tiny-vlm",)
+MAX_CAPTION_TOKENS = 1024
 TEMPLATE_FIELDS = ("trigger", "caption", "filename")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
 SIGMA_SAMPLINGS = ("shifted", "uniform", "logit_normal")
@@ -71,6 +77,19 @@ DEFAULT_SEED = 0
 
 
 @dataclass(frozen=True)
+class GeneratedCaptions:
+    """`captions: {generate: {...}}`: a vision-language model captions each image, with greedy decoding.
+
+    model: `tiny-vlm`, a Hugging Face repo id or an absolute model folder. The caption of an image is a
+    function of (image content, the model files' content, prompt, max_tokens, repetition_penalty)."""
+
+    model: str
+    prompt: str = "Describe this image in one sentence: the subject, the setting and the style."
+    max_tokens: int = 96
+    repetition_penalty: float | None = None
+
+
+@dataclass(frozen=True)
 class CaptionSource:
     """Where a dataset's captions come from.
 
@@ -79,13 +98,21 @@ class CaptionSource:
     (image path relative to the dataset folder, caption) pairs), or `template` (`template` formatted with
     `{trigger}`, `{caption}` = the sidecar caption read with `extension`, and `{filename}` = image stem;
     a template without `{caption}` needs no caption files).
+
+    kind `generate`: `generate` captions the images; human captions come from `human` (`sidecar` with
+    `extension`, `manifest` with `file`, `inline` with `items`) and win when present under `prefer:
+    sidecar`, lose under `prefer: generated` — except an edited sidecar that `zrecipe caption
+    --write-sidecars` wrote, which always wins. `template` (optional) formats every caption.
     """
 
-    kind: Literal["sidecar", "manifest", "filename", "inline", "template"] = "sidecar"
+    kind: Literal["sidecar", "manifest", "filename", "inline", "template", "generate"] = "sidecar"
     file: Path | None = None
     items: tuple[tuple[str, str], ...] = ()
     template: str | None = None
     extension: str = ".txt"
+    generate: GeneratedCaptions | None = None
+    prefer: Literal["sidecar", "generated"] = "sidecar"
+    human: Literal["sidecar", "manifest", "inline"] = "sidecar"
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,12 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 
 def _captions(c: CaptionSource) -> Any:
+    if c.kind == "generate":
+        human = _captions(CaptionSource(kind=c.human, file=c.file, items=c.items, extension=c.extension))
+        out = {"generate": _plain(c.generate), "prefer": c.prefer, **human}
+        if c.template is not None:
+            out["template"] = c.template
+        return out
     if c.kind in ("sidecar", "template"):
         out: dict[str, Any] = {"extension": c.extension}
         if c.kind == "template":

@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from zrecipe.errors import ModelError
@@ -90,6 +91,43 @@ def pipeline_files(files: Iterable[str], weights: Iterable[str] = WEIGHT_FOLDERS
     return sorted(keep)
 
 
+@dataclass(frozen=True)
+class RepoLayout:
+    """What a model repo must hold, for a kind of model: `select(listing)` → the files to fetch, sorted;
+    `problems(snapshot folder)` → what keeps it from being complete; `unusable(selected files)` → why the
+    repo is not this kind of model (None when it is). The default is the Z-Image pipeline's
+    (`pipeline_layout`); the captioning models bring their own (`zrecipe.models.vlm.resolve`)."""
+
+    select: Callable[[Iterable[str]], list[str]]
+    problems: Callable[[Path], list[str]]
+    unusable: Callable[[list[str]], str | None]
+
+
+def pipeline_layout(weights: Iterable[str] = WEIGHT_FOLDERS) -> RepoLayout:
+    """The Z-Image diffusers pipeline, with the weight files of the components in `weights`."""
+    weights = tuple(weights)
+
+    def unusable(wanted: list[str]) -> str | None:
+        missing = [
+            c
+            for c in weights
+            if not any(f.startswith(c + "/") and f.endswith(".safetensors") for f in wanted)
+        ]
+        if "model_index.json" in wanted and not missing:
+            return None
+        return (
+            f"the repo is not a Z-Image diffusers model (no model_index.json, or no safetensors weights for "
+            f"{', '.join(missing) or 'its components'}). Use a diffusers-layout repo such as "
+            "Tongyi-MAI/Z-Image, or name the component files in the recipe."
+        )
+
+    return RepoLayout(
+        select=lambda files: pipeline_files(files, weights),
+        problems=lambda folder: snapshot_problems(folder, weights),
+        unusable=unusable,
+    )
+
+
 def snapshot_problems(folder: Path, weights: Iterable[str] = WEIGHT_FOLDERS) -> list[str]:
     """What keeps `folder` (a snapshot) from being a complete model: missing configs, weights, shards."""
     problems = []
@@ -107,6 +145,12 @@ def snapshot_problems(folder: Path, weights: Iterable[str] = WEIGHT_FOLDERS) -> 
     return problems
 
 
+def missing_weights(component: Path) -> list[str]:
+    """The weight files a folder's safetensors index names that are not there (or `*.safetensors` when
+    it has neither an index nor a weight file)."""
+    return _missing_weights(component)
+
+
 def _missing_weights(component: Path) -> list[str]:
     indexes = sorted(p for p in component.glob("*.safetensors.index.json") if _INDEX.match(p.name))
     if not indexes:
@@ -119,10 +163,13 @@ def _missing_weights(component: Path) -> list[str]:
     return sorted(s for s in shards if not (component / s).is_file())
 
 
-def cached_snapshot(repo_id: str, weights: Iterable[str] = WEIGHT_FOLDERS) -> tuple[Path | None, list[str]]:
+def cached_snapshot(
+    repo_id: str, weights: Iterable[str] = WEIGHT_FOLDERS, layout: RepoLayout | None = None
+) -> tuple[Path | None, list[str]]:
     """(the complete cached snapshot of `repo_id` or None, what the best candidate misses).
 
-    The snapshot `refs/main` names comes first, then the others newest first."""
+    The snapshot `refs/main` names comes first, then the others newest first. `layout`: what a complete
+    snapshot holds (default: the Z-Image pipeline with the weights of `weights`)."""
     repo = repo_folder(repo_id)
     snapshots = repo / "snapshots"
     candidates = sorted(
@@ -134,10 +181,10 @@ def cached_snapshot(repo_id: str, weights: Iterable[str] = WEIGHT_FOLDERS) -> tu
     if ref.is_file():
         main = snapshots / ref.read_text().strip()
         candidates = [main] + [p for p in candidates if p != main] if main.is_dir() else candidates
-    weights = tuple(weights)
+    layout = layout or pipeline_layout(weights)
     first_problems: list[str] = []
     for snapshot in candidates:
-        problems = snapshot_problems(snapshot, weights)
+        problems = layout.problems(snapshot)
         if not problems:
             return snapshot, []
         first_problems = first_problems or problems
@@ -145,34 +192,32 @@ def cached_snapshot(repo_id: str, weights: Iterable[str] = WEIGHT_FOLDERS) -> tu
 
 
 def download(
-    repo_id: str, weights: Iterable[str] = WEIGHT_FOLDERS, log: Callable[[str], None] | None = None
+    repo_id: str,
+    weights: Iterable[str] = WEIGHT_FOLDERS,
+    log: Callable[[str], None] | None = None,
+    layout: RepoLayout | None = None,
 ) -> Path:
     """Download what the pipeline needs of `repo_id` into the Hugging Face cache; the snapshot folder.
 
     Only `weights` components get their weight files (a recipe that brings its own transformer file
-    downloads the base's configs and the other components). Raises ModelError (exit 2) naming the repo
-    and the fix for no network, a gated or missing repo, a full disk, or an incomplete result.
+    downloads the base's configs and the other components); `layout` replaces the Z-Image pipeline's file
+    selection for another kind of model. Raises ModelError (exit 2) naming the repo and the fix for no
+    network, a gated or missing repo, a full disk, or an incomplete result.
     """
     from huggingface_hub import snapshot_download
 
     log = log or _stderr
-    weights = tuple(weights)
+    layout = layout or pipeline_layout(weights)
     if offline():
         raise ModelError(offline_message(repo_id, []))
     try:
         commit, sizes = _listing(repo_id)
     except Exception as exc:
         raise _hub_error(repo_id, exc) from exc
-    wanted = pipeline_files(sizes, weights)
-    missing = [
-        c for c in weights if not any(f.startswith(c + "/") and f.endswith(".safetensors") for f in wanted)
-    ]
-    if "model_index.json" not in wanted or missing:
-        raise ModelError(
-            f"model {repo_id}: the repo is not a Z-Image diffusers model (no model_index.json, or no "
-            f"safetensors weights for {', '.join(missing) or 'its components'}). Use a diffusers-layout repo "
-            "such as Tongyi-MAI/Z-Image, or name the component files in the recipe."
-        )
+    wanted = layout.select(sizes)
+    why = layout.unusable(wanted)
+    if why:
+        raise ModelError(f"model {repo_id}: {why}")
     repo = repo_folder(repo_id)
     snapshot = repo / "snapshots" / commit
     todo = [f for f in wanted if not (snapshot / f).is_file()]
@@ -191,7 +236,7 @@ def download(
     except Exception as exc:
         raise _hub_error(repo_id, exc, need) from exc
     folder = Path(path)
-    problems = [f for f in wanted if not (folder / f).is_file()] or snapshot_problems(folder, weights)
+    problems = [f for f in wanted if not (folder / f).is_file()] or layout.problems(folder)
     if problems:
         raise ModelError(
             f"model {repo_id}: the download finished without {', '.join(problems[:5])}. Run "
@@ -200,7 +245,9 @@ def download(
     return folder
 
 
-def download_size(repo_id: str, weights: Iterable[str] = WEIGHT_FOLDERS) -> tuple[int, int] | None:
+def download_size(
+    repo_id: str, weights: Iterable[str] = WEIGHT_FOLDERS, layout: RepoLayout | None = None
+) -> tuple[int, int] | None:
     """(files, bytes) a download of `repo_id` would fetch, from the Hub's listing; None when offline or
     the Hub cannot be asked. Used by planning, which never downloads."""
     if offline():
@@ -211,8 +258,8 @@ def download_size(repo_id: str, weights: Iterable[str] = WEIGHT_FOLDERS) -> tupl
         if _is_network_error(exc):
             return None
         raise _hub_error(repo_id, exc) from exc
-    wanted = pipeline_files(sizes, weights)
-    snapshot, _ = cached_snapshot(repo_id, ())
+    wanted = (layout or pipeline_layout(weights)).select(sizes)
+    snapshot, _ = cached_snapshot(repo_id, (), layout)
     todo = [f for f in wanted if snapshot is None or not (snapshot / f).is_file()]
     return len(todo), sum(sizes[f] for f in todo)
 
