@@ -14,7 +14,7 @@ from typing import Any
 
 import xxhash
 
-from zrecipe.recipe.schema import CaptionSource, Dataset, LoraTarget, Recipe
+from zrecipe.recipe.schema import CaptionSource, Dataset, LoraTarget, Masks, Recipe
 
 # Bump when the resolved form changes meaning, so old hashes cannot collide with new ones.
 HASH_FORMAT = "zrecipe-recipe/1"
@@ -44,10 +44,18 @@ def _captions(c: CaptionSource) -> Any:
     return {"inline": [{"image": image, "caption": caption} for image, caption in c.items]}
 
 
+def _masks(m: Masks | None) -> Any:
+    if m is None:
+        return None
+    source = {"alpha": True} if m.source == "alpha" else {"folder": str(m.folder)}
+    return {**source, "unmasked_weight": m.unmasked_weight}
+
+
 def _dataset(d: Dataset) -> dict[str, Any]:
     out = _plain(d)
     out["captions"] = _captions(d.captions)
     out["bucketing"] = {"enabled": d.bucketing.enabled, "max_aspect": d.bucketing.max_aspect}
+    out["masks"] = _masks(d.masks)
     return out
 
 
@@ -87,6 +95,9 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         out["sample"] = _plain(recipe.sample)
     if recipe.cache is not None:
         out["cache"] = str(recipe.cache)
+    if recipe.validation is not None:
+        validation = _plain(recipe.validation)
+        out["validation"] = {k: v for k, v in validation.items() if v is not None or k == "every"}
     return out
 
 

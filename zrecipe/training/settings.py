@@ -14,20 +14,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zrecipe.errors import RecipeError
-from zrecipe.recipe.schema import DEFAULT_MODE, DEFAULT_SEED, Optimizer, Save, TrainingLoop
+from zrecipe.recipe.schema import DEFAULT_MODE, DEFAULT_SEED, Optimizer, Save, TrainingLoop, Validation
 
 _LOOP = TrainingLoop()  # the schema's defaults, read once
 
 
 def train_params(recipe: Any) -> dict[str, Any]:
-    """The train node's parameters: mode, seed, training_loop, optimizer, the checkpoint schedule, and
-    the LoRA targets (LoRA) or full_finetune (full), in the resolved recipe's form. (The examples digest
-    is added by the graph builder.)"""
+    """The train node's parameters: mode, seed, training_loop, optimizer, the checkpoint schedule, the
+    LoRA targets (LoRA) or full_finetune (full), and the validation settings when there are any, in the
+    resolved recipe's form. (The examples digest is added by the graph builder; an assistant LoRA enters
+    as the content hash of its file, an input of the node, not as its path.)"""
     d = recipe.to_dict()
+    loop = dict(d.get("training_loop") or {})
+    loop.pop("assistant_lora", None)
     params = {
         "mode": recipe.mode,
         "seed": recipe.seed,
-        "training_loop": d.get("training_loop"),
+        "training_loop": loop,
         "optimizer": d.get("optimizer"),
         "save": {
             k: v for k, v in (d.get("save") or {}).items() if k in ("checkpoint_frequency", "keep_last")
@@ -37,6 +40,8 @@ def train_params(recipe: Any) -> dict[str, Any]:
         params["lora"] = d.get("lora")
     else:
         params["full_finetune"] = d.get("full_finetune")
+    if d.get("validation") is not None:
+        params["validation"] = d["validation"]
     return params
 
 
@@ -80,6 +85,7 @@ class TrainSettings:
     checkpoint_frequency: int = Save.checkpoint_frequency
     keep_last: int | None = Save.keep_last
     low_ram: bool = _LOOP.low_ram
+    validation: Validation | None = None
 
     @classmethod
     def from_params(
@@ -109,7 +115,15 @@ class TrainSettings:
             checkpoint_frequency=int(save["checkpoint_frequency"]),
             keep_last=save["keep_last"],
             low_ram=bool(loop["low_ram"]),
+            validation=validation_from_params(params.get("validation")),
         )
+
+
+def validation_from_params(value: dict[str, Any] | None) -> Validation | None:
+    """The `Validation` of the train params' resolved `validation` entry (None when absent)."""
+    if value is None:
+        return None
+    return Validation(**{**value, "sigmas": tuple(value["sigmas"])})
 
 
 def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:

@@ -49,13 +49,44 @@ def noisy_latents(x0: mx.array, noise: mx.array, sigma: mx.array) -> mx.array:
 
 
 def flow_matching_loss(
-    model: Callable, x0: mx.array, cap_feats: Sequence[mx.array], sigma: mx.array, noise: mx.array
+    model: Callable,
+    x0: mx.array,
+    cap_feats: Sequence[mx.array],
+    sigma: mx.array,
+    noise: mx.array,
+    weights: mx.array | None = None,
 ) -> mx.array:
-    """Mean squared error between the negated model output and ε − x0 (in float32)."""
+    """Mean squared error between the negated model output and ε − x0 (in float32). `weights` (B, 1, h, w)
+    multiplies each element's squared error first (see `loss_weights`: per-item weights, masks)."""
     x_sigma = noisy_latents(x0, noise, sigma)
     out = model(x_sigma, (1.0 - sigma).astype(x0.dtype), list(cap_feats))
     residual = x0.astype(mx.float32) - out.astype(mx.float32) - noise.astype(mx.float32)
-    return mx.mean(mx.square(residual))
+    squared = mx.square(residual)
+    if weights is not None:
+        squared = squared * weights
+    return mx.mean(squared)
+
+
+def loss_weights(examples: Sequence[Any], indices: Sequence[int], dataset_weight: bool = True) -> mx.array:
+    """(B, 1, h, w) float32 weights of the squared errors: item i's dataset `loss_weight` w_i times its
+    mask m_i over the mask's mean, so the batch loss is (1/B)·Σ_i w_i·Σ_chw m_i·r_i² / (C·Σ_hw m_i): each
+    item's masked mean (normalised by its mask's sum, as OneTrainer's `normalize_masked_area_loss` and
+    ai-toolkit's masked loss), weighted by its dataset and averaged over the batch (not normalised by
+    Σ w_i, so a weight counts with any batch size). Items with neither weigh 1.0 everywhere, which leaves
+    their squared errors bit-for-bit unchanged."""
+    import numpy as np
+
+    rows = []
+    for i in indices:
+        e = examples[i]
+        h, w = np.shape(e.latents)[-2:]
+        weight = float(e.loss_weight) if dataset_weight else 1.0
+        if e.mask is None:
+            rows.append(np.full((1, h, w), weight, np.float32))
+        else:
+            mask = np.asarray(e.mask, dtype=np.float32)
+            rows.append((weight * mask / mask.mean(dtype=np.float64)).astype(np.float32)[None])
+    return mx.array(np.stack(rows))
 
 
 def caption_dropout_mask(seed: int, step: int, micro: int, probabilities: Sequence[float]) -> list[bool]:
@@ -104,24 +135,35 @@ class FlowMatchingObjective:
         )
 
     def batch(self, examples: Sequence[Any], indices: list[int], step: int, micro: int, share=None):
-        """(latents, captions) of this rank's rows; dropout is drawn per global item, then sliced."""
+        """(latents, captions, loss weights) of this rank's rows; dropout is drawn per global item, then
+        sliced."""
         drop = caption_dropout_mask(self.seed, step, micro, [examples[i].caption_dropout for i in indices])
         if share is not None:
             indices, drop = indices[share.start : share.stop], drop[share.start : share.stop]
         x0, caps = collate(examples, indices, drop, self.empty_caption)
-        return x0.astype(self.dtype), [c.astype(self.dtype) for c in caps]
+        return x0.astype(self.dtype), [c.astype(self.dtype) for c in caps], loss_weights(examples, indices)
 
     def loss(self, model: Callable, batch, key: mx.array, share=None) -> mx.array:
         """Flow-matching loss with σ and noise drawn from `key` for the global batch (then sliced)."""
-        x0, caps = batch
+        x0, caps, weights = batch
         sigma_key, noise_key = mx.random.split(key)
         n = x0.shape[0] if share is None else share.n_global
         sigma = sample_sigmas(sigma_key, n, self.sigma_sampling, self.shift, self.logit_mean, self.logit_std)
         noise = mx.random.normal((n, *x0.shape[1:]), key=noise_key).astype(x0.dtype)
         if share is None:
-            return flow_matching_loss(model, x0, caps, sigma, noise)
+            return flow_matching_loss(model, x0, caps, sigma, noise, weights)
         start, stop = share.start, share.start + x0.shape[0]
-        return flow_matching_loss(model, x0, caps, sigma[start:stop], noise[start:stop])
+        return flow_matching_loss(model, x0, caps, sigma[start:stop], noise[start:stop], weights)
+
+    def validation_loss(self, model: Callable, example: Any, sigma: float, noise: Any) -> mx.array:
+        """The loss of `example` alone at noise level `sigma` with the given `noise` (its latents' shape):
+        the caption is never dropped and the mask applies, the dataset's loss weight does not (validation
+        measures the model, not the training mix)."""
+        x0 = mx.array(example.latents, dtype=mx.float32)[None].astype(self.dtype)
+        caps = [mx.array(example.caption).astype(self.dtype)]
+        eps = mx.array(noise, dtype=mx.float32)[None].astype(self.dtype)
+        weights = loss_weights([example], [0], dataset_weight=False)
+        return flow_matching_loss(model, x0, caps, mx.array([sigma], dtype=mx.float32), eps, weights)
 
     def checkpoint_blocks(self, model: Any) -> Iterable[Any]:
         """Every transformer block (noise refiner, context refiner, main layers)."""
