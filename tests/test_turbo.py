@@ -246,8 +246,18 @@ def test_a_hub_assistant_is_downloaded_by_the_build_and_never_by_the_plan(tmp_pa
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # now cached: planning needs no network
         (train,) = plan_recipe(recipe).plan.nodes["train"]
         assert train.node.inputs[1] == identity_of(TINY_ASSISTANT)
-        single = load_recipe(turbo_project(tmp_path, "ostris/tiny_adapter"))  # the repo's only safetensors
-        assert Path(build_graph(single, tmp_path / "cache")[1].assistant_lora).name == "adapter.safetensors"
+        # `org/repo` alone: the repo's only .safetensors, found by listing the repo (a fresh cache)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub2"))
+        single = load_recipe(turbo_project(tmp_path, "ostris/tiny_adapter"))
+        found = Path(build_graph(single, tmp_path / "cache")[1].assistant_lora)
+        assert found.name == "adapter.safetensors" and found.read_bytes() == TINY_ASSISTANT.read_bytes()
+        hub.add_repo("ostris/two", {"a.safetensors": b"1", "b.safetensors": b"2"})
+        with pytest.raises(
+            ModelError,
+            match=r"ostris/two holds 2 .safetensors files \(a.safetensors, b.safetensors\); name one",
+        ):
+            build_graph(load_recipe(turbo_project(tmp_path, "ostris/two")), tmp_path / "cache")
 
 
 def test_the_tiny_turbo_recipe_builds_and_its_samples_and_export_leave_the_assistant_out(tmp_path):
