@@ -210,3 +210,21 @@ def test_a_split_that_leaves_a_side_empty_is_refused(tmp_path, tiny_path):
     recipe = project(tmp_path, tiny_path, fraction=0.001, images=3)
     with pytest.raises(DatasetError, match=r"`validation.fraction: 0.001` holds out none of the 3 images"):
         train_items(recipe)
+
+
+def test_loss_png_draws_the_validation_loss_beside_the_training_loss(tmp_path):
+    from PIL import Image
+
+    from zrecipe.training.progress import plot_loss
+
+    history = [{"step": s, "loss": 1.0 / s} for s in range(1, 11)]
+    plot_loss(tmp_path / "plain.png", history)
+    for s in (5, 10):
+        history[s - 1].update(val_loss=0.8 / s)
+    plot_loss(tmp_path / "validated.png", history)
+
+    def orange(path):
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+        return int(((pixels[:, 0] > 200) & (abs(pixels[:, 1] - 120) < 30) & (pixels[:, 2] < 60)).sum())
+
+    assert orange(tmp_path / "plain.png") == 0 and orange(tmp_path / "validated.png") > 50

@@ -70,9 +70,9 @@ def flow_matching_loss(
 def loss_weights(examples: Sequence[Any], indices: Sequence[int], dataset_weight: bool = True) -> mx.array:
     """(B, 1, h, w) float32 weights of the squared errors: item i's dataset `loss_weight` w_i times its
     mask m_i over the mask's mean, so the batch loss is (1/B)·Σ_i w_i·Σ_chw m_i·r_i² / (C·Σ_hw m_i): each
-    item's masked mean (normalised by its mask's sum, as OneTrainer's `normalize_masked_area_loss` and
-    ai-toolkit's masked loss), weighted by its dataset and averaged over the batch (not normalised by
-    Σ w_i, so a weight counts with any batch size). Items with neither weigh 1.0 everywhere, which leaves
+    item's masked mean (normalised by its mask's sum, as OneTrainer's `normalize_masked_area_loss`; kohya
+    multiplies without normalising, which makes a small subject's gradient small), weighted by its dataset
+    and averaged over the batch (not normalised by Σ w_i, so a weight counts with any batch size). Items with neither weigh 1.0 everywhere, which leaves
     their squared errors bit-for-bit unchanged."""
     import numpy as np
 
