@@ -195,9 +195,7 @@ def plan_nodes(recipe: Path):
     return plan_recipe(load_recipe(recipe)).plan
 
 
-def test_the_assistant_content_enters_the_train_key_and_its_path_does_not(tmp_path, capsys):
-    from zrecipe.cli.main import app, run_app
-
+def test_the_assistant_content_enters_the_train_key_and_its_path_does_not(tmp_path):
     recipe = turbo_project(tmp_path)
     (train,) = plan_nodes(recipe).nodes["train"]
     assert train.node.inputs[1] == identity_of(TINY_ASSISTANT)
@@ -216,9 +214,6 @@ def test_the_assistant_content_enters_the_train_key_and_its_path_does_not(tmp_pa
     (tmp_path / "plain.yaml").write_text(without)
     plain = plan_nodes(tmp_path / "plain.yaml").nodes["train"][0]
     assert plain.key != train.key and not any(str(i).startswith("lora:") for i in plain.node.inputs)
-    capsys.readouterr()
-    assert run_app(app, ["explain", str(moved), "train"]) == 0
-    assert "new input" in capsys.readouterr().out
 
 
 def test_a_hub_assistant_is_downloaded_by_the_build_and_never_by_the_plan(tmp_path, monkeypatch):
@@ -260,7 +255,7 @@ def test_a_hub_assistant_is_downloaded_by_the_build_and_never_by_the_plan(tmp_pa
             build_graph(load_recipe(turbo_project(tmp_path, "ostris/two")), tmp_path / "cache")
 
 
-def test_the_tiny_turbo_recipe_builds_and_its_samples_and_export_leave_the_assistant_out(tmp_path):
+def test_the_tiny_turbo_recipe_builds_and_its_samples_and_export_leave_the_assistant_out(tmp_path, capsys):
     from zrecipe.cli.main import app, run_app
     from zrecipe.export.lora_formats import read_lora
     from zrecipe.generation.generate import GenerationSettings, generate
@@ -295,3 +290,8 @@ def test_the_tiny_turbo_recipe_builds_and_its_samples_and_export_leave_the_assis
                                                            TINY_ASSISTANT])[0].image, np.float64)  # fmt: skip
     assert np.abs(mine - pixels).mean() < 0.5
     assert np.abs(with_assistant - pixels).mean() > 5 * max(np.abs(mine - pixels).mean(), 0.1)
+    # another assistant file: explain names the train step's changed input
+    write_tiny_assistant(tmp_path / "data" / "tiny_assistant.safetensors", seed=2)
+    capsys.readouterr()
+    assert run_app(app, ["explain", str(recipe), "train"]) == 0
+    assert f"changed input: #1 {identity_of(TINY_ASSISTANT)[:12]} → lora:" in capsys.readouterr().out
