@@ -119,4 +119,4 @@ def test_until_unknown_kind_names_the_choices(tmp_path, kind, capsys):
     write_recipe(recipe, "tiny")
     (tmp_path / "data").mkdir()
     assert zrecipe("plan", recipe, "--until", kind) == 2
-    assert "choose one of resize, encode-image, encode-text, train" in capsys.readouterr().err
+    assert "choose one of resize, mask, encode-image, encode-text, train" in capsys.readouterr().err

@@ -116,7 +116,15 @@ def plan_of(name: str, tmp_path: Path):
 def test_the_step_table_is_what_the_graph_runs(tmp_path, fixed_identity):
     from zrecipe.pipeline import KINDS, kinds
 
-    graph = plan_of("tiny.yaml", tmp_path).graph  # the full graph: every kind of the table has nodes
+    # The full graph: tiny.yaml with loss masks, so that every kind of the table has nodes.
+    text = (
+        (REPO / "recipes" / "tiny.yaml")
+        .read_text()
+        .replace("trigger: zshapes", "trigger: zshapes\n    masks: {alpha: true}")
+    )
+    (tmp_path / "data").symlink_to(REPO / "recipes" / "data")
+    (tmp_path / "masked.yaml").write_text(text)
+    graph = plan_of(str(tmp_path / "masked.yaml"), tmp_path).graph
     assert tuple(graph.kinds) == KINDS == tuple(k.name for k in kinds.TABLE)
     for name, step in graph.kinds.items():
         row = kinds.BY_NAME[name]
@@ -134,7 +142,8 @@ def test_the_step_table_is_what_the_graph_runs(tmp_path, fixed_identity):
     by_distribution = {
         d: {k.name for k in kinds.TABLE if k.distribution == d} for d in ("sharded", "collective")
     }
-    assert by_distribution == {"sharded": {"resize", "encode-image", "encode-text"}, "collective": {"train"}}
+    assert by_distribution == {"sharded": {"resize", "mask", "encode-image", "encode-text"},
+                               "collective": {"train"}}  # fmt: skip
 
 
 def test_full_mode_exports_cover_the_model_parts_they_carry(tmp_path, fixed_identity):
@@ -169,9 +178,9 @@ def test_train_settings_come_from_the_train_params_alone(tmp_path, fixed_identit
     assert plan_recipe_node(tmp_path / "r.yaml", tmp_path).params == params
     # Every training_loop field is a train parameter, except the runtime options (memory release, logging).
     from zrecipe.recipe.schema import TrainingLoop
-    from zrecipe.training.settings import RUNTIME_LOOP_FIELDS
+    from zrecipe.training.settings import NOT_PARAMS_LOOP_FIELDS
 
-    loop_fields = set(TrainingLoop.__dataclass_fields__) - set(RUNTIME_LOOP_FIELDS)
+    loop_fields = set(TrainingLoop.__dataclass_fields__) - set(NOT_PARAMS_LOOP_FIELDS)
     assert set(params["training_loop"]) == loop_fields and "low_ram" not in loop_fields
     # The optimizer fields that apply to the chosen optimiser and schedule (the others cannot change a value).
     from zrecipe.recipe.schema import optimizer_fields

@@ -104,6 +104,12 @@ def output_size(
     return target_size(width, height, bucket, upscale, step)
 
 
+def centre_crop(width: int, height: int, tw: int, th: int) -> tuple[float, float]:
+    """(width, height) of the centred part of a `width`×`height` image with the aspect of `tw`×`th`: what
+    the resize keeps (and what a loss mask keeps with it)."""
+    return (height * tw / th, float(height)) if width * th > height * tw else (float(width), width * th / tw)
+
+
 # --- decode --------------------------------------------------------------------------------------------
 
 
@@ -284,8 +290,7 @@ def resize_image(
             ) from exc
         if swapped:
             tw, th = th, tw
-        # The centred part of the stored image with the target's aspect.
-        cw, ch = (sh * tw / th, float(sh)) if sw * th > sh * tw else (float(sw), sw * th / tw)
+        cw, ch = centre_crop(sw, sh, tw, th)
         geometry.append((sw, sh, tw, th, cw, ch))
         scale = max(tw / cw, th / ch)
         return (

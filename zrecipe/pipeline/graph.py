@@ -1,7 +1,8 @@
 """Recipe → build graph: the one place where the recipe, the data layer and the engine meet.
 
     scan → caption → resize → encode-image ┐
-                          caption → encode-text ┴→ train → sample → contact-sheet
+                          caption → encode-text ┤
+                                   (masks) mask ┴→ train → sample → contact-sheet
                                                         └→ export
 
 Scanning, human caption resolution and model identity happen here, at plan time, cheaply (stat cache, no
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Container, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,21 +34,41 @@ from zrecipe.pipeline.captions import (
     text_node,
 )
 from zrecipe.pipeline.kinds import KINDS, MODEL_KINDS, TABLE, until_closure
+from zrecipe.pipeline.masks import mask_params, scan_masks
 
 
 class TrainItem(NamedTuple):
-    """One training example as the plan knows it. Every field, in order, is hashed into the train key
-    (the `examples` digest) and handed to the training `Example` — one spelling of both. (A NamedTuple:
-    a plan of 100,000 images makes 100,000 of them.)"""
+    """One training example as the plan knows it. Every field is hashed into the train key (the
+    `examples` digest) and handed to the training `Example` — one spelling of both. (A NamedTuple: a plan
+    of 100,000 images makes 100,000 of them.)"""
 
     image: str  # encode-image item
     text: str  # encode-text item of its caption
     dataset: str
     repeats: int
     caption_dropout: float
+    loss_weight: float = 1.0
+    mask: bool = False  # a `mask` node of the same item weights its loss
+    holdout: bool = False  # a validation item: never trained on
 
     def line(self) -> str:
-        return "\t".join(map(str, self))
+        """The item's line of the digest. The fields after caption_dropout are written only when they
+        differ from their defaults (as `name=value`), so plans that use none of them keep their keys."""
+        head = "\t".join(map(str, self[:5]))
+        named = zip(self._fields[5:], self[5:], _DEFAULTS, strict=True)
+        extra = [f"{name}={value}" for name, value, default in named if value != default]
+        return "\t".join([head, *extra]) if extra else head
+
+
+_DEFAULTS = tuple(TrainItem._field_defaults[name] for name in TrainItem._fields[5:])
+
+
+def holdout(content_hash: str, fraction: float) -> bool:
+    """Whether an image with this content hash is held out for validation at `fraction`: a function of
+    its own content only, so adding or removing other images never moves it (and copies of one image in
+    two datasets land on the same side)."""
+    draw = xxhash.xxh3_64_intdigest(f"zrecipe-validation\0{content_hash}".encode())
+    return draw < fraction * 2**64
 
 
 @dataclass
@@ -62,6 +83,8 @@ class PipelineData:
     examples: list[TrainItem] = field(default_factory=list)
     empty_text: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    mask_folders: dict[str, str] = field(default_factory=dict)  # dataset → mask folder (`masks: {folder}`)
+    assistant_lora: str | None = None  # the local assistant LoRA file (its content hash is a train input)
 
 
 def default_cache_dir(recipe) -> Path:
@@ -150,6 +173,8 @@ def recipe_kinds(recipe) -> set[str]:
         kinds -= {"sample", "contact-sheet"}
     if not recipe.export.formats:
         kinds.discard("export")
+    if not any(ds.masks is not None for ds in recipe.datasets):
+        kinds.discard("mask")
     return kinds
 
 
@@ -176,8 +201,13 @@ def build_graph(
         model_spec=recipe.model,
         dataset_folders={ds.name: str(ds.path) for ds in recipe.datasets},
         recipe=recipe,
+        mask_folders={
+            ds.name: str(ds.masks.folder) for ds in recipe.datasets if ds.masks and ds.masks.folder
+        },
     )
-    graph = Graph(str(recipe.source), [k.step_kind() for k in (*TABLE, *extra.values()) if k.name in wanted])
+    # A kind the recipe lacks (masks without `masks:`) is no dependency: its nodes' Refs would say so.
+    graph = Graph(str(recipe.source), [replace(k.step_kind(), after=tuple(a for a in k.needs if a in wanted))
+                                       for k in (*TABLE, *extra.values()) if k.name in wanted])  # fmt: skip
     # Kinds the recipe has but --until leaves out: the build record keeps their previous entries.
     graph.omitted_kinds = frozenset(present - wanted)
     if not recipe.datasets and "resize" in wanted:  # every image step (and train) needs resize
@@ -193,17 +223,25 @@ def build_graph(
         # of them cyclic: the cyclic GC would only rescan them again and again.
         with paused_gc():
             scan = scan_datasets(recipe, sc, used)
+            masks = scan_masks(recipe, scan) if "mask" in wanted else {}
             unreadable: dict[str, OSError] = {}
             hashes = _hash_with_stats(sc, scan, unreadable)
             checks.drop_unreadable(recipe, scan, unreadable)
+            hashes.update(sc.hash_signed([f[1:] for files in masks.values() for f in files.values()]))
             identity = ModelIdentity(recipe.model, cache_dir, sc) if uses_model else None
+            assistant = None
+            if "train" in wanted and recipe.training_loop.assistant_lora:
+                from zrecipe.training.assistant import assistant_identity
+
+                path, assistant = assistant_identity(recipe.training_loop.assistant_lora, sc)
+                data.assistant_lora = str(path)
             datasets = {ds.name: ds for ds in recipe.datasets}
             makers = {
                 name: p.node_maker(datasets[name], sc, data)
                 for name, p in used.items()
                 if p.kind.name in wanted and name in scan.images
             }
-            _add_nodes(graph, recipe, scan, hashes, identity, data, wanted, used, makers)
+            _add_nodes(graph, recipe, scan, hashes, identity, data, wanted, used, makers, masks, assistant)
             if identity is not None:
                 data.model_path = identity.model_path
             checks.check_values(recipe, scan, data, wanted)
@@ -223,13 +261,16 @@ def _hash_with_stats(sc, scan: Scan, errors: dict[str, OSError]) -> dict[str, st
 
 
 def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: PipelineData, wanted: set[str],
-               used: Mapping[str, CaptionProducer], makers: Mapping[str, Any]) -> None:  # fmt: skip
+               used: Mapping[str, CaptionProducer], makers: Mapping[str, Any],
+               masks: Mapping[str, Mapping[str, Any]], assistant: str | None) -> None:  # fmt: skip
     datasets = {ds.name: ds for ds in recipe.datasets}
     texts: dict[str, str] = {}  # text item → known text
     text_ids: dict[str, str] = {}  # caption → text_item(caption)
     produced: set[str] = set()  # encode-text items of produced captions
     want_resize, want_image = "resize" in wanted, "encode-image" in wanted
     want_text, want_train = "encode-text" in wanted, "train" in wanted
+    want_mask = "mask" in wanted
+    validation = recipe.validation
     # One params object shared by every encode-image node: the planner computes a key prefix once per
     # params object, so a fresh dict per image would cost a canonical encoding per node.
     encode_params = {"dtype": "float32"}
@@ -249,12 +290,20 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
             "step": ds.bucketing.step,
             "upscale": ds.upscale,
         }
+        masked = mask_params(ds, resize_params) if want_mask else None
+        mask_files = masks.get(name, {})
+        held_out_dataset = validation is not None and validation.dataset == name
+        fraction = validation.fraction if validation is not None else None
         # The hot loop of a plan (100,000 iterations for 100,000 images): only what the wanted kinds need.
         for f in files:
             rel = f.rel_path
             item = f"{name}/{rel}"
             if want_resize:
                 add(Node("resize", item, resize_params, [hashes[f.path]], None, on_error))
+            if masked is not None:
+                mask_file = mask_files.get(rel)
+                sources = [hashes[f.path]] + ([] if mask_file is None else [hashes[mask_file.path]])
+                add(Node("mask", item, masked, sources, None, on_error))
             if want_image:
                 add(Node("encode-image", item, encode_params, [Ref("resize", item), vae], None, on_error))
             caption = captions.get(rel) if captions is not None else None
@@ -272,7 +321,9 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
                 text_id = node.item
                 produced.add(text_id)
             if want_train:  # only the train step reads the examples (and PipelineData travels to workers)
-                data.examples.append(TrainItem(item, text_id, name, ds.repeats, ds.caption_dropout))
+                held = held_out_dataset or (fraction is not None and holdout(hashes[f.path], fraction))
+                data.examples.append(TrainItem(item, text_id, name, ds.repeats, ds.caption_dropout,
+                                               ds.loss_weight, masked is not None, held))  # fmt: skip
     if want_text:
         sample = recipe.sample if "sample" in wanted else None
         texts[text_item("")] = ""  # caption dropout and CFG's negative prompt both need the empty prompt
@@ -282,7 +333,8 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
         for item, text in sorted(texts.items()):
             add(text_node(item, text, text_encoder))
     if want_train:
-        _add_train(graph, recipe, data, identity, produced)
+        _check_split(recipe, data.examples)
+        _add_train(graph, recipe, data, identity, produced, assistant)
     if "sample" in wanted:
         _add_samples(graph, recipe.sample, identity, "contact-sheet" in wanted)
     if "export" in wanted:
@@ -300,14 +352,34 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
             add(Node("export", fmt, params, [Ref("train", "train"), *models]))
 
 
-def _add_train(graph: Graph, recipe, data: PipelineData, identity, produced: set[str]) -> None:
+def _check_split(recipe, examples: list[TrainItem]) -> None:
+    """A validation split must leave items on both sides."""
+    if recipe.validation is None or not examples:
+        return
+    held = sum(e.holdout for e in examples)
+    how = (f"`validation.fraction: {recipe.validation.fraction:g}`" if recipe.validation.fraction is not None
+           else f"`validation.dataset: {recipe.validation.dataset}`")  # fmt: skip
+    if held == 0:
+        raise DatasetError(
+            f"{recipe.source}: {how} holds out none of the {len(examples)} images (the split is by content "
+            "hash); raise the fraction or name a validation dataset."
+        )
+    if held == len(examples):
+        raise DatasetError(f"{recipe.source}: {how} holds out every image: nothing is left to train on.")
+
+
+def _add_train(graph: Graph, recipe, data: PipelineData, identity, produced: set[str],
+               assistant: str | None) -> None:  # fmt: skip
     from zrecipe.training.settings import train_params
 
     digest = xxhash.xxh3_128_hexdigest("\n".join(e.line() for e in data.examples).encode())
-    inputs: list[Any] = [identity.transformer]
+    # The base the LoRA trains on: the transformer and, when one is fused in for training, the assistant.
+    inputs: list[Any] = [identity.transformer, *([assistant] if assistant else [])]
     for e in data.examples:
         # Optional: an image skipped by `on_error: skip` leaves the training set instead of stopping it.
         inputs.append(Ref("encode-image", e.image, optional=True))
+        if e.mask:
+            inputs.append(Ref("mask", e.image, optional=True))
     for t in sorted({e.text for e in data.examples} | {text_item("")}):
         inputs.append(Ref("encode-text", t, optional=t in produced))
     params = train_params(recipe)

@@ -4,9 +4,11 @@
 
     name           needs                     models               distribution
     resize         -                         -                    sharded (process pool per rank)
+    mask           -                         -                    sharded (process pool per rank)
     encode-image   resize                    vae                  sharded, in the VAE's batches
     encode-text    (caption producers)       text_encoder         sharded, in the text encoder's batches
-    train          encode-image, encode-text transformer          collective (every rank trains)
+    train          encode-image, encode-text, transformer         collective (every rank trains)
+                   mask
     sample         train, encode-text        transformer, vae     rank 0
     contact-sheet  sample                    -                    rank 0
     export         train                     vae, text_encoder    rank 0 (a full fine-tune's folder
@@ -68,16 +70,17 @@ class Kind:
 
 
 def _table() -> tuple[Kind, ...]:
-    from zrecipe.pipeline import steps
+    from zrecipe.pipeline import masks, steps
 
     return (
         Kind("resize", 1, steps.run_resize, "decode, crop, resize", distribution="sharded", parallel=True),
+        Kind("mask", 1, masks.run_mask, "loss masks", distribution="sharded", parallel=True),
         Kind("encode-image", 2, steps.run_encode_image, "VAE latents", ("resize",), ("vae",), "sharded",
              batches=steps.image_batches),
         Kind("encode-text", 2, steps.run_encode_text, "text embeddings", (), ("text_encoder",), "sharded",
              batches=steps.text_batches),
         # 2: AdamW follows torch.optim.AdamW (bias-corrected).
-        Kind("train", 2, steps.run_train, "LoRA / full fine-tune", ("encode-image", "encode-text"),
+        Kind("train", 2, steps.run_train, "LoRA / full fine-tune", ("encode-image", "encode-text", "mask"),
              ("transformer",), "collective"),
         Kind("sample", 1, steps.run_sample, "sample images", ("train", "encode-text"), ("transformer", "vae")),
         Kind("contact-sheet", 1, steps.run_contact_sheet, "grid", ("sample",)),

@@ -142,40 +142,53 @@ class TrainingStopped(KeyboardInterrupt):
 
 
 def _load_examples(task, ctx):
-    """Training examples from the encode-image / encode-text entries the train node references."""
+    """Training and held-out examples from the encode-image / encode-text / mask entries the train node
+    references: (examples, validation examples, the empty caption's embedding, skipped image items)."""
     import mlx.core as mx
+    import numpy as np
 
     from zrecipe.engine import Ref
+    from zrecipe.pipeline.masks import MASK_FILE
     from zrecipe.training.data import Example
 
-    image_dirs, text_dirs = {}, {}
+    image_dirs, text_dirs, mask_dirs = {}, {}, {}
     for index, ref in enumerate(task.node.inputs):
         if not isinstance(ref, Ref):
             continue
         folder = ctx.input_dir(task, index)
         if ref.kind == "encode-image":
             image_dirs[ref.item] = (folder, task.inputs[index])
+        elif ref.kind == "mask":
+            mask_dirs[ref.item] = folder
         elif folder is not None:
             text_dirs[ref.item] = folder
     embeddings = {item: mx.load(str(d / EMBEDDING_FILE))["embedding"] for item, d in text_dirs.items()}
-    examples, skipped = [], []
+    examples, held_out, skipped = [], [], []
     for e in ctx.data.examples:
         folder, key = image_dirs.get(e.image, (None, None))
         caption = embeddings.get(e.text)
-        if folder is None or caption is None:  # skipped upstream (on_error: skip)
+        mask_dir = mask_dirs.get(e.image) if e.mask else None
+        if folder is None or caption is None or (e.mask and mask_dir is None):  # skipped upstream
             skipped.append(e.image)
             continue
         latents = mx.load(str(folder / LATENTS_FILE))["latents"]
         bucket = (int(latents.shape[1]), int(latents.shape[2]))
-        examples.append(Example(latents, caption, bucket, e.dataset, e.repeats, e.caption_dropout, key))
-    return examples, embeddings[ctx.data.empty_text], skipped
+        mask = None if mask_dir is None else np.load(mask_dir / MASK_FILE, allow_pickle=False)
+        if mask is not None and tuple(mask.shape) != bucket:
+            from zrecipe.errors import StepFailed
+
+            raise StepFailed(f"{e.image}: its mask is {mask.shape} but its latents are {bucket}.")
+        example = Example(latents, caption, bucket, e.dataset, e.repeats, e.caption_dropout, key,
+                          e.loss_weight, mask)  # fmt: skip
+        (held_out if e.holdout else examples).append(example)
+    return examples, held_out, embeddings[ctx.data.empty_text], skipped
 
 
 def run_train(tasks, ctx) -> None:
     import dataclasses
 
     from zrecipe.models.z_image.training import FlowMatchingObjective
-    from zrecipe.pipeline.train_work import commit_train, resume_point
+    from zrecipe.pipeline.train_work import assistant_input, commit_train, resume_point, training_identity
     from zrecipe.training.callbacks import default_callbacks
     from zrecipe.training.checkpointer import RunInfo
     from zrecipe.training.distributed import world
@@ -186,12 +199,14 @@ def run_train(tasks, ctx) -> None:
     (task,) = tasks
     w, options, recipe = world(), ctx.data.options, ctx.data.recipe
     log = _log if w.main else (lambda _msg: None)
-    examples, empty, skipped = _load_examples(task, ctx)
+    examples, held_out, empty, skipped = _load_examples(task, ctx)
     # Checkpoints live in the step's persistent work folder, keyed like the step: an interrupted build
     # resumes from the newest one of the *same* key (same data, parameters, model and code).
     work = ctx.work_dir(task)
     resume = resume_point(task, ctx, work, examples, log)
-    transformer, settings = load_for_training(task.params, resolve_model_path(ctx.data), examples, log)
+    assistant = assistant_input(task, ctx)
+    transformer, settings = load_for_training(task.params, resolve_model_path(ctx.data), examples, log,
+                                              assistant)  # fmt: skip
     # Runtime options: `--low-ram` changes when memory is released, TensorBoard only logs; neither changes a
     # value, so neither is in the key.
     settings = dataclasses.replace(
@@ -202,25 +217,25 @@ def run_train(tasks, ctx) -> None:
     if settings.tensorboard and w.main:  # live while training; published from the work folder
         log(f"train: TensorBoard events in {work / 'tensorboard'}")
     # Everything written under the key depends only on what it covers: the base model's identity and a
-    # hash of the train parameters, not the recipe's paths, sample prompts or exports.
+    # hash of the train parameters, not the recipe's paths, sample prompts or exports. The adapter's base
+    # is the clean transformer (an assistant LoRA is not in it); checkpoints record what they trained on.
     meta = {"base_model": task.inputs[0], "recipe_hash": params_hash(task.params), "train_step_key": task.key}
     run = RunInfo(
-        model_identity=task.inputs[0],
+        model_identity=training_identity(task),
         train_step_key=task.key,
         config=recipe.to_dict(),  # the resolved recipe, for --train-checkpoint (work folder, not keyed)
         adapter_metadata=meta,
         checkpoint_meta={"recipe_source": str(recipe.source)},
     )
-    result = train(
-        transformer,
-        examples,
-        FlowMatchingObjective.from_settings(settings, empty),
-        settings,
-        work,
-        run=run,
-        resume_from=resume,
-        callbacks=default_callbacks(options.get("progress", True), options.get("battery_limit")),
-    )
+    objective = FlowMatchingObjective.from_settings(settings, empty)
+    callbacks = default_callbacks(options.get("progress", True), options.get("battery_limit"))
+    if settings.validation is not None:
+        from zrecipe.training.validation import ValidationLoss
+
+        callbacks.append(ValidationLoss(held_out, objective, settings.validation,
+                                        settings.checkpoint_frequency, log))  # fmt: skip
+    result = train(transformer, examples, objective, settings, work, run=run, resume_from=resume,
+                   callbacks=callbacks)  # fmt: skip
     del transformer
     _free()
     if result.stopped:

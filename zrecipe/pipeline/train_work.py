@@ -70,14 +70,34 @@ def seed_work_folder(task, work: Path, path: Path, examples) -> None:
         os.replace(tmp, dest)
 
 
+def assistant_input(task, ctx) -> tuple[str, str] | None:
+    """(file, identity) of the assistant LoRA the train node fuses into its base, or None."""
+    from zrecipe.training.assistant import IDENTITY_PREFIX
+
+    if ctx.data.assistant_lora is None:
+        return None
+    identity = next(i for i in task.inputs[1:2] if i.startswith(IDENTITY_PREFIX))
+    return ctx.data.assistant_lora, identity
+
+
+def training_identity(task) -> str:
+    """What the run trains on, as checkpoints record it: the transformer's identity, plus the assistant
+    LoRA's when one is fused into the base (the train node's inputs before its Refs)."""
+    from zrecipe.training.assistant import IDENTITY_PREFIX
+
+    parts = [task.inputs[0], *(i for i in task.inputs[1:2] if i.startswith(IDENTITY_PREFIX))]
+    return "+".join(parts)
+
+
 def mismatch(checkpoint, task, examples) -> str:
     """Why `checkpoint` does not belong to `task`'s training run, in words."""
     from zrecipe.training.data import dataset_fingerprint
 
     meta = checkpoint.meta
-    if meta.get("model_identity") != task.inputs[0]:
+    if meta.get("model_identity") != training_identity(task):
         return (
-            f"it was made for another model ({meta.get('model_identity')}, this build's is {task.inputs[0]})"
+            f"it was made for another model ({meta.get('model_identity')}, this build's is "
+            f"{training_identity(task)})"
         )
     if meta.get("dataset_fingerprint") != dataset_fingerprint(examples):
         return "the training data changed since it was written (images, captions, repeats or dropout)"

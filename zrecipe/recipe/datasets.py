@@ -13,6 +13,12 @@ Caption sources (`captions:` of a dataset):
       prefer: sidecar                          # or `generated`; human captions: sidecar (default),
       manifest: captions.jsonl                 #   `manifest:` or `inline:`; `template:` formats all
 
+Loss masks (`masks:` of a dataset) and weight:
+
+    masks: {alpha: true}                       # each image's alpha channel
+    masks: {folder: masks/, unmasked_weight: 0.1}   # masks/<same relative path and stem>.<any image ext>
+    loss_weight: 2.0                           # this dataset's items count twice in the loss
+
 A template may use `{trigger}`, `{caption}` (the sidecar caption, read with `extension`) and `{filename}`
 (the image stem); one without `{caption}` needs no caption files. Manifest paths resolve against the
 recipe's folder; inline image paths are relative to the dataset folder.
@@ -47,7 +53,9 @@ from zrecipe.recipe.schema import (
     CAPTION_MODEL_PRESETS,
     CAPTION_PREFER,
     MANIFEST_SUFFIXES,
+    MASK_SOURCES,
     MAX_CAPTION_TOKENS,
+    MAX_LOSS_WEIGHT,
     MAX_SIDE,
     MIN_RESOLUTION,
     ON_ERROR,
@@ -56,6 +64,7 @@ from zrecipe.recipe.schema import (
     CaptionSource,
     Dataset,
     GeneratedCaptions,
+    Masks,
 )
 
 DATASET_KEYS = (
@@ -70,6 +79,8 @@ DATASET_KEYS = (
     "trigger",
     "caption_dropout",
     "on_error",
+    "loss_weight",
+    "masks",
 )
 RESOLUTION = integer(min=MIN_RESOLUTION, max=MAX_SIDE, multiple_of=BUCKET_STEP)
 _SPECS = {
@@ -80,6 +91,7 @@ _SPECS = {
     "trigger": text(nullable=True),
     "caption_dropout": number(ge=0.0, lt=1.0),
     "on_error": text(choices=ON_ERROR),
+    "loss_weight": number(gt=0.0, le=MAX_LOSS_WEIGHT),
 }
 
 
@@ -112,6 +124,7 @@ def _read_dataset(r: Reader, root: Path) -> Dataset | None:
     value = r.data.get("captions", MISSING)
     captions = read_captions(r.ctx, r.path + ("captions",), value, root, trigger, folder)
     bucketing = _read_bucketing(r)
+    masks = _read_masks(r, root, folder, kwargs.get("recursive", Dataset.recursive))
     if r.ctx.count > before or folder is None:
         return None
     return Dataset(
@@ -119,6 +132,7 @@ def _read_dataset(r: Reader, root: Path) -> Dataset | None:
         path=folder,
         captions=captions,
         bucketing=bucketing,
+        masks=masks,
         **kwargs,
     )
 
@@ -149,6 +163,41 @@ def _read_bucketing(r: Reader) -> Bucketing:
         return Bucketing()
     sub.check_keys(("enabled", "max_aspect"))
     return Bucketing(**sub.fill({"enabled": boolean(), "max_aspect": number(ge=1.0, le=8.0)}))
+
+
+def _read_masks(r: Reader, root: Path, images: Path | None, recursive: bool) -> Masks | None:
+    """`masks: {alpha: true}` or `masks: {folder: PATH}`, with an optional `unmasked_weight`."""
+    sub = r.sub("masks")  # None when absent, null or not a mapping (then Reader.open recorded why)
+    if sub is None:
+        return None
+    sub.check_keys((*MASK_SOURCES, "unmasked_weight"))
+    given = [k for k in MASK_SOURCES if k in sub.data]
+    if len(given) != 1:
+        what = "both " + " and ".join(given) if given else "neither"
+        r.ctx.add(sub.path, f"give exactly one of `alpha: true` or `folder: PATH`, got {what}")
+        return None
+    kwargs = sub.fill({"unmasked_weight": number(ge=0.0, lt=1.0)})
+    if given == ["alpha"]:
+        if sub.data["alpha"] is not True:
+            r.ctx.add(sub.path + ("alpha",), f"write `alpha: true`; got {describe(sub.data['alpha'])}")
+            return None
+        return Masks(source="alpha", **kwargs)
+    folder = read_folder(sub, "folder", root)
+    if folder is None:
+        return None
+    if images is not None and _inside_or_same(folder, images, recursive):
+        r.ctx.add(
+            sub.path + ("folder",),
+            f"{folder} is the dataset folder{' or inside it (recursive: true)' if recursive else ''}: the "
+            "masks would be read as training images; keep them in a folder of their own",
+        )
+        return None
+    return Masks(source="folder", folder=folder, **kwargs)
+
+
+def _inside_or_same(folder: Path, images: Path, recursive: bool) -> bool:
+    a, b = Path(os.path.realpath(folder)), Path(os.path.realpath(images))
+    return a == b or (recursive and b in a.parents)
 
 
 # -------------------------------------------------------------------------------------------- captions

@@ -48,6 +48,7 @@ from zrecipe.recipe.sections import (
     read_sample,
     read_save,
     read_training_loop,
+    read_validation,
 )
 from zrecipe.recipe.yamlsource import parse_recipe_text
 
@@ -70,6 +71,7 @@ TOP_KEYS = (
     "sample",
     "export",
     "cache",
+    "validation",
 )
 # Where a key written at the top level by mistake belongs (for the hint in the error).
 _SECTION_OF = {
@@ -156,7 +158,7 @@ def build_recipe(
     seed = top.get("seed", integer(min=0, max=MAX_SEED), DEFAULT_SEED)
     top_level = top.fill(SAMPLE_SETTINGS)
     datasets = _datasets(top, root, top_level)
-    training_loop = read_training_loop(top)
+    training_loop = read_training_loop(top, root)
     optimizer = read_optimizer(top)
     if training_loop.max_steps is not None and optimizer.warmup_steps > training_loop.max_steps:
         ctx.add(
@@ -169,12 +171,19 @@ def build_recipe(
             "applies to LoRA only: full fine-tuning trains every weight, which must stay unquantised; "
             "remove it or use `mode: lora`",
         )
+    if mode == "full" and training_loop.assistant_lora:
+        ctx.add(
+            ("training_loop", "assistant_lora"),
+            "applies to LoRA only: it is fused into the base under a trained LoRA and left out of the "
+            "exports; a full fine-tune would bake it into every weight. Remove it or use `mode: lora`",
+        )
     lora = read_lora(ctx, top, mode)
     full_finetune = (
         read_full_finetune(top, mode) if mode == "full" or top.has("full_finetune") else FullFinetune()
     )
     save = read_save(top, root, source_path.stem if source_path else "recipe")
-    sample = read_sample(top, seed, top_level)
+    sample = read_sample(top, seed, top_level, model)
+    validation = read_validation(top, tuple(d.name for d in datasets))
     export = read_export(top, root, save)
     for section, wants in (("sample", sample is not None and sample.use_ema), ("export", export.use_ema)):
         if wants and training_loop.ema is None:
@@ -198,6 +207,7 @@ def build_recipe(
         sample=sample,
         export=export,
         cache=cache,
+        validation=validation,
     )
 
 

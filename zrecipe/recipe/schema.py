@@ -15,6 +15,9 @@ never spells a default itself. A few defaults are derived from other values, and
   `layers` at rank `DEFAULT_LORA_RANK`.
 - `Optimizer`: the field defaults are AdamW's; `OPTIMIZER_DEFAULTS[name]` lists where another optimiser's
   default differs (Prodigy's learning_rate 1.0, Lion's betas, ...).
+- `Sample.steps/guidance` of a recipe whose model is Z-Image-Turbo (`TURBO_MODELS`): `TURBO_SAMPLE`
+  (few steps, no CFG: the distilled model's own settings) unless the recipe gives them.
+- `Validation.every = None`: with every scheduled checkpoint (`save.checkpoint_frequency`) and the last step.
 
 No MLX / numpy here: `zrecipe plan` and `--help` import this module.
 """
@@ -65,6 +68,7 @@ EXPORT_DTYPES = ("bfloat16", "float32")
 MIN_RESOLUTION = 64
 MAX_SIDE = 8192
 MAX_SEED = 2**64 - 1  # MLX seeds are uint64
+MAX_LOSS_WEIGHT = 1000.0
 
 # Derived-default constants (see the module docstring).
 DEFAULT_LORA_RANK = 16
@@ -74,6 +78,11 @@ DEFAULT_OUTPUT_DIR = "output"
 DEFAULT_EXPORT_SUBDIR = "exports"
 DEFAULT_MODE = "lora"
 DEFAULT_SEED = 0
+MASK_SOURCES = ("alpha", "folder")
+# Z-Image-Turbo (the preset and its repo id): sampled in few steps without CFG, as its model card and
+# mflux do; its scheduler_config.json gives the shift (3.0), read from the model like every model's.
+TURBO_MODELS = ("z-image-turbo", "Tongyi-MAI/Z-Image-Turbo")
+TURBO_SAMPLE = {"steps": 9, "guidance": 0.0}
 
 
 @dataclass(frozen=True)
@@ -126,10 +135,22 @@ class Bucketing:
 
 
 @dataclass(frozen=True)
+class Masks:
+    """Where a dataset's loss masks come from: `alpha` (each image's alpha channel) or `folder` (a
+    greyscale image per training image, same relative path and stem, any image extension). White = learn,
+    black = ignore; `unmasked_weight` is the floor every mask value is raised to (0: masked-out regions
+    are not learned at all)."""
+
+    source: Literal["alpha", "folder"]
+    folder: Path | None = None
+    unmasked_weight: float = 0.0
+
+
+@dataclass(frozen=True)
 class Dataset:
     """One folder of images. `trigger` is added by the caption step (`"<trigger>, <caption>"` unless the
     caption already contains it; templates can place `{trigger}`). `repeats` = times each image is seen
-    per epoch."""
+    per epoch. `loss_weight` multiplies its items' losses; `masks` restricts them to masked regions."""
 
     name: str
     path: Path
@@ -142,6 +163,8 @@ class Dataset:
     trigger: str | None = None
     caption_dropout: float = 0.0
     on_error: Literal["fail", "skip"] = "fail"
+    loss_weight: float = 1.0
+    masks: Masks | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +182,9 @@ class TrainingLoop:
     """How long and how to train. At least one of `num_epochs` / `max_steps`; with both, training stops at
     whichever comes first. `shift=None`: the model's scheduler shift. `max_grad_norm=None`: no clipping.
     `loss_weighting`: a per-item weight of the loss by σ (SD3's schemes); `noise_offset`: diffusers'
-    offset noise; `ema=None`: no moving average; `tensorboard`: event files beside loss.json."""
+    offset noise; `ema=None`: no moving average; `tensorboard`: event files beside loss.json;
+    `assistant_lora`: a LoRA fused into the base while training (Z-Image-Turbo's de-distillation adapter)
+    and left out of samples and exports."""
 
     num_epochs: int | None = None
     max_steps: int | None = None
@@ -178,6 +203,7 @@ class TrainingLoop:
     noise_offset: float = 0.0
     ema: Ema | None = None
     tensorboard: bool = False
+    assistant_lora: str | None = None  # an absolute .safetensors path or `org/repo[:file]`
 
 
 @dataclass(frozen=True)
@@ -332,6 +358,20 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """Held-out items and the validation loss measured on them. Exactly one of `fraction` (each image is
+    held out when a hash of its content falls below it, so adding images never moves another image) and
+    `dataset` (a dataset used for validation only). The loss is the training objective at each of
+    `sigmas` with noise fixed by (`seed`, item, σ), every `every` steps (None: with every checkpoint)."""
+
+    fraction: float | None = None
+    dataset: str | None = None
+    sigmas: tuple[float, ...] = (0.25, 0.5, 0.75)
+    seed: int = DEFAULT_SEED
+    every: int | None = None
+
+
+@dataclass(frozen=True)
 class Export:
     """Export formats written to `output_path` after training (none by default)."""
 
@@ -360,6 +400,7 @@ class Recipe:
     sample: Sample | None
     export: Export
     cache: Path | None = None
+    validation: Validation | None = None
 
     @classmethod
     def from_dict(cls, data: Any, source: str | Path | None = None) -> Recipe:

@@ -1,4 +1,4 @@
-"""The run-level sections: training_loop, optimizer, full_finetune, save, sample, export.
+"""The run-level sections: training_loop, optimizer, full_finetune, save, sample, validation, export.
 
 Each reader takes the top-level Reader and returns the section's object (built from the present, valid
 keys; the dataclass supplies every default) after recording any problem in the Context.
@@ -6,6 +6,8 @@ keys; the dataclass supplies every default) after recording any problem in the C
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ from zrecipe.recipe.schema import (
     SCHEDULE_KEYS,
     SCHEDULES,
     SIGMA_SAMPLINGS,
+    TURBO_MODELS,
+    TURBO_SAMPLE,
     Ema,
     Export,
     FullFinetune,
@@ -48,6 +52,7 @@ from zrecipe.recipe.schema import (
     Sample,
     Save,
     TrainingLoop,
+    Validation,
     optimizer_fields,
 )
 
@@ -157,14 +162,14 @@ SAMPLE = {
 }
 
 
-def read_training_loop(top: Reader) -> TrainingLoop:
+def read_training_loop(top: Reader, root: Path) -> TrainingLoop:
     """`training_loop:` — required, with at least one of num_epochs / max_steps."""
     r = top.sub("training_loop")
     if r is None:
         if top.data.get("training_loop", MISSING) in (MISSING, None):
             top.ctx.add(("training_loop",), "missing; set `training_loop: {num_epochs: N}` or `max_steps: N`")
         return TrainingLoop()
-    r.check_keys(TRAINING_LOOP)
+    r.check_keys((*TRAINING_LOOP, "assistant_lora"))
     kwargs = r.fill(TRAINING_LOOP)
     stops = [k for k in ("num_epochs", "max_steps") if r.data.get(k) is not None]
     if not stops:
@@ -175,7 +180,42 @@ def read_training_loop(top: Reader) -> TrainingLoop:
             "`logit_normal` weighting on logit-normal σ samples applies the density twice; use one of them "
             "(sigma_sampling: logit_normal samples by it, loss_weighting: logit_normal weights by it)",
         )
+    if r.data.get("assistant_lora") is not None:
+        assistant = _assistant_lora(r, root)
+        if assistant is not None:
+            kwargs["assistant_lora"] = assistant
     return TrainingLoop(**kwargs)
+
+
+# `org/repo` or `org/repo:file.safetensors` (a file inside the repo, sub-folders allowed).
+_HUB_LORA = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(?::[\w./-]+\.safetensors)?")
+_PATH_PREFIXES = ("/", "./", "../", "~", "$", ".\\", "..\\")
+
+
+def _assistant_lora(r: Reader, root: Path) -> str | None:
+    """`assistant_lora`: an existing .safetensors file (made absolute) or a Hugging Face `org/repo[:file]`."""
+    path, raw = r.path + ("assistant_lora",), r.data["assistant_lora"]
+    if not isinstance(raw, str):
+        r.ctx.add(path, f"expected a LoRA file or a Hugging Face `org/repo[:file]`, got {describe(raw)}")
+        return None
+    # `dir/file.safetensors` is a path; `org/repo` and `org/repo:file.safetensors` name a Hub file.
+    looks_like_path = raw.startswith(_PATH_PREFIXES) or os.path.isabs(raw)
+    hub = _HUB_LORA.fullmatch(raw) and (":" in raw or not raw.endswith(".safetensors"))
+    if not looks_like_path and hub and not os.path.exists(os.path.join(root, raw)):
+        return raw
+    file = resolve_path(r.ctx, path, raw, root)
+    if file is None:
+        return None
+    if file.suffix != ".safetensors":
+        r.ctx.add(path, f"{file} is not a .safetensors LoRA file")
+    elif not file.is_file():
+        what = "is not a file" if file.exists() else "no such file"
+        r.ctx.add(
+            path, f"{what}: {file} (relative paths resolve against {root}; a Hub file is org/repo:FILE)"
+        )
+    else:
+        return str(file)
+    return None
 
 
 def read_optimizer(top: Reader) -> Optimizer:
@@ -266,18 +306,61 @@ def read_save(top: Reader, root: Path, stem: str) -> Save:
     return Save(output_path=output or default, **kwargs)
 
 
-def read_sample(top: Reader, seed: Any, top_level: dict[str, Any]) -> Sample | None:
+def read_sample(top: Reader, seed: Any, top_level: dict[str, Any], model: Any = None) -> Sample | None:
     """`sample:` plus the seed format's top-level steps/guidance/width/height (`top_level`, already read
-    with SAMPLE_SETTINGS), which fill its defaults; keys inside `sample:` win. None when neither is
+    with SAMPLE_SETTINGS), which fill its defaults; keys inside `sample:` win. A Z-Image-Turbo `model`
+    (the validated spec string) samples with `TURBO_SAMPLE` unless told otherwise. None when neither is
     present."""
     r = top.sub("sample")
     if r is None and not any(top.has(k) for k in SAMPLE_SETTINGS):
         return None
     defaults = {"seeds": (seed,)} if isinstance(seed, int) else {}
+    if is_turbo(model):
+        defaults.update(TURBO_SAMPLE)
     if r is None:
         return Sample(**{**defaults, **top_level})
     r.check_keys(SAMPLE)
     return Sample(**{**defaults, **top_level, **r.fill(SAMPLE)})
+
+
+def is_turbo(model: Any) -> bool:
+    """Whether a validated model spec string names Z-Image-Turbo (its preset or repo id) as its base."""
+    if not isinstance(model, str):
+        return False
+    from zrecipe.models.z_image.resolve import ModelSpec
+
+    return ModelSpec.parse(model).base in TURBO_MODELS
+
+
+VALIDATION = {
+    "fraction": number(gt=0.0, lt=1.0),
+    "dataset": text(),
+    "sigmas": list_of(number(gt=0.0, lt=1.0), nonempty=True, unique=True),
+    "seed": integer(min=0, max=MAX_SEED),
+    "every": integer(min=1, nullable=True),
+}
+
+
+def read_validation(top: Reader, dataset_names: tuple[str, ...]) -> Validation | None:
+    """`validation:` — a held-out `fraction` of the images or a named `dataset` (exactly one), the σ
+    values, the noise seed and how often; None when absent."""
+    r = top.sub("validation")
+    if r is None:
+        return None
+    r.check_keys(VALIDATION)
+    kwargs = r.fill(VALIDATION)
+    given = [k for k in ("fraction", "dataset") if r.has(k)]
+    if len(given) != 1:
+        what = "both" if given else "neither"
+        r.ctx.add(r.path, f"give exactly one of `fraction: F` (held out by content hash) or `dataset: NAME`, "
+                          f"got {what}")  # fmt: skip
+    name = kwargs.get("dataset")
+    if name is not None and dataset_names and name not in dataset_names:
+        r.ctx.add(r.path + ("dataset",), f"no dataset is named {name!r} (datasets: {', '.join(dataset_names)})"
+                                         f"{suggest(name, dataset_names)}")  # fmt: skip
+    if name is not None and len(dataset_names) == 1 and name in dataset_names:
+        r.ctx.add(r.path + ("dataset",), f"{name!r} is the only dataset: nothing would be left to train on")
+    return Validation(**kwargs)
 
 
 def read_export(top: Reader, root: Path, save: Save) -> Export:

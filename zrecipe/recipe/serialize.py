@@ -18,6 +18,7 @@ from zrecipe.recipe.schema import (
     CaptionSource,
     Dataset,
     LoraTarget,
+    Masks,
     Optimizer,
     Recipe,
     TrainingLoop,
@@ -58,10 +59,18 @@ def _captions(c: CaptionSource) -> Any:
     return {"inline": [{"image": image, "caption": caption} for image, caption in c.items]}
 
 
+def _masks(m: Masks | None) -> Any:
+    if m is None:
+        return None
+    source = {"alpha": True} if m.source == "alpha" else {"folder": str(m.folder)}
+    return {**source, "unmasked_weight": m.unmasked_weight}
+
+
 def _dataset(d: Dataset) -> dict[str, Any]:
     out = _plain(d)
     out["captions"] = _captions(d.captions)
     out["bucketing"] = {"enabled": d.bucketing.enabled, "max_aspect": d.bucketing.max_aspect}
+    out["masks"] = _masks(d.masks)
     return out
 
 
@@ -124,6 +133,9 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         out["sample"] = _plain(recipe.sample)
     if recipe.cache is not None:
         out["cache"] = str(recipe.cache)
+    if recipe.validation is not None:
+        validation = _plain(recipe.validation)
+        out["validation"] = {k: v for k, v in validation.items() if v is not None or k == "every"}
     return out
 
 

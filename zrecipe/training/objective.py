@@ -34,3 +34,7 @@ class Objective(Protocol):
     def checkpoint_blocks(self, model: Any) -> Iterable[Any]:
         """The blocks whose activations gradient checkpointing recomputes in the backward pass."""
         ...
+
+    # Optional, for validation (`zrecipe.training.validation.ValidationLoss`):
+    #   validation_loss(model, example, sigma: float, noise: ndarray) -> scalar array
+    # the loss of one example at a fixed noise level with fixed noise (of its latents' shape), nothing random.

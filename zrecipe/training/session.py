@@ -10,19 +10,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zrecipe.errors import DatasetError
+from zrecipe.errors import DatasetError, ModelError
 
 
 def load_for_training(
-    params: dict[str, Any], model_path: str | Path, examples: list, log: Callable[[str], None] = print
+    params: dict[str, Any],
+    model_path: str | Path,
+    examples: list,
+    log: Callable[[str], None] = print,
+    assistant: tuple[str | Path, str] | None = None,
 ):
-    """(transformer, TrainSettings) for the train node's `params`: the transformer loaded as they say, the
-    batch (`auto`, or micro-batches when the requested batch does not fit) resolved by the memory
-    optimiser for the largest bucket and longest caption of `examples`."""
+    """(transformer, TrainSettings) for the train node's `params`: the transformer loaded as they say
+    (with `assistant` = (LoRA file, its identity) fused into it: see training/assistant.py), the batch
+    (`auto`, or micro-batches when the requested batch does not fit) resolved by the memory optimiser for
+    the largest bucket and longest caption of `examples`."""
     import mlx.core as mx
 
     from zrecipe.models.z_image.sampler import read_scheduler_shift
-    from zrecipe.models.z_image.transformer import load_transformer
+    from zrecipe.models.z_image.transformer import load_transformer, quantize_transformer, stored_bits
     from zrecipe.training.memory import resolve_batch_size
     from zrecipe.training.settings import TrainSettings, lora_targets
 
@@ -30,7 +35,25 @@ def load_for_training(
         raise DatasetError("training has no examples: every dataset is empty or all its items were skipped.")
     loop = params["training_loop"]
     dtype = None if loop["compute_dtype"] == "auto" else loop["compute_dtype"]
-    transformer = load_transformer(model_path, dtype=dtype, quantize=loop["quantize"])
+    if assistant is None:
+        transformer = load_transformer(model_path, dtype=dtype, quantize=loop["quantize"])
+    else:
+        from zrecipe.training.assistant import fuse_assistant
+
+        # Fused before quantising, so the quantised base is quantise(W + ΔW), one rounding; weights stored
+        # quantised are dequantised, updated and re-quantised per layer.
+        transformer = load_transformer(model_path, dtype=dtype)
+        stored = stored_bits(transformer)
+        if stored and loop["quantize"] and {loop["quantize"]} != stored:
+            raise ModelError(
+                f"{model_path}: the transformer is stored quantised to {sorted(stored)} bits; quantize: "
+                f"{loop['quantize']} cannot requantise it. Remove `quantize` or set it to the stored bits."
+            )
+        paths = fuse_assistant(transformer, *assistant)
+        if loop["quantize"] and not stored:
+            quantize_transformer(transformer, loop["quantize"])
+            mx.eval(transformer.parameters())
+        log(f"train: assistant LoRA {Path(assistant[0]).name} fused into {len(paths)} layers of the base")
     largest = max(examples, key=lambda e: e.bucket[0] * e.bucket[1])
     micro, accum, note = resolve_batch_size(
         loop["batch_size"],

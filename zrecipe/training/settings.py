@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zrecipe.errors import RecipeError
-from zrecipe.recipe.schema import DEFAULT_MODE, DEFAULT_SEED, Ema, Optimizer, Save, TrainingLoop
+from zrecipe.recipe.schema import DEFAULT_MODE, DEFAULT_SEED, Ema, Optimizer, Save, TrainingLoop, Validation
 
 _LOOP = TrainingLoop()  # the schema's defaults, read once
 
@@ -22,14 +22,18 @@ _LOOP = TrainingLoop()  # the schema's defaults, read once
 # `training_loop` fields that change when memory is released or what is logged, never a trained value:
 # runtime options of the train step, not train parameters (toggling them does not retrain).
 RUNTIME_LOOP_FIELDS = ("low_ram", "tensorboard")
+# `training_loop` fields the train node covers otherwise: the assistant LoRA by its file's content hash (an
+# input of the node), not by its path.
+NOT_PARAMS_LOOP_FIELDS = (*RUNTIME_LOOP_FIELDS, "assistant_lora")
 
 
 def train_params(recipe: Any) -> dict[str, Any]:
-    """The train node's parameters: mode, seed, training_loop, optimizer, the checkpoint schedule, and
-    the LoRA targets (LoRA) or full_finetune (full), in the resolved recipe's form. (The examples digest
-    is added by the graph builder.)"""
+    """The train node's parameters: mode, seed, training_loop, optimizer, the checkpoint schedule, the
+    LoRA targets (LoRA) or full_finetune (full), and the validation settings when there are any, in the
+    resolved recipe's form. (The examples digest is added by the graph builder; an assistant LoRA enters
+    as the content hash of its file, an input of the node, not as its path.)"""
     d = recipe.to_dict()
-    loop = {k: v for k, v in (d.get("training_loop") or {}).items() if k not in RUNTIME_LOOP_FIELDS}
+    loop = {k: v for k, v in (d.get("training_loop") or {}).items() if k not in NOT_PARAMS_LOOP_FIELDS}
     params = {
         "mode": recipe.mode,
         "seed": recipe.seed,
@@ -43,6 +47,8 @@ def train_params(recipe: Any) -> dict[str, Any]:
         params["lora"] = d.get("lora")
     else:
         params["full_finetune"] = d.get("full_finetune")
+    if d.get("validation") is not None:
+        params["validation"] = d["validation"]
     return params
 
 
@@ -90,6 +96,7 @@ class TrainSettings:
     noise_offset: float = _LOOP.noise_offset
     ema: Any = _LOOP.ema  # a zrecipe.recipe.Ema (decay, start_step, every) or None
     tensorboard: bool = _LOOP.tensorboard  # a runtime option: not in the train params (logging only)
+    validation: Validation | None = None
 
     @classmethod
     def from_params(
@@ -121,7 +128,15 @@ class TrainSettings:
             loss_weighting=loop["loss_weighting"],
             noise_offset=float(loop["noise_offset"]),
             ema=None if loop["ema"] is None else Ema(**loop["ema"]),
+            validation=validation_from_params(params.get("validation")),
         )
+
+
+def validation_from_params(value: dict[str, Any] | None) -> Validation | None:
+    """The `Validation` of the train params' resolved `validation` entry (None when absent)."""
+    if value is None:
+        return None
+    return Validation(**{**value, "sigmas": tuple(value["sigmas"])})
 
 
 def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:

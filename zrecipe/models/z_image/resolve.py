@@ -106,6 +106,11 @@ def no_downloads() -> Iterator[None]:
         _DOWNLOADS.reset(token)
 
 
+def downloads_allowed() -> bool:
+    """False inside `no_downloads()` (while planning): a missing file must be reported, not fetched."""
+    return _DOWNLOADS.get()
+
+
 def resolve_model(spec: str | os.PathLike | ModelSpec, cache_dir: str | Path | None = None) -> Path:
     """A local diffusers-layout model folder for `spec`; ModelError (exit 2) when unavailable.
 

@@ -87,21 +87,44 @@ def flow_matching_loss(
     noise: mx.array,
     weights: mx.array | None = None,
 ) -> mx.array:
-    """Mean squared error between the negated model output and ε − x0 (in float32); with `weights` (B,),
-    the batch mean of each item's mean squared error times its weight."""
+    """Mean squared error between the negated model output and ε − x0 (in float32). `weights` multiplies
+    each element's squared error first: (B,) per item (σ weighting) or (B, 1, h, w) per latent pixel
+    (`element_weights`: dataset loss weights, masks), broadcast over the rest."""
     x_sigma = noisy_latents(x0, noise, sigma)
     out = model(x_sigma, (1.0 - sigma).astype(x0.dtype), list(cap_feats))
     residual = x0.astype(mx.float32) - out.astype(mx.float32) - noise.astype(mx.float32)
-    if weights is None:
-        return mx.mean(mx.square(residual))
-    per_item = mx.mean(mx.square(residual).reshape(residual.shape[0], -1), axis=1)
-    return mx.mean(weights * per_item)
+    squared = mx.square(residual)
+    if weights is not None:
+        if weights.ndim == 1:
+            weights = weights.reshape(-1, 1, 1, 1)
+        squared = squared * weights
+    return mx.mean(squared)
 
 
 def noise_offsets(seed: int, step: int, micro: int, items: int, channels: int, offset: float) -> mx.array:
     """offset · n, n ~ N(0, 1) of shape (items, channels, 1, 1): the noise offset of one micro-batch."""
     draws = step_rng(seed, step, micro, NOISE_OFFSET_PURPOSE).standard_normal((items, channels, 1, 1))
     return mx.array((offset * draws).astype(np.float32))
+
+
+def element_weights(examples: Sequence[Any], indices: Sequence[int], dataset_weight: bool = True) -> mx.array:
+    """(B, 1, h, w) float32 weights of the squared errors: item i's dataset `loss_weight` w_i times its
+    mask m_i over the mask's mean, so the batch loss is (1/B)·Σ_i w_i·Σ_chw m_i·r_i² / (C·Σ_hw m_i): each
+    item's masked mean (normalised by its mask's sum, as OneTrainer's `normalize_masked_area_loss`; kohya
+    multiplies without normalising, which makes a small subject's gradient small), weighted by its dataset
+    and averaged over the batch (not normalised by Σ w_i, so a weight counts with any batch size). Items with
+    neither weigh 1.0 everywhere, which leaves their squared errors bit-for-bit unchanged."""
+    rows = []
+    for i in indices:
+        e = examples[i]
+        h, w = np.shape(e.latents)[-2:]
+        weight = float(e.loss_weight) if dataset_weight else 1.0
+        if e.mask is None:
+            rows.append(np.full((1, h, w), weight, np.float32))
+        else:
+            mask = np.asarray(e.mask, dtype=np.float32)
+            rows.append((weight * mask / mask.mean(dtype=np.float64)).astype(np.float32)[None])
+    return mx.array(np.stack(rows))
 
 
 def caption_dropout_mask(seed: int, step: int, micro: int, probabilities: Sequence[float]) -> list[bool]:
@@ -155,14 +178,18 @@ class FlowMatchingObjective:
         )
 
     def batch(self, examples: Sequence[Any], indices: list[int], step: int, micro: int, share=None):
-        """(latents, captions) of this rank's rows, plus their noise offsets (B, C, 1, 1) when the offset is
-        on; dropout and offsets are drawn per global item, then sliced."""
+        """(latents, captions, element weights) of this rank's rows, plus their noise offsets (B, C, 1, 1)
+        when the offset is on; dropout and offsets are drawn per global item, then sliced."""
         drop = caption_dropout_mask(self.seed, step, micro, [examples[i].caption_dropout for i in indices])
         n_global = len(indices)
         if share is not None:
             indices, drop = indices[share.start : share.stop], drop[share.start : share.stop]
         x0, caps = collate(examples, indices, drop, self.empty_caption)
-        batch = (x0.astype(self.dtype), [c.astype(self.dtype) for c in caps])
+        batch = (
+            x0.astype(self.dtype),
+            [c.astype(self.dtype) for c in caps],
+            element_weights(examples, indices),
+        )
         if not self.noise_offset:
             return batch
         offsets = noise_offsets(self.seed, step, micro, n_global, x0.shape[1], self.noise_offset)
@@ -172,7 +199,7 @@ class FlowMatchingObjective:
 
     def loss(self, model: Callable, batch, key: mx.array, share=None) -> mx.array:
         """Flow-matching loss with σ and noise drawn from `key` for the global batch (then sliced)."""
-        x0, caps = batch[:2]
+        x0, caps, weights = batch[:3]
         sigma_key, noise_key = mx.random.split(key)
         n = x0.shape[0] if share is None else share.n_global
         sigma = sample_sigmas(sigma_key, n, self.sigma_sampling, self.shift, self.logit_mean, self.logit_std)
@@ -180,10 +207,22 @@ class FlowMatchingObjective:
         if share is not None:
             start, stop = share.start, share.start + x0.shape[0]
             sigma, noise = sigma[start:stop], noise[start:stop]
-        if len(batch) > 2:  # the noise offset, already this rank's rows
-            noise = noise + batch[2]
-        weights = loss_weights(sigma, self.loss_weighting, self.logit_mean, self.logit_std)
+        if len(batch) > 3:  # the noise offset, already this rank's rows
+            noise = noise + batch[3]
+        per_sigma = loss_weights(sigma, self.loss_weighting, self.logit_mean, self.logit_std)
+        if per_sigma is not None:
+            weights = weights * per_sigma.reshape(-1, 1, 1, 1)
         return flow_matching_loss(model, x0, caps, sigma, noise, weights)
+
+    def validation_loss(self, model: Callable, example: Any, sigma: float, noise: Any) -> mx.array:
+        """The loss of `example` alone at noise level `sigma` with the given `noise` (its latents' shape):
+        the caption is never dropped and the mask applies, the dataset's loss weight does not (validation
+        measures the model, not the training mix)."""
+        x0 = mx.array(example.latents, dtype=mx.float32)[None].astype(self.dtype)
+        caps = [mx.array(example.caption).astype(self.dtype)]
+        eps = mx.array(noise, dtype=mx.float32)[None].astype(self.dtype)
+        weights = element_weights([example], [0], dataset_weight=False)
+        return flow_matching_loss(model, x0, caps, mx.array([sigma], dtype=mx.float32), eps, weights)
 
     def checkpoint_blocks(self, model: Any) -> Iterable[Any]:
         """Every transformer block (noise refiner, context refiner, main layers)."""

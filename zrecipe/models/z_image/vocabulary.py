@@ -34,5 +34,7 @@ LAYER_TYPE_GROUPS = {
     "attention": LAYER_TYPES[:4],
     "feed_forward": LAYER_TYPES[4:7],
 }
+# The VAE's downsampling: latents (and loss masks) are (height/8, width/8).
+VAE_DOWNSAMPLE = 8
 # VAE downsample 8 x patch 2: every image side must be a multiple of 16.
-BUCKET_STEP = 16
+BUCKET_STEP = VAE_DOWNSAMPLE * 2
