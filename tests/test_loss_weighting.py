@@ -132,8 +132,8 @@ def test_noise_offset_is_diffusers_offset_noise_drawn_per_step():
     assert len(batch) == 4 and batch[3].shape == (4, 16, 1, 1)
     expected = noise_offsets(5, 7, 1, 4, 16, 0.1)
     assert np.array_equal(np.array(batch[3]), np.array(expected))
-    assert np.array_equal(np.array(goal.batch(items, [0, 1, 2, 3], 7, 1)[2]), np.array(expected))
-    assert not np.array_equal(np.array(goal.batch(items, [0, 1, 2, 3], 8, 1)[2]), np.array(expected))
+    assert np.array_equal(np.array(goal.batch(items, [0, 1, 2, 3], 7, 1)[3]), np.array(expected))
+    assert not np.array_equal(np.array(goal.batch(items, [0, 1, 2, 3], 8, 1)[3]), np.array(expected))
     many = np.array(noise_offsets(5, 0, 0, 4000, 16, 0.1))
     assert abs(many.std() - 0.1) < 0.005 and abs(many.mean()) < 0.005
 
@@ -145,8 +145,8 @@ def test_noise_offset_is_diffusers_offset_noise_drawn_per_step():
     np.testing.assert_allclose(
         model.inputs[0], (1 - sigma) * np.array(batch[0]) + sigma * noise, rtol=1e-6, atol=1e-6
     )
-    # no offset: the batch and loss of before
-    assert len(objective().batch(items, [0, 1, 2, 3], 7, 1)) == 2
+    # no offset: (latents, captions, element weights), the loss of before
+    assert len(objective().batch(items, [0, 1, 2, 3], 7, 1)) == 3
 
 
 def test_ranks_draw_the_offsets_and_weights_of_the_global_batch():
