@@ -85,12 +85,12 @@ def _to_module(tree) -> nn.Module:
     return module
 
 
-def _mflux_zip(folder, optimizer_name="AdamW", rng_seed=0):
-    """(zip path, {mflux path: (A (r, in), B (out, r), scale)}, flattened optimizer state)."""
+def _mflux_zip(folder, optimizer_name="AdamW", rng_seed=0, shapes=None, targets=None):
+    """(zip path, {mflux path: (A (r, in), B (out, r), scale)}, flattened optimizer state); `shapes` and
+    `targets` default to MFLUX_LAYERS and CONFIG_TARGETS."""
     rng = np.random.default_rng(rng_seed)
-    layers = {
-        p: _MfluxLoRA(i, o, r, 1.0 if a is None else a / r, rng) for p, (i, o, r, a) in MFLUX_LAYERS.items()
-    }
+    shapes = MFLUX_LAYERS if shapes is None else shapes
+    layers = {p: _MfluxLoRA(i, o, r, 1.0 if a is None else a / r, rng) for p, (i, o, r, a) in shapes.items()}
     model = nn.Module()
     model.transformer = _to_module(_tree(layers))
     model.vae = nn.Linear(4, 4)  # frozen parts of the whole model carry no optimiser state
@@ -99,7 +99,7 @@ def _mflux_zip(folder, optimizer_name="AdamW", rng_seed=0):
         layer.unfreeze(keys=["lora_A", "lora_B"], recurse=False)
 
     def loss(m):
-        return sum((layers[p](mx.ones((1, MFLUX_LAYERS[p][0]))) ** 2).sum() for p in layers)
+        return sum((layers[p](mx.ones((1, shapes[p][0]))) ** 2).sum() for p in layers)
 
     optimizer = (
         optim.AdamW(learning_rate=1e-3) if optimizer_name == "AdamW" else optim.Lion(learning_rate=1e-3)
@@ -132,7 +132,7 @@ def _mflux_zip(folder, optimizer_name="AdamW", rng_seed=0):
         "training_loop": {"num_epochs": 3, "batch_size": 1},
         "optimizer": {"name": optimizer_name, "learning_rate": 1e-3},
         "checkpoint": {"save_frequency": 3, "output_path": "training"},
-        "lora_layers": {"targets": CONFIG_TARGETS},
+        "lora_layers": {"targets": CONFIG_TARGETS if targets is None else targets},
     }
     iterator = {
         "position": 2, "epoch": 1, "num_iterations": STEP, "current_permutation": [1, 0, 2],

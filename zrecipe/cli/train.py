@@ -3,7 +3,8 @@
 The build graph up to `train` (`zrecipe build CONFIG --until train`): the same steps, keys and store, so it
 trains exactly what `zrecipe build` trains, and publishes the adapter, checkpoints and loss files into
 `save.output_path`. `--train-checkpoint` takes the recipe from the zip's config.json and resumes that
-checkpoint. A stop by Ctrl-C / SIGTERM / the battery limit writes a checkpoint first and exits with
+checkpoint; an mflux training checkpoint goes with `--train-config RECIPE` and is continued from it
+(`training_loop.start_from`). A stop by Ctrl-C / SIGTERM / the battery limit writes a checkpoint first and exits with
 EXIT_STOPPED and the command that resumes it.
 """
 
@@ -29,7 +30,10 @@ def train(
         None, "--train-config", help="Recipe or the seed's training config (YAML or JSON)."
     ),
     train_checkpoint: Path | None = typer.Option(
-        None, "--train-checkpoint", help="Checkpoint zip to resume from (its recipe is inside)."
+        None,
+        "--train-checkpoint",
+        help="Checkpoint zip to resume (its recipe is inside), or an mflux training checkpoint to continue "
+        "(with --train-config).",
     ),
     low_ram: bool = typer.Option(
         False, "--low-ram", help="Release MLX's memory cache after every training step (values unchanged)."
@@ -54,12 +58,29 @@ def train(
     from zrecipe.recipe import load_recipe
     from zrecipe.training.session import recipe_from_checkpoint
 
-    if (train_config is None) == (train_checkpoint is None):
-        raise UserError("pass exactly one of --train-config CONFIG or --train-checkpoint ZIP.")
+    from zrecipe.lora.mflux_checkpoint import is_mflux_checkpoint
+
+    foreign = train_checkpoint is not None and is_mflux_checkpoint(train_checkpoint)
+    if train_config is None and train_checkpoint is None:
+        raise UserError("pass --train-config CONFIG, or --train-checkpoint ZIP to resume a checkpoint.")
+    if train_config is not None and train_checkpoint is not None and not foreign:
+        raise UserError(
+            "--train-checkpoint resumes a zrecipe checkpoint with the recipe inside it: pass it alone "
+            "(--train-config goes with another tool's checkpoint, which holds no zrecipe recipe)."
+        )
     if force and train_checkpoint is not None:
         raise UserError("--force trains from scratch; it cannot be combined with --train-checkpoint.")
     resume = None
-    if train_checkpoint is not None:
+    if foreign:
+        if train_config is None:
+            raise UserError(
+                f"{train_checkpoint}: an mflux training checkpoint; zrecipe continues it from a recipe that "
+                "names the data and the same LoRA targets: pass --train-config RECIPE as well (its "
+                "training_loop.start_from becomes this zip)."
+            )
+        recipe = _starting_from(load_recipe(train_config), train_checkpoint)
+        typer.echo(f"continuing the mflux run in {train_checkpoint} with {train_config}", err=True)
+    elif train_checkpoint is not None:
         recipe, checkpoint = recipe_from_checkpoint(train_checkpoint)
         resume = checkpoint.path
         typer.echo(f"resuming {resume} at step {checkpoint.step}", err=True)
@@ -80,6 +101,14 @@ def train(
         typer.echo("train: up to date (this training run is already in the store)", err=True)
     for path in (outcome.published or {}).get("final", []):
         typer.echo(f"wrote {path}")
+
+
+def _starting_from(recipe, checkpoint: Path):
+    """`recipe` with `training_loop.start_from` = `checkpoint` (another tool's run to continue)."""
+    import dataclasses
+
+    loop = dataclasses.replace(recipe.training_loop, start_from=str(Path(checkpoint).expanduser().resolve()))
+    return dataclasses.replace(recipe, training_loop=loop)
 
 
 def register(app: typer.Typer) -> None:

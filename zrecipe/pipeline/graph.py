@@ -85,6 +85,7 @@ class PipelineData:
     options: dict[str, Any] = field(default_factory=dict)
     mask_folders: dict[str, str] = field(default_factory=dict)  # dataset → mask folder (`masks: {folder}`)
     assistant_lora: str | None = None  # the local assistant LoRA file (its content hash is a train input)
+    start_from: str | None = None  # the file the trained LoRA starts from (its content hash is a train input)
 
 
 def default_cache_dir(recipe) -> Path:
@@ -229,19 +230,27 @@ def build_graph(
             checks.drop_unreadable(recipe, scan, unreadable)
             hashes.update(sc.hash_signed([f[1:] for files in masks.values() for f in files.values()]))
             identity = ModelIdentity(recipe.model, cache_dir, sc) if uses_model else None
-            assistant = None
-            if "train" in wanted and recipe.training_loop.assistant_lora:
+            # Files the train step reads besides the data, as content hashes (inputs of the train key).
+            extra: list[str] = []
+            loop = recipe.training_loop
+            if "train" in wanted and loop.assistant_lora:
                 from zrecipe.training.assistant import assistant_identity
 
-                path, assistant = assistant_identity(recipe.training_loop.assistant_lora, sc)
+                path, assistant = assistant_identity(loop.assistant_lora, sc)
                 data.assistant_lora = str(path)
+                extra.append(assistant)
+            if "train" in wanted and loop.start_from:
+                from zrecipe.training.start import START_PREFIX
+
+                data.start_from = loop.start_from
+                extra.append(START_PREFIX + sc.hash_files([loop.start_from])[loop.start_from])
             datasets = {ds.name: ds for ds in recipe.datasets}
             makers = {
                 name: p.node_maker(datasets[name], sc, data)
                 for name, p in used.items()
                 if p.kind.name in wanted and name in scan.images
             }
-            _add_nodes(graph, recipe, scan, hashes, identity, data, wanted, used, makers, masks, assistant)
+            _add_nodes(graph, recipe, scan, hashes, identity, data, wanted, used, makers, masks, extra)
             if identity is not None:
                 data.model_path = identity.model_path
             checks.check_values(recipe, scan, data, wanted)
@@ -262,7 +271,7 @@ def _hash_with_stats(sc, scan: Scan, errors: dict[str, OSError]) -> dict[str, st
 
 def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: PipelineData, wanted: set[str],
                used: Mapping[str, CaptionProducer], makers: Mapping[str, Any],
-               masks: Mapping[str, Mapping[str, Any]], assistant: str | None) -> None:  # fmt: skip
+               masks: Mapping[str, Mapping[str, Any]], extra: list[str]) -> None:  # fmt: skip
     datasets = {ds.name: ds for ds in recipe.datasets}
     texts: dict[str, str] = {}  # text item → known text
     text_ids: dict[str, str] = {}  # caption → text_item(caption)
@@ -334,7 +343,7 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
             add(text_node(item, text, text_encoder))
     if want_train:
         _check_split(recipe, data.examples)
-        _add_train(graph, recipe, data, identity, produced, assistant)
+        _add_train(graph, recipe, data, identity, produced, extra)
     if "sample" in wanted:
         _add_samples(graph, recipe.sample, identity, "contact-sheet" in wanted)
     if "export" in wanted:
@@ -369,12 +378,13 @@ def _check_split(recipe, examples: list[TrainItem]) -> None:
 
 
 def _add_train(graph: Graph, recipe, data: PipelineData, identity, produced: set[str],
-               assistant: str | None) -> None:  # fmt: skip
+               extra: list[str]) -> None:  # fmt: skip
     from zrecipe.training.settings import train_params
 
     digest = xxhash.xxh3_128_hexdigest("\n".join(e.line() for e in data.examples).encode())
-    # The base the LoRA trains on: the transformer and, when one is fused in for training, the assistant.
-    inputs: list[Any] = [identity.transformer, *([assistant] if assistant else [])]
+    # The base the LoRA trains on (the transformer, and an assistant LoRA fused in for training) and the
+    # weights it starts from, as content identities; then the data.
+    inputs: list[Any] = [identity.transformer, *extra]
     for e in data.examples:
         # Optional: an image skipped by `on_error: skip` leaves the training set instead of stopping it.
         inputs.append(Ref("encode-image", e.image, optional=True))

@@ -188,7 +188,13 @@ def run_train(tasks, ctx) -> None:
     import dataclasses
 
     from zrecipe.models.z_image.training import FlowMatchingObjective
-    from zrecipe.pipeline.train_work import assistant_input, commit_train, resume_point, training_identity
+    from zrecipe.pipeline.train_work import (
+        assistant_input,
+        commit_train,
+        resume_point,
+        start_input,
+        training_identity,
+    )
     from zrecipe.training.callbacks import default_callbacks
     from zrecipe.training.checkpointer import RunInfo
     from zrecipe.training.distributed import world
@@ -234,8 +240,9 @@ def run_train(tasks, ctx) -> None:
 
         callbacks.append(ValidationLoss(held_out, objective, settings.validation,
                                         settings.checkpoint_frequency, log))  # fmt: skip
+    start = start_input(task, ctx, work, log) if resume is None else None  # only a fresh run starts
     result = train(transformer, examples, objective, settings, work, run=run, resume_from=resume,
-                   callbacks=callbacks)  # fmt: skip
+                   callbacks=callbacks, start=start)  # fmt: skip
     del transformer
     _free()
     if result.stopped:

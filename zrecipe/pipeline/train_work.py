@@ -76,8 +76,39 @@ def assistant_input(task, ctx) -> tuple[str, str] | None:
 
     if ctx.data.assistant_lora is None:
         return None
-    identity = next(i for i in task.inputs[1:2] if i.startswith(IDENTITY_PREFIX))
+    identity = next(i for i in _literal_inputs(task) if i.startswith(IDENTITY_PREFIX))
     return ctx.data.assistant_lora, identity
+
+
+def start_input(task, ctx, work: Path, log):
+    """The state the run starts from (`training_loop.start_from`, read from bytes checked against the
+    planned content hash), or None."""
+    from zrecipe.engine.files import read_verified
+    from zrecipe.training.start import START_PREFIX, read_start
+
+    if ctx.data.start_from is None:
+        return None
+    expected = next(i for i in _literal_inputs(task) if i.startswith(START_PREFIX)).removeprefix(START_PREFIX)
+    source = Path(ctx.data.start_from)
+    data = read_verified(source, expected)  # the bytes the key covers, parsed from a private copy
+    copy = work / f".start-{expected[:16]}{source.suffix}"
+    copy.write_bytes(data)
+    try:
+        start = read_start(copy)
+    finally:
+        copy.unlink(missing_ok=True)
+    start.source, start.log = source, log
+    log(f"train: starting from {source} ({start.what})")
+    for note in start.notes:  # what reading it found (e.g. an optimiser that does not map)
+        log(f"train: start_from: {note}")
+    return start
+
+
+def _literal_inputs(task) -> list[str]:
+    """The train node's identity inputs (transformer, assistant LoRA, start weights), before its Refs."""
+    from zrecipe.engine import Ref
+
+    return [i for i, ref in zip(task.inputs, task.node.inputs, strict=True) if not isinstance(ref, Ref)]
 
 
 def training_identity(task) -> str:
@@ -85,7 +116,7 @@ def training_identity(task) -> str:
     LoRA's when one is fused into the base (the train node's inputs before its Refs)."""
     from zrecipe.training.assistant import IDENTITY_PREFIX
 
-    parts = [task.inputs[0], *(i for i in task.inputs[1:2] if i.startswith(IDENTITY_PREFIX))]
+    parts = [task.inputs[0], *(i for i in _literal_inputs(task)[1:] if i.startswith(IDENTITY_PREFIX))]
     return "+".join(parts)
 
 

@@ -177,6 +177,12 @@ def build_recipe(
             "applies to LoRA only: it is fused into the base under a trained LoRA and left out of the "
             "exports; a full fine-tune would bake it into every weight. Remove it or use `mode: lora`",
         )
+    if mode == "full" and training_loop.start_from:
+        ctx.add(
+            ("training_loop", "start_from"),
+            "applies to LoRA only (it names the adapter weights training starts from); remove it or use "
+            "`mode: lora`",
+        )
     lora = read_lora(ctx, top, mode)
     full_finetune = (
         read_full_finetune(top, mode) if mode == "full" or top.has("full_finetune") else FullFinetune()

@@ -184,7 +184,9 @@ class TrainingLoop:
     `loss_weighting`: a per-item weight of the loss by σ (SD3's schemes); `noise_offset`: diffusers'
     offset noise; `ema=None`: no moving average; `tensorboard`: event files beside loss.json;
     `assistant_lora`: a LoRA fused into the base while training (Z-Image-Turbo's de-distillation adapter)
-    and left out of samples and exports."""
+    and left out of samples and exports; `start_from`: the trained LoRA starts from this file's weights
+    (a LoRA of any common convention) or continues another tool's run (an mflux training checkpoint zip:
+    its adapter, AdamW state and step) instead of B = 0."""
 
     num_epochs: int | None = None
     max_steps: int | None = None
@@ -204,6 +206,7 @@ class TrainingLoop:
     ema: Ema | None = None
     tensorboard: bool = False
     assistant_lora: str | None = None  # an absolute .safetensors path or `org/repo[:file]`
+    start_from: str | None = None  # an absolute path: a LoRA file or another tool's checkpoint zip (mflux)
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ def read_training_loop(top: Reader, root: Path) -> TrainingLoop:
         if top.data.get("training_loop", MISSING) in (MISSING, None):
             top.ctx.add(("training_loop",), "missing; set `training_loop: {num_epochs: N}` or `max_steps: N`")
         return TrainingLoop()
-    r.check_keys((*TRAINING_LOOP, "assistant_lora"))
+    r.check_keys((*TRAINING_LOOP, "assistant_lora", "start_from"))
     kwargs = r.fill(TRAINING_LOOP)
     stops = [k for k in ("num_epochs", "max_steps") if r.data.get(k) is not None]
     if not stops:
@@ -184,7 +184,27 @@ def read_training_loop(top: Reader, root: Path) -> TrainingLoop:
         assistant = _assistant_lora(r, root)
         if assistant is not None:
             kwargs["assistant_lora"] = assistant
+    if r.data.get("start_from") is not None:
+        start = _start_from(r, root)
+        if start is not None:
+            kwargs["start_from"] = start
     return TrainingLoop(**kwargs)
+
+
+def _start_from(r: Reader, root: Path) -> str | None:
+    """`start_from`: an existing LoRA .safetensors file or training checkpoint .zip (made absolute)."""
+    path = r.path + ("start_from",)
+    file = resolve_path(r.ctx, path, r.data["start_from"], root)
+    if file is None:
+        return None
+    if file.suffix not in (".safetensors", ".zip"):
+        r.ctx.add(path, f"{file}: expected a LoRA .safetensors file or a training checkpoint .zip")
+    elif not file.is_file():
+        what = "is not a file" if file.exists() else "no such file"
+        r.ctx.add(path, f"{what}: {file} (relative paths resolve against {root})")
+    else:
+        return str(file)
+    return None
 
 
 # `org/repo` or `org/repo:file.safetensors` (a file inside the repo, sub-folders allowed).

@@ -87,11 +87,22 @@ class Checkpointer:
             )
         return checkpoint
 
-    def restore(self, checkpoint: ckpt.Checkpoint | None, model, optimizer, iterator: BatchIterator) -> int:
-        """Apply a verified checkpoint to the freshly prepared run; returns the step to continue from."""
+    def restore(
+        self, checkpoint: ckpt.Checkpoint | None, model, optimizer, iterator: BatchIterator, start=None
+    ) -> int:
+        """Apply a verified checkpoint to the freshly prepared run; returns the step to continue from.
+        Without one, a `start` (training.start.StartFrom: a LoRA file or another tool's run) is applied."""
         self.resumed = checkpoint
         if checkpoint is None:
-            return 0
+            if start is None:
+                return 0
+            from zrecipe.training.start import apply_start
+
+            step = apply_start(
+                start, model, optimizer, iterator, int(self.settings.gradient_accumulation_steps)
+            )
+            self.history = list(start.history)
+            return step
         where = str(checkpoint.path)
         optimizer_state, ema_weights = ema_state.split_state(checkpoint.optimizer)
         if self.ema is not None and self.world.main:  # through the model: file layout → parameters

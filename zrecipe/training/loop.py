@@ -75,13 +75,15 @@ def train(
     resume_from: str | Path | None = None,
     force: bool = False,
     callbacks: Sequence[TrainingCallback] | None = None,
+    start=None,
 ) -> TrainResult:
     """Train `model` (base weights) on pre-computed `examples` with a model family's `objective`.
 
     LoRA mode swaps in adapters at `settings.lora_targets`; full mode trains every parameter. Files go to
     `output_path` (checkpoint zips, loss.json / loss.png, the final adapter or transformer; see
     Checkpointer); `run` says what they record and guards resumes. `resume_from` continues a checkpoint
-    bit-exactly (`force`: even over a changed dataset). `callbacks` watch the run (default: stop on
+    bit-exactly (`force`: even over a changed dataset); without it, a `start` (training.start.StartFrom)
+    seeds the adapter, optimiser, step and history. `callbacks` watch the run (default: stop on
     SIGINT / SIGTERM with a checkpoint, and a progress bar); when one asks to stop, training checkpoints
     and returns with `stopped` set. What the settings ask for is added to them: the EMA of the weights
     (`settings.ema`) and TensorBoard event files in `output_path/tensorboard` (`settings.tensorboard`). Under a distributed launcher every rank calls train() with the same
@@ -104,7 +106,7 @@ def train(
         steps_total = total_steps(settings, iterator.batches_per_epoch)
         optimizer = make_optimizer(settings.optimizer, steps_total)
         optimizer.init(model.trainable_parameters())
-        step = saver.restore(checkpoint, model, optimizer, iterator)
+        step = saver.restore(checkpoint, model, optimizer, iterator, start)
     _agree_on_run(settings, saver, step, steps_total, w)
     trainable = trainable_parameter_count(model)
     saver.start(steps_total, trainable)

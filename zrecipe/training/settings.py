@@ -22,9 +22,9 @@ _LOOP = TrainingLoop()  # the schema's defaults, read once
 # `training_loop` fields that change when memory is released or what is logged, never a trained value:
 # runtime options of the train step, not train parameters (toggling them does not retrain).
 RUNTIME_LOOP_FIELDS = ("low_ram", "tensorboard")
-# `training_loop` fields the train node covers otherwise: the assistant LoRA by its file's content hash (an
-# input of the node), not by its path.
-NOT_PARAMS_LOOP_FIELDS = (*RUNTIME_LOOP_FIELDS, "assistant_lora")
+# `training_loop` fields the train node covers otherwise: the assistant LoRA and the start weights by their
+# files' content hashes (inputs of the node), not by their paths.
+NOT_PARAMS_LOOP_FIELDS = (*RUNTIME_LOOP_FIELDS, "assistant_lora", "start_from")
 
 
 def train_params(recipe: Any) -> dict[str, Any]:
