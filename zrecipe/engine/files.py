@@ -9,10 +9,12 @@ of its old content.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import xxhash
@@ -130,3 +132,34 @@ def copy_verified(src: str | os.PathLike[str], dst: str | os.PathLike[str], expe
         tmp.unlink(missing_ok=True)
         raise
     return True
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the same folder; on success fsync it and rename it onto `path`."""
+    import tempfile  # here, not at the top: planning imports this module and never writes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # ".tmp-" marks every temp file zrecipe leaves beside a destination (the store's temp entries too), and
+    # the real suffix stays last: mx.save_safetensors appends ".safetensors" to a path without it.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result should look like any other file
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

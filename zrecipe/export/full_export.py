@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from zrecipe.errors import CheckpointError, ModelError, UserError
 from zrecipe.export.lora_formats import DTYPES
+from zrecipe.tensor_files import write_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # diffusers' default max_shard_size ("5GB")
@@ -184,13 +185,4 @@ def write_original_naming(weights: dict, config, path: str | Path, dtype: str = 
         k: (v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v)
         for k, v in original_naming(weights, config).items()
     }
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.safetensors"
-    try:
-        mx.eval(tensors)
-        mx.save_safetensors(str(tmp), tensors, metadata={"format": "pt"})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_safetensors(path, tensors, {"format": "pt"})

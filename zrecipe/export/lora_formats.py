@@ -21,7 +21,6 @@ orientation PEFT, mflux and zrecipe's own adapter share). Formats written (DESIG
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from zrecipe.export.lora_keys import (
 from zrecipe.lora.delta import COMFY, DIFFUSERS, KOHYA, ZRECIPE, LoraDelta, build_delta
 from zrecipe.lora.variants import LokrDelta
 from zrecipe.recipe.schema import EXPORT_FORMATS  # the format names a user can ask for
+from zrecipe.tensor_files import write_safetensors
 
 FORMATS = (*EXPORT_FORMATS, "zrecipe")
 DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -463,13 +463,4 @@ def write_lora(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = export_tensors(deltas, fmt, dtype)
     meta = export_metadata(deltas, fmt, source, metadata, name=path.stem)
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.safetensors"  # mlx appends the suffix otherwise
-    try:
-        mx.eval(tensors)
-        mx.save_safetensors(str(tmp), tensors, metadata=meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_safetensors(path, tensors, meta)

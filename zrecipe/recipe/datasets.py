@@ -46,6 +46,7 @@ from zrecipe.recipe.fields import (
     resolve_path,
     suggest,
     text,
+    written_as_path,
 )
 from zrecipe.recipe.schema import (
     BUCKET_STEP,
@@ -324,15 +325,12 @@ def _read_generate(ctx: Context, path: KeyPath, value: Any, root: Path) -> Any:
 
 def _caption_model(ctx: Context, path: KeyPath, raw: str, root: Path) -> Any:
     """A captioning model: a preset, a Hugging Face repo id, or a folder (made absolute)."""
-    from zrecipe.recipe.model import _PATH_PREFIXES, _REPO_ID
+    from zrecipe.models.z_image.hub import is_repo_id
 
     if raw in CAPTION_MODEL_PRESETS:
         return raw
-    looks_like_path = raw.startswith(_PATH_PREFIXES) or raw in (".", "..") or os.path.isabs(raw)
-    if not looks_like_path and "\0" not in raw and os.path.isdir(os.path.join(root, raw)):
-        looks_like_path = True
-    if not looks_like_path:
-        if _REPO_ID.fullmatch(raw):
+    if not written_as_path(raw, root):
+        if is_repo_id(raw):
             return raw
         ctx.add(
             path,

@@ -311,6 +311,15 @@ class Reader:
 # ----------------------------------------------------------------------------------------------- paths
 
 _ENV = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+_PATH_PREFIXES = ("/", "./", "../", "~", "$", ".\\", "..\\")
+
+
+def written_as_path(raw: str, root: Path | None = None) -> bool:
+    """`raw` is meant as a path rather than a name (a preset, a Hugging Face `org/repo`): written as one
+    (absolute, `./`, `../`, `~`, `$VAR`, `.`, `..`), or, given `root`, an existing folder there."""
+    if raw.startswith(_PATH_PREFIXES) or raw in (".", "..") or os.path.isabs(raw):
+        return True
+    return root is not None and "\0" not in raw and os.path.isdir(os.path.join(root, raw))
 
 
 def resolve_path(ctx: Context, path: KeyPath, raw: Any, root: Path) -> Path | None:

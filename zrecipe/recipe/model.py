@@ -17,17 +17,15 @@ is also what the string form `model: "z-image,transformer=FILE"` and `--model` t
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from zrecipe.recipe.fields import MISSING, Reader, describe, resolve_path, suggest, text
+from zrecipe.models.z_image.hub import is_repo_id
+from zrecipe.recipe.fields import MISSING, Reader, describe, resolve_path, suggest, text, written_as_path
 from zrecipe.recipe.schema import MODEL_PRESETS
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-_PATH_PREFIXES = ("/", "./", "../", "~", "$", ".\\", "..\\")
 COMPONENT_KEYS = ("transformer", "text_encoder", "vae")
 MODEL_KEYS = ("base", *COMPONENT_KEYS, "mflux_save")
 _WHAT = "a preset (z-image, z-image-turbo, tiny), a model folder or a Hugging Face repo id such as Tongyi-MAI/Z-Image"
@@ -70,11 +68,8 @@ def _split(value: str) -> tuple[str, dict[str, str]]:
 def _base(top: Reader, path: tuple, raw: str, root: Path) -> Any:
     if raw in MODEL_PRESETS:
         return raw
-    looks_like_path = raw.startswith(_PATH_PREFIXES) or raw in (".", "..") or os.path.isabs(raw)
-    if not looks_like_path and "\0" not in raw and os.path.isdir(os.path.join(root, raw)):
-        looks_like_path = True
-    if not looks_like_path:
-        if _REPO_ID.fullmatch(raw):
+    if not written_as_path(raw, root):
+        if is_repo_id(raw):
             return raw
         hint = suggest(raw, MODEL_PRESETS)
         if hint and "/" not in raw:

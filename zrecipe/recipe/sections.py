@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from zrecipe.models.z_image.hub import REPO_ID
 from zrecipe.recipe.fields import (
     MISSING,
     Bad,
@@ -25,6 +26,7 @@ from zrecipe.recipe.fields import (
     resolve_path,
     suggest,
     text,
+    written_as_path,
 )
 from zrecipe.recipe.schema import (
     BUCKET_STEP,
@@ -208,8 +210,7 @@ def _start_from(r: Reader, root: Path) -> str | None:
 
 
 # `org/repo` or `org/repo:file.safetensors` (a file inside the repo, sub-folders allowed).
-_HUB_LORA = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(?::[\w./-]+\.safetensors)?")
-_PATH_PREFIXES = ("/", "./", "../", "~", "$", ".\\", "..\\")
+_HUB_LORA = re.compile(rf"(?:{REPO_ID.pattern})(?::[\w./-]+\.safetensors)?")
 
 
 def _assistant_lora(r: Reader, root: Path) -> str | None:
@@ -219,9 +220,8 @@ def _assistant_lora(r: Reader, root: Path) -> str | None:
         r.ctx.add(path, f"expected a LoRA file or a Hugging Face `org/repo[:file]`, got {describe(raw)}")
         return None
     # `dir/file.safetensors` is a path; `org/repo` and `org/repo:file.safetensors` name a Hub file.
-    looks_like_path = raw.startswith(_PATH_PREFIXES) or os.path.isabs(raw)
     hub = _HUB_LORA.fullmatch(raw) and (":" in raw or not raw.endswith(".safetensors"))
-    if not looks_like_path and hub and not os.path.exists(os.path.join(root, raw)):
+    if not written_as_path(raw) and hub and not os.path.exists(os.path.join(root, raw)):
         return raw
     file = resolve_path(r.ctx, path, raw, root)
     if file is None:

@@ -21,6 +21,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from zrecipe.errors import CheckpointError
+from zrecipe.tensor_files import write_safetensors
 from zrecipe.training import checkpoint as ckpt
 from zrecipe.training import ema as ema_state
 from zrecipe.training.data import BatchIterator, dataset_fingerprint
@@ -191,9 +192,7 @@ class Checkpointer:
             save_adapter(model, path, {**self._adapter_meta(step), **(extra or {})})
             return
         tensors, metadata = self._weights(model, step)
-        mx.eval(tensors)
-        with ckpt.atomic_path(path) as tmp:
-            mx.save_safetensors(str(tmp), tensors, metadata={**metadata, **(extra or {})})
+        write_safetensors(path, tensors, {**metadata, **(extra or {})})
 
     def _adapter_meta(self, step: int) -> dict[str, Any]:
         return {**self.run.adapter_metadata, "step": str(step)}

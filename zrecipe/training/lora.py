@@ -20,6 +20,7 @@ from zrecipe.errors import CheckpointError, RecipeError
 from zrecipe.lora.layers import TRAINABLE_KINDS, AdapterLayer, adapter_layers, linear_shapes
 from zrecipe.lora.layers import LoRALinear as LoRALinear  # training's public name for the trained layer
 from zrecipe.recipe.schema import BLOCK_TYPES  # one list of targetable layers
+from zrecipe.tensor_files import write_safetensors
 
 
 def _children(model: nn.Module) -> dict[str, nn.Module]:
@@ -168,14 +169,7 @@ def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> d
 
 def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write zrecipe's adapter.safetensors for the LoRA layers of `model` (atomically)."""
-    from zrecipe.training.checkpoint import atomic_path
-
-    path = Path(path)
-    tensors = adapter_tensors(model)
-    mx.eval(tensors)
-    with atomic_path(path) as tmp:
-        mx.save_safetensors(str(tmp), tensors, metadata=adapter_metadata(model, metadata))
-    return path
+    return write_safetensors(path, adapter_tensors(model), adapter_metadata(model, metadata))
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, mx.array], where: str) -> None:

@@ -64,7 +64,7 @@ def format_seconds(seconds: float) -> str:
 
 
 def write_loss_log(path: Path, history: list[dict[str, Any]]) -> None:
-    from zrecipe.training.checkpoint import atomic_path
+    from zrecipe.engine.files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(history))
@@ -75,7 +75,7 @@ def plot_loss(path: Path, history: list[dict[str, Any]], size: tuple[int, int] =
     (orange, dots at the steps it was measured) on the same axes when the history has one."""
     from PIL import Image, ImageDraw
 
-    from zrecipe.training.checkpoint import atomic_path
+    from zrecipe.engine.files import atomic_path
 
     width, height = size
     margin = 50

@@ -26,7 +26,6 @@ import xxhash
 from zrecipe.errors import ModelError
 from zrecipe.models.vlm.tiny import TINY_VLM, TINY_VLM_VERSION
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The repo files a captioning model needs: top-level configs, tokenizer and template files, weights (no
 # variant copies such as `model.fp16.safetensors`, no subfolders, no READMEs or sample images).
 _FILES = re.compile(r"^[^/]+\.(json|txt|model|jinja|tiktoken)$|^[^/.]+(-\d+-of-\d+)?\.safetensors$")
@@ -46,7 +45,7 @@ def resolve_vlm(spec: str) -> Path:
     folder = Path(spec).expanduser()
     if folder.is_dir():
         return check_vlm_folder(folder.resolve(), spec)
-    if not _REPO_ID.match(spec):
+    if not hub.is_repo_id(spec):
         raise ModelError(
             f"captioning model {spec!r}: no such folder, and not {TINY_VLM} or a Hugging Face repo id "
             f"(org/name, e.g. {_EXAMPLE}). Fix `captions.generate.model`."

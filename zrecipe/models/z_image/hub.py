@@ -33,11 +33,19 @@ WEIGHT_FOLDERS = ("transformer", "vae", "text_encoder")
 PIPELINE_FOLDERS = (*WEIGHT_FOLDERS, "tokenizer", "scheduler")
 HUB_URL = "https://huggingface.co"
 _TRUE = {"1", "on", "yes", "true"}
+# A Hugging Face repo id, `org/name`: each part starts with a letter or digit, at most 96 characters of
+# letters, digits, `_`, `.` and `-` (the Hub's own rule). The one definition the recipe and resolvers use.
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # `name.safetensors` or `name-00001-of-00003.safetensors`; a dot inside the stem marks a variant copy
 # (`diffusion_pytorch_model.fp16.safetensors`), which the pipeline does not load.
 _WEIGHTS = re.compile(r"^[^.]+\.safetensors$")
 _INDEX = re.compile(r"^[^.]+\.safetensors\.index\.json$")
 _CONFIG = re.compile(r"^[^.]+\.json$")
+
+
+def is_repo_id(text: str) -> bool:
+    """`text` has the form of a Hugging Face repo id (`org/name`)."""
+    return REPO_ID.fullmatch(text) is not None
 
 
 def hf_hub_cache() -> Path:

@@ -33,7 +33,6 @@ PRESETS = {"z-image": "Tongyi-MAI/Z-Image", "z-image-turbo": "Tongyi-MAI/Z-Image
 TINY = "tiny"
 COMPONENTS = WEIGHT_FOLDERS  # transformer, vae, text_encoder
 SPEC_KEYS = ("transformer", "text_encoder", "vae", "mflux_save")  # the canonical order in a spec string
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SPLIT = re.compile(r",(?=(?:" + "|".join(SPEC_KEYS) + r")=)")
 # Files that determine a model's outputs: weights, configs / indexes, tokenizer vocab, merges and templates.
 _IDENTITY_SUFFIXES = {".safetensors", ".json", ".txt", ".model", ".jinja"}
@@ -135,7 +134,7 @@ def _resolve_base(text: str, spec: str, weights: list[str]) -> Path:
     if text == TINY:
         return _tiny_model(model_cache_dir())
     repo_id = PRESETS.get(text, text)
-    if _REPO_ID.match(repo_id):
+    if hub.is_repo_id(repo_id):
         return _from_hub(repo_id, spec, weights)
     presets = ", ".join(sorted(PRESETS))
     raise ModelError(
