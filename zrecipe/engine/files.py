@@ -163,3 +163,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def new_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; on success rename it onto `path` (absent, or an empty
+    folder), so a reader sees the whole folder or none and an interrupted writer leaves nothing behind.
+    `FileExistsError` when `path` is taken: before anything is written, or at the end by a concurrent
+    writer that finished first (one rename wins)."""
+    import shutil
+    import uuid
+
+    path = Path(path).expanduser().absolute()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(errno.EEXIST, "already exists and is not empty", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique per writer (process and thread): concurrent creators never share a temporary folder.
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            if path.exists():
+                path.rmdir()  # the empty folder the caller gave
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise FileExistsError(errno.EEXIST, "already exists and is not empty", str(path)) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,12 +15,10 @@ ids no tokenizer can decode). `max_pixels` is small so that a caption costs a fe
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from zrecipe.engine.files import new_folder
 from zrecipe.errors import ModelError
 
 # Bump when the files written here change: the cached copy lives in `<model cache>/tiny-vlm-v<N>`, and the
@@ -107,20 +105,13 @@ def create_tiny_vlm(
     if dtype not in ("float32", "bfloat16"):
         raise ModelError(f"tiny VLM dtype {dtype!r}: use 'float32' or 'bfloat16'.")
     path = Path(path).expanduser().absolute()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ModelError(f"{path}: already exists and is not empty; pass a new folder for the tiny VLM.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write(tmp, family, seed, dims, dtype)
-        try:
-            if path.exists():
-                path.rmdir()
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise ModelError(f"{path}: already exists and is not empty; pass a new folder.") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with new_folder(path) as tmp:
+            _write(tmp, family, seed, dims, dtype)
+    except FileExistsError as exc:
+        raise ModelError(
+            f"{path}: already exists and is not empty; pass a new folder for the tiny VLM."
+        ) from exc
     return path
 
 

@@ -12,11 +12,9 @@ take code paths the real model never takes.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
+from zrecipe.engine.files import new_folder
 from zrecipe.errors import ModelError
 
 # Bump when the files this module writes change: the cached copy lives in `models/tiny-v<N>`, so a newer
@@ -129,30 +127,25 @@ def create_tiny_model(path: str | Path, seed: int = 0, dtype: str = "float32") -
     if dtype not in ("float32", "bfloat16"):
         raise ModelError(f"tiny model dtype {dtype!r}: use 'float32' or 'bfloat16'.")
     path = Path(path).expanduser().absolute()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ModelError(f"{path}: already exists and is not empty; pass a new folder for the tiny model.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique per writer (process and thread): concurrent creators never share a temporary folder.
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_json(tmp / "model_index.json", MODEL_INDEX)
-        _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-        token_ids = write_tokenizer(tmp / "tokenizer")
-        # Rounded up like the real checkpoint's embedding table (151669 tokens → 151936 rows).
-        vocab_size = -(-len(token_ids) // 64) * 64
-        write_text_encoder(tmp / "text_encoder", text_encoder_config(vocab_size, token_ids), seed, dtype)
-        write_transformer(tmp / "transformer", seed, dtype)
-        write_vae(tmp / "vae", seed, dtype)
-        try:
-            if path.exists():
-                path.rmdir()  # the empty folder the caller gave
-            os.replace(tmp, path)
-        except OSError as exc:  # another process finished first and filled the folder
-            raise ModelError(f"{path}: already exists and is not empty; pass a new folder.") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with new_folder(path) as tmp:
+            _write_model(tmp, seed, dtype)
+    except FileExistsError as exc:
+        raise ModelError(
+            f"{path}: already exists and is not empty; pass a new folder for the tiny model."
+        ) from exc
     return path
+
+
+def _write_model(tmp: Path, seed: int, dtype: str) -> None:
+    _write_json(tmp / "model_index.json", MODEL_INDEX)
+    _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    token_ids = write_tokenizer(tmp / "tokenizer")
+    # Rounded up like the real checkpoint's embedding table (151669 tokens → 151936 rows).
+    vocab_size = -(-len(token_ids) // 64) * 64
+    write_text_encoder(tmp / "text_encoder", text_encoder_config(vocab_size, token_ids), seed, dtype)
+    write_transformer(tmp / "transformer", seed, dtype)
+    write_vae(tmp / "vae", seed, dtype)
 
 
 def write_tokenizer(
