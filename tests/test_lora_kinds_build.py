@@ -106,6 +106,7 @@ def test_recipe_lokr_example_validates():
     (target,) = recipe.lora.targets
     assert (target.kind, target.factor, target.full_matrix, target.dropout) == ("lokr", 16, True, 0.05)
     assert set(recipe.export.formats) == {"comfyui", "diffusers"}
+    assert (recipe.optimizer.name, recipe.optimizer.learning_rate) == ("Prodigy", 1.0)
 
 
 @pytest.mark.parametrize(
