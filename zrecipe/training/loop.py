@@ -45,6 +45,7 @@ from zrecipe.training.lora import apply_lora, trainable_parameter_count
 from zrecipe.training.objective import Objective
 from zrecipe.training.optim import make_optimizer
 from zrecipe.training.settings import TrainSettings, total_steps
+from zrecipe.training.start import StartFrom
 from zrecipe.training.step import make_step
 
 __all__ = ["RunInfo", "TrainResult", "TrainSettings", "enable_gradient_checkpointing", "train"]
@@ -75,7 +76,7 @@ def train(
     resume_from: str | Path | None = None,
     force: bool = False,
     callbacks: Sequence[TrainingCallback] | None = None,
-    start=None,
+    start: StartFrom | None = None,
 ) -> TrainResult:
     """Train `model` (base weights) on pre-computed `examples` with a model family's `objective`.
 
@@ -85,20 +86,15 @@ def train(
     bit-exactly (`force`: even over a changed dataset); without it, a `start` (training.start.StartFrom)
     seeds the adapter, optimiser, step and history. `callbacks` watch the run (default: stop on
     SIGINT / SIGTERM with a checkpoint, and a progress bar); when one asks to stop, training checkpoints
-    and returns with `stopped` set. What the settings ask for is added to them: the EMA of the weights
-    (`settings.ema`) and TensorBoard event files in `output_path/tensorboard` (`settings.tensorboard`). Under a distributed launcher every rank calls train() with the same
-    arguments (checked) and trains its slice of each global batch; only rank 0 writes files, and all
-    ranks return after they exist.
+    and returns with `stopped` set; the EMA of the weights (`settings.ema`) and TensorBoard event files
+    (`settings.tensorboard`) are added to them. Under a distributed launcher every rank calls train()
+    with the same arguments (checked) and trains its slice of each global batch; only rank 0 writes
+    files, and all ranks return after they exist.
     """
     w = dist.world()
     with dist.phase("preparing training", w):  # a failure on one rank stops every rank
         _check_batch(settings, w)
-        ema = ExponentialMovingAverage(settings.ema) if settings.ema is not None else None
-        logger = (
-            TensorBoardLogger(Path(output_path).expanduser() / "tensorboard")
-            if settings.tensorboard
-            else None
-        )
+        ema, logger = _asked_watchers(settings, output_path)
         saver = Checkpointer(output_path, settings, run or RunInfo(), examples, w, ema)
         checkpoint = saver.read(resume_from, force)  # verified before the model is touched
         lora_paths = prepare_model(model, settings, objective)
@@ -126,9 +122,7 @@ def train(
             if w.distributed:  # every rank learns every loss, speed and stop request
                 rate = items / (time.perf_counter() - t0)
                 losses, rates, stopped = dist.step_stats(losses, rate, stopped, w)
-            lr = optimizer.learning_rate
-            lr = float(lr.item() if hasattr(lr, "item") else lr)
-            seconds = time.perf_counter() - t0
+            lr, seconds = _float(optimizer.learning_rate), time.perf_counter() - t0
             report = StepReport(state.step, sum(losses) / len(losses), lr, seconds, rates, grad_norm)
             saver.history.append(report.record())
             watchers.on_step(state, report)
@@ -150,6 +144,22 @@ def train(
         history=saver.history,
         world_size=w.size,
     )
+
+
+def _asked_watchers(
+    settings: TrainSettings, output_path: str | Path
+) -> tuple[ExponentialMovingAverage | None, TensorBoardLogger | None]:
+    """The callbacks the settings ask for: the EMA of the weights, TensorBoard event files."""
+    ema = ExponentialMovingAverage(settings.ema) if settings.ema is not None else None
+    logger = None
+    if settings.tensorboard:
+        logger = TensorBoardLogger(Path(output_path).expanduser() / "tensorboard")
+    return ema, logger
+
+
+def _float(value: Any) -> float:
+    """A Python float from an mx scalar (a schedule's learning rate) or a number."""
+    return float(value.item() if hasattr(value, "item") else value)
 
 
 def _check_batch(settings: TrainSettings, w: dist.World) -> None:
