@@ -74,8 +74,17 @@ def worker(library: str, dtype: str, n: int) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def _installed(library: str) -> bool:
+    """A pip-only install has no PyTorch: its rows are left out rather than failing the run."""
+    import importlib.util
+
+    return importlib.util.find_spec(library) is not None
+
+
 def _sample(name: str, n: int) -> float | None:
     library, dtype, extra = VARIANTS[name]
+    if not _installed(library):
+        return None
     env = dict(os.environ)
     for key, value in extra.items():
         if value == "<cpu>":
@@ -122,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {name:42s} {st['median']:7.1f}  ({st['min']:.1f}–{st['max']:.1f})")
     if args.write:
         import mlx.core  # noqa: F401  (for the versions in machine_info)
-        import torch  # noqa: F401
+
+        if _installed("torch"):
+            import torch  # noqa: F401
 
         peak = results["numpy fp32"]["median"]
         rows = [
