@@ -54,11 +54,10 @@ def train(
 ) -> None:
     """Train a LoRA or full fine-tune of Z-Image from a recipe, or resume a checkpoint."""
     from zrecipe.errors import UserError
+    from zrecipe.lora.mflux_checkpoint import is_mflux_checkpoint
     from zrecipe.pipeline import TrainingStopped, train_recipe
     from zrecipe.recipe import load_recipe
     from zrecipe.training.session import recipe_from_checkpoint
-
-    from zrecipe.lora.mflux_checkpoint import is_mflux_checkpoint
 
     foreign = train_checkpoint is not None and is_mflux_checkpoint(train_checkpoint)
     if train_config is None and train_checkpoint is None:
