@@ -179,3 +179,24 @@ def test_plan_and_usage_errors_on_either_typer(tmp_path, which):
     ]:
         result, out = _probe(tmp_path, *args, pythonpath=path)
         assert result["rc"] == 2 and message in out and "Traceback" not in out, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zrecipe selects the BLAS on Linux only")
+def test_openblas_loads_with_mlx_not_with_zrecipe():
+    """`import zrecipe` (every command, `plan` included) leaves OpenBLAS alone; the first MLX import
+    loads it first, so MLX still binds the fast BLAS."""
+    code = (
+        "import zrecipe, sys\n"
+        "maps = lambda: open('/proc/self/maps').read().lower()\n"
+        "print('openblas' in maps())\n"
+        "from zrecipe.cli.main import app, run_app\n"
+        "run_app(app, ['--help'])\n"
+        "print('openblas' in maps())\n"
+        "import mlx.core as mx\n"
+        "from zrecipe import backend\n"
+        "print('openblas' in maps(), backend.blas_status())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[0] == "False" and lines[-2] == "False", proc.stdout + proc.stderr
+    assert lines[-1].startswith("True OpenBLAS"), lines[-1]
