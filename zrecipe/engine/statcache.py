@@ -7,6 +7,12 @@ is within `granularity_ns` of the moment it was recorded is re-hashed on the nex
 
 The same signature check also caches the *content* of small text files (caption sidecars) in a second
 table, so a no-op plan over 100,000 captioned images stats each caption instead of opening and reading it.
+
+A third table keeps whole *batches*: for a call over many files (a dataset's images, its captions), the
+digest of every (path, size, mtime_ns, ctime_ns, inode) signature in order → all of their hashes (or
+bytes) in one row. When nothing changed, one indexed lookup replaces reading and comparing a row per file
+(at 100,000 files: a third of a second and ~50 MB less); any change in any signature misses the batch and
+takes the per-file path, which then records the new batch. Git's racy rule applies to a batch as a whole.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS files (
 _TEXT_SCHEMA = """CREATE TABLE IF NOT EXISTS texts (
     path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER,
     recorded_ns INTEGER, data BLOB) WITHOUT ROWID"""
+# Batches: whole calls over this many files or more, the newest BATCHES_KEPT of them per table.
+_BATCH_SCHEMA = """CREATE TABLE IF NOT EXISTS batches (
+    digest TEXT PRIMARY KEY, tbl TEXT, recorded_ns INTEGER, data BLOB) WITHOUT ROWID"""
+BATCH_MIN_FILES = 64
+BATCHES_KEPT = 8
 # Files larger than this are read on every call but not cached (captions are a few hundred bytes).
 MAX_CACHED_BYTES = 64 * 1024
 # read_small_files refuses files larger than this (a "caption" of megabytes is the wrong file).
@@ -90,6 +101,7 @@ class StatCache:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
             db.execute(_TEXT_SCHEMA)
+            db.execute(_BATCH_SCHEMA)
             db.execute("SELECT count(*) FROM files WHERE path = ''").fetchone()
         except sqlite3.DatabaseError:
             db.close()
@@ -173,12 +185,29 @@ class StatCache:
             return self._hash_signed(signatures, errors)
 
     def _hash_signed(self, signatures, errors=None) -> dict[str, str]:
+        signatures = signatures if isinstance(signatures, (list, tuple)) else list(signatures)
+        self.hashed = 0
+        if not signatures:  # e.g. a recipe without masks: no reason to read 100,000 rows
+            return {}
+        batch = self._batch_digest("files", signatures)
+        data = self._batch(batch, signatures)
+        if data is not None:
+            hashes = data.decode("ascii").split(",")
+            if len(hashes) == len(signatures):
+                return dict(zip([sig[0] for sig in signatures], hashes, strict=True))
+        started = time.time_ns()  # no later than the per-file rows' time: the batch is no less racy
+        result = self._hash_each(signatures, errors)
+        if batch is not None and all(sig[0] in result for sig in signatures):
+            data = ",".join([result[sig[0]] for sig in signatures]).encode("ascii")
+            self._write_batch(batch, "files", started, data)
+        return result
+
+    def _hash_each(self, signatures, errors) -> dict[str, str]:
         rows = self._rows()  # one SELECT for all: far cheaper than 100k single-row lookups
         now = time.time_ns()
         granularity = self.granularity_ns
         result: dict[str, str] = {}
         updates = []
-        self.hashed = 0
         for sig in signatures:
             path = sig[0]
             row = rows.get(path)
@@ -212,19 +241,43 @@ class StatCache:
             return self._read_small_files(paths)
 
     def _read_small_files(self, paths) -> dict[str, bytes | OSError]:
-        rows = self._rows("SELECT path, size, mtime_ns, ctime_ns, inode, recorded_ns, data FROM texts")
-        now = time.time_ns()
-        granularity = self.granularity_ns
         stat = os.stat
         result: dict[str, bytes | OSError] = {}
-        updates = []
+        stats: list[tuple[str, os.stat_result]] = []
         for p in paths:
             path = os.fspath(p)
             try:
-                st = stat(path)
+                stats.append((path, stat(path)))
             except OSError as exc:
                 result[path] = exc
-                continue
+        if not stats:
+            return result
+        batch = None
+        if not result:  # every file is there: the whole call may be one cached batch
+            sigs = [(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for path, st in stats]
+            batch = self._batch_digest("texts", sigs)
+            data = self._batch(batch, sigs)
+            if data is not None and len(data) == sum(sig[1] for sig in sigs):
+                view, start = memoryview(data), 0
+                for path, size, *_ in sigs:
+                    result[path] = bytes(view[start : start + size])
+                    start += size
+                return result
+        started = time.time_ns()
+        self._read_each(stats, result)
+        if batch is not None and all(
+            type(got := result[path]) is bytes and len(got) == st.st_size <= MAX_CACHED_BYTES
+            for path, st in stats
+        ):
+            self._write_batch(batch, "texts", started, b"".join([result[path] for path, _ in stats]))
+        return result
+
+    def _read_each(self, stats: list[tuple[str, os.stat_result]], result: dict[str, bytes | OSError]) -> None:
+        rows = self._rows("SELECT path, size, mtime_ns, ctime_ns, inode, recorded_ns, data FROM texts")
+        now = time.time_ns()
+        granularity = self.granularity_ns
+        updates = []
+        for path, st in stats:
             row = rows.get(path)
             if (
                 row is not None
@@ -248,7 +301,52 @@ class StatCache:
                 updates.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, now, data))
         if updates:
             self._write(updates, "texts")
-        return result
+
+    def _batch_digest(self, table: str, signatures: list[tuple]) -> str | None:
+        """The key of a batch of signatures (in order), or None for a call too small to batch."""
+        if len(signatures) < BATCH_MIN_FILES:
+            return None
+        # NUL cannot occur in a path, so the text decodes one way only.
+        text = "".join(
+            [f"{p}\0{size}\0{mtime}\0{ctime}\0{inode}\0" for p, size, mtime, ctime, inode in signatures]
+        )
+        return table + ":" + xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass"))
+
+    def _batch(self, digest: str | None, signatures: list[tuple]) -> bytes | None:
+        """A batch's data when it is recorded and not racy (every file's mtime older than the granularity
+        before the batch was recorded), else None."""
+        if digest is None:
+            return None
+        try:
+            row = self._db.execute(
+                "SELECT recorded_ns, data FROM batches WHERE digest = ?", (digest,)
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            return None
+        if row is None or row[0] - max([sig[2] for sig in signatures]) < self.granularity_ns:
+            return None
+        return row[1]
+
+    def _write_batch(self, digest: str, table: str, recorded_ns: int, data: bytes) -> None:
+        """Record a batch, keeping the newest BATCHES_KEPT of its table."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?)", (digest, table, recorded_ns, data)
+            )
+            self._db.execute(
+                "DELETE FROM batches WHERE tbl = ? AND digest NOT IN "
+                "(SELECT digest FROM batches WHERE tbl = ? ORDER BY recorded_ns DESC LIMIT ?)",
+                (table, table, BATCHES_KEPT),
+            )
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if not isinstance(exc, sqlite3.OperationalError):
+                raise
+            # Only speed is lost: the next call takes the per-file path again.
+            warnings.warn(f"stat cache {self.db_path}: could not save hashes ({exc})", RuntimeWarning, 3)
 
     def _write(self, updates: list[tuple], table: str = "files") -> None:
         try:
