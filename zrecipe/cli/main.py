@@ -8,6 +8,7 @@ command function, never at module level, so `zrecipe --help` and `zrecipe plan` 
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import sys
 import warnings
@@ -156,6 +157,9 @@ def run_app(application: typer.Typer, argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # What start-up made (modules, typer's command tree) lives as long as the process: keep it out of
+    # every cyclic-GC pass (~1.5% of a no-op `zrecipe plan`).
+    gc.freeze()
     sys.exit(run_app(app, argv))
 
 

@@ -68,14 +68,13 @@ def plain_value(value: Any, annotation: Any, info: Any, param: Any = None, ctx: 
 def _make_plain_class() -> Any:
     """typer's RuntimeParam with plain values first, or False when this typer has no such layer."""
     try:
-        from dataclasses import dataclass
-
         from typer._coercion import RuntimeParam, build_runtime_param
         from typer._param_types import coerce_cli_path  # noqa: F401 (plain paths need it)
     except ImportError:
         return False
 
-    @dataclass(frozen=True)
+    # Not decorated again: the fields, __init__ and frozenness are RuntimeParam's (a @dataclass here would
+    # compile its methods once more at every start-up).
     class PlainRuntimeParam(RuntimeParam):
         """One parameter's converter: plain values here, every other value by typer's own converter."""
 
