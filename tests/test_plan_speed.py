@@ -200,3 +200,25 @@ def test_openblas_loads_with_mlx_not_with_zrecipe():
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and lines[0] == "False" and lines[-2] == "False", proc.stdout + proc.stderr
     assert lines[-1].startswith("True OpenBLAS"), lines[-1]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["plan", "--help"], ["build", "--help"], ["plan"], ["build", "--jobs", "x", "r.yaml"], ["--help"]],
+)
+def test_a_command_built_alone_says_what_the_whole_app_says(args, capsys):
+    """typer builds only the command the arguments name: its help and usage errors are unchanged."""
+    import typer.main
+
+    from zrecipe.cli.main import _command, app
+
+    def run(command):
+        try:
+            command.main(args=list(args), prog_name="zrecipe", standalone_mode=False)
+        except Exception as exc:  # click's usage errors: compare their message
+            return type(exc).__name__, exc.format_message(), capsys.readouterr()
+        return None, None, capsys.readouterr()
+
+    alone, whole = _command(app, list(args)), typer.main.get_command(app)
+    assert len(alone.commands) == (len(whole.commands) if args[0] == "--help" else 1)
+    assert run(alone) == run(whole)
