@@ -21,7 +21,9 @@ import os
 import sqlite3
 import time
 import warnings
+from array import array
 from collections.abc import Iterable, Mapping
+from itertools import accumulate
 from pathlib import Path
 
 import xxhash
@@ -189,8 +191,9 @@ class StatCache:
         self.hashed = 0
         if not signatures:  # e.g. a recipe without masks: no reason to read 100,000 rows
             return {}
-        batch = self._batch_digest("files", signatures)
-        data = self._batch(batch, signatures)
+        columns = list(zip(*signatures, strict=True))
+        batch = self._batch_digest("files", columns)
+        data = self._batch(batch, columns[2])
         if data is not None:
             hashes = data.decode("ascii").split(",")
             if len(hashes) == len(signatures):
@@ -254,15 +257,21 @@ class StatCache:
             return result
         batch = None
         if not result:  # every file is there: the whole call may be one cached batch
-            sigs = [(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for path, st in stats]
-            batch = self._batch_digest("texts", sigs)
-            data = self._batch(batch, sigs)
-            if data is not None and len(data) == sum(sig[1] for sig in sigs):
-                view, start = memoryview(data), 0
-                for path, size, *_ in sigs:
-                    result[path] = bytes(view[start : start + size])
-                    start += size
-                return result
+            paths = [path for path, _ in stats]
+            sizes = [st.st_size for _, st in stats]
+            mtimes = [st.st_mtime_ns for _, st in stats]
+            columns = [
+                paths,
+                sizes,
+                mtimes,
+                [st.st_ctime_ns for _, st in stats],
+                [st.st_ino for _, st in stats],
+            ]
+            batch = self._batch_digest("texts", columns)
+            data = self._batch(batch, mtimes)
+            if data is not None and len(data) == sum(sizes):
+                pieces = [data[end - size : end] for end, size in zip(accumulate(sizes), sizes, strict=True)]
+                return dict(zip(paths, pieces, strict=True))
         started = time.time_ns()
         self._read_each(stats, result)
         if batch is not None and all(
@@ -302,17 +311,23 @@ class StatCache:
         if updates:
             self._write(updates, "texts")
 
-    def _batch_digest(self, table: str, signatures: list[tuple]) -> str | None:
-        """The key of a batch of signatures (in order), or None for a call too small to batch."""
-        if len(signatures) < BATCH_MIN_FILES:
+    def _batch_digest(self, table: str, columns: list) -> str | None:
+        """The key of a batch of signatures given as columns (paths, sizes, mtimes, ctimes, inodes; in
+        order), or None for a call too small to batch."""
+        paths, sizes, mtimes, ctimes, inodes = columns
+        if len(paths) < BATCH_MIN_FILES:
             return None
-        # NUL cannot occur in a path, so the text decodes one way only.
-        text = "".join(
-            [f"{p}\0{size}\0{mtime}\0{ctime}\0{inode}\0" for p, size, mtime, ctime, inode in signatures]
-        )
-        return table + ":" + xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass"))
+        h = xxhash.xxh3_128(b"%s\0%d\0" % (table.encode(), len(paths)))
+        # NUL cannot occur in a path; the numbers go in as fixed-width arrays (3× cheaper than text).
+        h.update("\0".join(paths).encode("utf-8", "surrogatepass"))
+        try:
+            for column, code in ((sizes, "q"), (mtimes, "q"), (ctimes, "q"), (inodes, "Q")):
+                h.update(array(code, column).tobytes())
+        except OverflowError:  # not a value a file system gives: no batch, the per-file path works
+            return None
+        return f"{table}:{h.hexdigest()}"
 
-    def _batch(self, digest: str | None, signatures: list[tuple]) -> bytes | None:
+    def _batch(self, digest: str | None, mtimes: Iterable[int]) -> bytes | None:
         """A batch's data when it is recorded and not racy (every file's mtime older than the granularity
         before the batch was recorded), else None."""
         if digest is None:
@@ -323,7 +338,7 @@ class StatCache:
             ).fetchone()
         except sqlite3.DatabaseError:
             return None
-        if row is None or row[0] - max([sig[2] for sig in signatures]) < self.granularity_ns:
+        if row is None or row[0] - max(mtimes) < self.granularity_ns:
             return None
         return row[1]
 
