@@ -246,56 +246,61 @@ class StatCache:
     def _read_small_files(self, paths) -> dict[str, bytes | OSError]:
         stat = os.stat
         result: dict[str, bytes | OSError] = {}
-        stats: list[tuple[str, os.stat_result]] = []
+        # Every signature as columns of machine integers: 100,000 stat results held at once would cost
+        # ~70 MB, Python ints ~14 MB, these 3 MB.
+        names: list[str] = []
+        sizes, mtimes, ctimes, inodes = array("q"), array("q"), array("q"), array("Q")
         for p in paths:
             path = os.fspath(p)
             try:
-                stats.append((path, stat(path)))
+                st = stat(path)
             except OSError as exc:
                 result[path] = exc
-        if not stats:
+                continue
+            try:
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+                ctimes.append(st.st_ctime_ns)
+                inodes.append(st.st_ino)
+            except OverflowError:  # beyond 64 bits (a date after 2262): Python ints from here on
+                n = len(names)
+                sizes, mtimes, ctimes, inodes = (list(c[:n]) for c in (sizes, mtimes, ctimes, inodes))
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+                ctimes.append(st.st_ctime_ns)
+                inodes.append(st.st_ino)
+            names.append(path)
+        if not names:
             return result
+        columns = (names, sizes, mtimes, ctimes, inodes)
         batch = None
         if not result:  # every file is there: the whole call may be one cached batch
-            paths = [path for path, _ in stats]
-            sizes = [st.st_size for _, st in stats]
-            mtimes = [st.st_mtime_ns for _, st in stats]
-            columns = [
-                paths,
-                sizes,
-                mtimes,
-                [st.st_ctime_ns for _, st in stats],
-                [st.st_ino for _, st in stats],
-            ]
             batch = self._batch_digest("texts", columns)
             data = self._batch(batch, mtimes)
             if data is not None and len(data) == sum(sizes):
                 pieces = [data[end - size : end] for end, size in zip(accumulate(sizes), sizes, strict=True)]
-                return dict(zip(paths, pieces, strict=True))
+                return dict(zip(names, pieces, strict=True))
         started = time.time_ns()
-        self._read_each(stats, result)
+        self._read_each(columns, result)
         if batch is not None and all(
-            type(got := result[path]) is bytes and len(got) == st.st_size <= MAX_CACHED_BYTES
-            for path, st in stats
+            type(got := result[path]) is bytes and len(got) == size <= MAX_CACHED_BYTES
+            for path, size in zip(names, sizes, strict=True)
         ):
-            self._write_batch(batch, "texts", started, b"".join([result[path] for path, _ in stats]))
+            self._write_batch(batch, "texts", started, b"".join([result[path] for path in names]))
         return result
 
-    def _read_each(self, stats: list[tuple[str, os.stat_result]], result: dict[str, bytes | OSError]) -> None:
+    def _read_each(self, columns, result: dict[str, bytes | OSError]) -> None:
+        """Read (or take from their rows) the files whose signatures `columns` holds, into `result`."""
         rows = self._rows("SELECT path, size, mtime_ns, ctime_ns, inode, recorded_ns, data FROM texts")
         now = time.time_ns()
         granularity = self.granularity_ns
         updates = []
-        for path, st in stats:
+        for sig in zip(*columns, strict=True):
+            path, size, mtime = sig[0], sig[1], sig[2]
             row = rows.get(path)
-            if (
-                row is not None
-                and row[1] == st.st_size
-                and row[2] == st.st_mtime_ns
-                and row[3] == st.st_ctime_ns
-                and row[4] == st.st_ino
-                and row[5] - st.st_mtime_ns >= granularity
-            ):
+            # row = (path, size, mtime_ns, ctime_ns, inode, recorded_ns, data): one comparison checks the
+            # whole signature; racy rows (recorded too soon after their mtime) are read again.
+            if row is not None and row[:5] == sig and row[5] - mtime >= granularity:
                 result[path] = row[6]
                 continue
             try:
@@ -306,8 +311,8 @@ class StatCache:
             result[path] = data
             # The signature recorded is the one taken before reading: if the file changed in between, its
             # new stat differs and the next call reads it again.
-            if len(data) == st.st_size and st.st_size <= MAX_CACHED_BYTES:
-                updates.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, now, data))
+            if len(data) == size and size <= MAX_CACHED_BYTES:
+                updates.append((*sig, now, data))
         if updates:
             self._write(updates, "texts")
 
@@ -319,7 +324,8 @@ class StatCache:
             return None
         h = xxhash.xxh3_128(b"%s\0%d\0" % (table.encode(), len(paths)))
         # NUL cannot occur in a path; the numbers go in as fixed-width arrays (3× cheaper than text).
-        h.update("\0".join(paths).encode("utf-8", "surrogatepass"))
+        for start in range(0, len(paths), 4096):  # in slices: no second copy of 100,000 paths at once
+            h.update("\0".join(paths[start : start + 4096]).encode("utf-8", "surrogatepass") + b"\0")
         try:
             for column, code in ((sizes, "q"), (mtimes, "q"), (ctimes, "q"), (inodes, "Q")):
                 h.update(array(code, column).tobytes())
