@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 import xxhash
 
-from zrecipe.engine.statcache import StatCache, hash_file
+from zrecipe.engine.statcache import BATCH_MIN_FILES, BATCHES_KEPT, StatCache, hash_file
 
 
 def _files(tmp_path, n=3):
@@ -126,3 +126,107 @@ def test_prune_forgets_deleted_files(tmp_path):
     assert sc.prune() == 1
     sc.hash_files(paths[1:])
     assert sc.hashed == 0
+
+
+# --- batches: one row answers a whole unchanged call over many files --------------------------------------
+
+N_BATCH = BATCH_MIN_FILES + 6
+
+
+def _texts(tmp_path, n=N_BATCH):
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"c{i}.txt"
+        p.write_text(f"caption number {i}" + "!" * (i % 5))
+        old = 1_600_000_000_000_000_000 + i
+        os.utime(p, ns=(old, old))
+        paths.append(str(p))
+    return paths
+
+
+def _count(db, table):
+    with sqlite3.connect(db) as con:
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def test_an_unchanged_call_is_answered_by_its_batch(tmp_path):
+    paths = _files(tmp_path, N_BATCH)
+    db = tmp_path / "stat.sqlite"
+    sc = StatCache(db)
+    want = {str(p): hash_file(p) for p in paths}
+    assert sc.hash_files(paths) == want and sc.hashed == N_BATCH
+    assert _count(db, "batches") == 1
+    _poison(db, paths[3])  # the per-file row is not read: the batch answers
+    assert sc.hash_files(paths) == want and sc.hashed == 0
+    # A call below the batch size goes by the rows (and a poisoned row is trusted there, as before).
+    assert sc.hash_files(paths[3:4]) == {str(paths[3]): "stale"}
+
+
+def test_a_changed_file_misses_the_batch(tmp_path):
+    paths = _files(tmp_path, N_BATCH)
+    db = tmp_path / "stat.sqlite"
+    sc = StatCache(db)
+    sc.hash_files(paths)
+    paths[5].write_bytes(b"changed!")
+    t = 1_600_000_100_000_000_000
+    os.utime(paths[5], ns=(t, t))
+    got = sc.hash_files(paths)
+    assert sc.hashed == 1 and got[str(paths[5])] == hash_file(paths[5])
+    assert got == {str(p): hash_file(p) for p in paths}
+    assert sc.hash_files(paths) == got and sc.hashed == 0  # the new batch
+    assert _count(db, "batches") == 2
+
+
+def test_a_racy_batch_is_not_trusted(tmp_path):
+    paths = _files(tmp_path, N_BATCH)
+    db = tmp_path / "stat.sqlite"
+    sc = StatCache(db, granularity_ns=10**18)  # every mtime is "too recent"
+    sc.hash_files(paths)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE batches SET data = ?", (b",".join([b"bad"] * N_BATCH),))
+    got = sc.hash_files(paths)
+    assert sc.hashed == N_BATCH and got == {str(p): hash_file(p) for p in paths}
+
+
+def test_small_files_come_from_their_batch_byte_for_byte(tmp_path):
+    paths = _texts(tmp_path)
+    db = tmp_path / "stat.sqlite"
+    sc = StatCache(db)
+    want = {p: open(p, "rb").read() for p in paths}
+    assert sc.read_small_files(paths) == want
+    assert _count(db, "batches") == 1
+    with sqlite3.connect(db) as con:  # rows no longer consulted for an unchanged call
+        con.execute("UPDATE texts SET data = x'00'")
+    assert sc.read_small_files(paths) == want
+    # One caption rewritten with another length: the batch misses, the new bytes are read.
+    with open(paths[7], "w") as f:
+        f.write("a new and longer caption")
+    t = 1_600_000_100_000_000_000
+    os.utime(paths[7], ns=(t, t))
+    got = sc.read_small_files(paths)
+    assert got[paths[7]] == b"a new and longer caption" and got[paths[8]] == b"\x00"  # row trusted again
+
+
+def test_a_missing_small_file_is_reported_and_makes_no_batch(tmp_path):
+    paths = _texts(tmp_path)
+    db = tmp_path / "stat.sqlite"
+    sc = StatCache(db)
+    gone = paths[2]
+    os.unlink(gone)
+    got = sc.read_small_files(paths)
+    assert isinstance(got[gone], FileNotFoundError) and len(got) == len(paths)
+    assert _count(db, "batches") == 0
+
+
+def test_only_the_newest_batches_are_kept(tmp_path):
+    paths = _files(tmp_path, N_BATCH + BATCHES_KEPT + 2)
+    db = tmp_path / "stat.sqlite"
+    sc = StatCache(db)
+    for i in range(BATCHES_KEPT + 3):
+        sc.hash_files(paths[i : i + N_BATCH])  # a different set of files each time
+    assert _count(db, "batches") == BATCHES_KEPT
+    newest, oldest = paths[-N_BATCH:], paths[:N_BATCH]
+    _poison(db, newest[0])
+    _poison(db, oldest[0])
+    assert sc.hash_files(newest)[str(newest[0])] == hash_file(newest[0])  # its batch was kept
+    assert sc.hash_files(oldest)[str(oldest[0])] == "stale"  # evicted: the rows answer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import typer
@@ -20,6 +19,8 @@ def init_cmd(
     tiny: bool = typer.Option(False, "--tiny", help="Use the tiny test model and write 12 sample images."),
 ) -> None:
     """Create a project folder with a commented recipe.yaml and a data/ folder."""
+    from importlib import resources  # here, not at start-up: ~10 ms of every command
+
     from zrecipe.errors import UserError, os_problem
 
     recipe = directory / "recipe.yaml"

@@ -67,7 +67,6 @@ every graph id (and any pending build) references.
 
 from .context import Outcome, RunContext, Task
 from .executor import build, execute
-from .gc import GcReport, collect
 from .graph import Graph, GraphError, Node, Ref, StepKind
 from .keys import canonical, hash_bytes, step_key
 from .lock import StoreLock
@@ -77,7 +76,20 @@ from .record import Record, record_path
 from .report import BuildReport, KindReport
 from .statcache import StatCache, hash_file
 from .store import Store
-from .verify import VerifyReport, verify_store
+
+# Imported on first use: a plan needs neither (zipfile, shutil; a few ms of every `zrecipe plan`).
+_LAZY = {"GcReport": ".gc", "collect": ".gc", "VerifyReport": ".verify", "verify_store": ".verify"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "REASONS",

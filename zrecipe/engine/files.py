@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,7 +111,7 @@ def copy_verified(src: str | os.PathLike[str], dst: str | os.PathLike[str], expe
     (xxh128) to `expected`; returns False, writing nothing, when they do not. Whatever fails (a full disk
     at `dst`), no temp file is left behind. The copy gets the current time as mtime, never the source's."""
     dst = Path(dst)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     h = xxhash.xxh128()
     try:
         with open(src, "rb", buffering=0) as fin, open(tmp, "wb") as fout:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -107,7 +106,7 @@ class StoreLock:
                     time.sleep(self.poll)
             info = {
                 "pid": os.getpid(),
-                "host": socket.gethostname(),
+                "host": os.uname().nodename,  # socket.gethostname(), without importing socket
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300] if sys.argv else "",
             }

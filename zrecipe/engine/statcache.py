@@ -7,6 +7,12 @@ is within `granularity_ns` of the moment it was recorded is re-hashed on the nex
 
 The same signature check also caches the *content* of small text files (caption sidecars) in a second
 table, so a no-op plan over 100,000 captioned images stats each caption instead of opening and reading it.
+
+A third table keeps whole *batches*: for a call over many files (a dataset's images, its captions), the
+digest of every (path, size, mtime_ns, ctime_ns, inode) signature in order → all of their hashes (or
+bytes) in one row. When nothing changed, one indexed lookup replaces reading and comparing a row per file
+(at 100,000 files: a third of a second and ~50 MB less); any change in any signature misses the batch and
+takes the per-file path, which then records the new batch. Git's racy rule applies to a batch as a whole.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import os
 import sqlite3
 import time
 import warnings
+from array import array
 from collections.abc import Iterable, Mapping
+from itertools import accumulate
 from pathlib import Path
 
 import xxhash
@@ -37,6 +45,11 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS files (
 _TEXT_SCHEMA = """CREATE TABLE IF NOT EXISTS texts (
     path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER,
     recorded_ns INTEGER, data BLOB) WITHOUT ROWID"""
+# Batches: whole calls over this many files or more, the newest BATCHES_KEPT of them per table.
+_BATCH_SCHEMA = """CREATE TABLE IF NOT EXISTS batches (
+    digest TEXT PRIMARY KEY, tbl TEXT, recorded_ns INTEGER, data BLOB) WITHOUT ROWID"""
+BATCH_MIN_FILES = 64
+BATCHES_KEPT = 8
 # Files larger than this are read on every call but not cached (captions are a few hundred bytes).
 MAX_CACHED_BYTES = 64 * 1024
 # read_small_files refuses files larger than this (a "caption" of megabytes is the wrong file).
@@ -90,6 +103,7 @@ class StatCache:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
             db.execute(_TEXT_SCHEMA)
+            db.execute(_BATCH_SCHEMA)
             db.execute("SELECT count(*) FROM files WHERE path = ''").fetchone()
         except sqlite3.DatabaseError:
             db.close()
@@ -173,12 +187,30 @@ class StatCache:
             return self._hash_signed(signatures, errors)
 
     def _hash_signed(self, signatures, errors=None) -> dict[str, str]:
+        signatures = signatures if isinstance(signatures, (list, tuple)) else list(signatures)
+        self.hashed = 0
+        if not signatures:  # e.g. a recipe without masks: no reason to read 100,000 rows
+            return {}
+        columns = list(zip(*signatures, strict=True))
+        batch = self._batch_digest("files", columns)
+        data = self._batch(batch, columns[2])
+        if data is not None:
+            hashes = data.decode("ascii").split(",")
+            if len(hashes) == len(signatures):
+                return dict(zip([sig[0] for sig in signatures], hashes, strict=True))
+        started = time.time_ns()  # no later than the per-file rows' time: the batch is no less racy
+        result = self._hash_each(signatures, errors)
+        if batch is not None and all(sig[0] in result for sig in signatures):
+            data = ",".join([result[sig[0]] for sig in signatures]).encode("ascii")
+            self._write_batch(batch, "files", started, data)
+        return result
+
+    def _hash_each(self, signatures, errors) -> dict[str, str]:
         rows = self._rows()  # one SELECT for all: far cheaper than 100k single-row lookups
         now = time.time_ns()
         granularity = self.granularity_ns
         result: dict[str, str] = {}
         updates = []
-        self.hashed = 0
         for sig in signatures:
             path = sig[0]
             row = rows.get(path)
@@ -212,12 +244,12 @@ class StatCache:
             return self._read_small_files(paths)
 
     def _read_small_files(self, paths) -> dict[str, bytes | OSError]:
-        rows = self._rows("SELECT path, size, mtime_ns, ctime_ns, inode, recorded_ns, data FROM texts")
-        now = time.time_ns()
-        granularity = self.granularity_ns
         stat = os.stat
         result: dict[str, bytes | OSError] = {}
-        updates = []
+        # Every signature as columns of machine integers: 100,000 stat results held at once would cost
+        # ~70 MB, Python ints ~14 MB, these 3 MB.
+        names: list[str] = []
+        sizes, mtimes, ctimes, inodes = array("q"), array("q"), array("q"), array("Q")
         for p in paths:
             path = os.fspath(p)
             try:
@@ -225,15 +257,50 @@ class StatCache:
             except OSError as exc:
                 result[path] = exc
                 continue
+            try:
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+                ctimes.append(st.st_ctime_ns)
+                inodes.append(st.st_ino)
+            except OverflowError:  # beyond 64 bits (a date after 2262): Python ints from here on
+                n = len(names)
+                sizes, mtimes, ctimes, inodes = (list(c[:n]) for c in (sizes, mtimes, ctimes, inodes))
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+                ctimes.append(st.st_ctime_ns)
+                inodes.append(st.st_ino)
+            names.append(path)
+        if not names:
+            return result
+        columns = (names, sizes, mtimes, ctimes, inodes)
+        batch = None
+        if not result:  # every file is there: the whole call may be one cached batch
+            batch = self._batch_digest("texts", columns)
+            data = self._batch(batch, mtimes)
+            if data is not None and len(data) == sum(sizes):
+                pieces = [data[end - size : end] for end, size in zip(accumulate(sizes), sizes, strict=True)]
+                return dict(zip(names, pieces, strict=True))
+        started = time.time_ns()
+        self._read_each(columns, result)
+        if batch is not None and all(
+            type(got := result[path]) is bytes and len(got) == size <= MAX_CACHED_BYTES
+            for path, size in zip(names, sizes, strict=True)
+        ):
+            self._write_batch(batch, "texts", started, b"".join([result[path] for path in names]))
+        return result
+
+    def _read_each(self, columns, result: dict[str, bytes | OSError]) -> None:
+        """Read (or take from their rows) the files whose signatures `columns` holds, into `result`."""
+        rows = self._rows("SELECT path, size, mtime_ns, ctime_ns, inode, recorded_ns, data FROM texts")
+        now = time.time_ns()
+        granularity = self.granularity_ns
+        updates = []
+        for sig in zip(*columns, strict=True):
+            path, size, mtime = sig[0], sig[1], sig[2]
             row = rows.get(path)
-            if (
-                row is not None
-                and row[1] == st.st_size
-                and row[2] == st.st_mtime_ns
-                and row[3] == st.st_ctime_ns
-                and row[4] == st.st_ino
-                and row[5] - st.st_mtime_ns >= granularity
-            ):
+            # row = (path, size, mtime_ns, ctime_ns, inode, recorded_ns, data): one comparison checks the
+            # whole signature; racy rows (recorded too soon after their mtime) are read again.
+            if row is not None and row[:5] == sig and row[5] - mtime >= granularity:
                 result[path] = row[6]
                 continue
             try:
@@ -244,11 +311,63 @@ class StatCache:
             result[path] = data
             # The signature recorded is the one taken before reading: if the file changed in between, its
             # new stat differs and the next call reads it again.
-            if len(data) == st.st_size and st.st_size <= MAX_CACHED_BYTES:
-                updates.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, now, data))
+            if len(data) == size and size <= MAX_CACHED_BYTES:
+                updates.append((*sig, now, data))
         if updates:
             self._write(updates, "texts")
-        return result
+
+    def _batch_digest(self, table: str, columns: list) -> str | None:
+        """The key of a batch of signatures given as columns (paths, sizes, mtimes, ctimes, inodes; in
+        order), or None for a call too small to batch."""
+        paths, sizes, mtimes, ctimes, inodes = columns
+        if len(paths) < BATCH_MIN_FILES:
+            return None
+        h = xxhash.xxh3_128(b"%s\0%d\0" % (table.encode(), len(paths)))
+        # NUL cannot occur in a path; the numbers go in as fixed-width arrays (3× cheaper than text).
+        for start in range(0, len(paths), 4096):  # in slices: no second copy of 100,000 paths at once
+            h.update("\0".join(paths[start : start + 4096]).encode("utf-8", "surrogatepass") + b"\0")
+        try:
+            for column, code in ((sizes, "q"), (mtimes, "q"), (ctimes, "q"), (inodes, "Q")):
+                h.update(array(code, column).tobytes())
+        except OverflowError:  # not a value a file system gives: no batch, the per-file path works
+            return None
+        return f"{table}:{h.hexdigest()}"
+
+    def _batch(self, digest: str | None, mtimes: Iterable[int]) -> bytes | None:
+        """A batch's data when it is recorded and not racy (every file's mtime older than the granularity
+        before the batch was recorded), else None."""
+        if digest is None:
+            return None
+        try:
+            row = self._db.execute(
+                "SELECT recorded_ns, data FROM batches WHERE digest = ?", (digest,)
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            return None
+        if row is None or row[0] - max(mtimes) < self.granularity_ns:
+            return None
+        return row[1]
+
+    def _write_batch(self, digest: str, table: str, recorded_ns: int, data: bytes) -> None:
+        """Record a batch, keeping the newest BATCHES_KEPT of its table."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?)", (digest, table, recorded_ns, data)
+            )
+            self._db.execute(
+                "DELETE FROM batches WHERE tbl = ? AND digest NOT IN "
+                "(SELECT digest FROM batches WHERE tbl = ? ORDER BY recorded_ns DESC LIMIT ?)",
+                (table, table, BATCHES_KEPT),
+            )
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if not isinstance(exc, sqlite3.OperationalError):
+                raise
+            # Only speed is lost: the next call takes the per-file path again.
+            warnings.warn(f"stat cache {self.db_path}: could not save hashes ({exc})", RuntimeWarning, 3)
 
     def _write(self, updates: list[tuple], table: str = "files") -> None:
         try:

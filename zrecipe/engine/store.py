@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -51,7 +50,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, fsync: bool = True) 
     """Write `data` to `path` via a temp file in the same folder and os.replace (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -239,7 +238,7 @@ class Store:
     def discard(self, key: str) -> None:
         """Remove entry `key` (first renamed aside, so readers never see a half-deleted entry)."""
         folder = self.path(key)
-        trash = folder.parent / f".trash-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+        trash = folder.parent / f".trash-{key}-{os.getpid()}-{os.urandom(4).hex()}"
         try:
             os.rename(folder, trash)
         except FileNotFoundError:
@@ -254,7 +253,7 @@ class Store:
         content by construction)."""
         shard = self.objects / key[:2]
         shard.mkdir(parents=True, exist_ok=True)
-        tmp = shard / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = shard / f".tmp-{key}-{os.getpid()}-{os.urandom(4).hex()}"
         tmp.mkdir()
         try:
             yield tmp
