@@ -19,7 +19,7 @@ import mlx.nn as nn
 
 from zrecipe.backend import resolve_dtype
 from zrecipe.errors import ModelError
-from zrecipe.models.z_image.transformer_blocks import attention, swiglu
+from zrecipe.models.z_image.kernels import attention, swiglu
 from zrecipe.models.z_image.weights import load_strict, read_config, read_weights
 
 

@@ -1,0 +1,221 @@
+"""The training-memory estimate (`zrecipe.training.memory`) against measured peaks, and the real-model table.
+
+    python benchmarks/bench_memory.py                  # 24 cases: LoRA / full × 3 resolutions × batch 1, 2 ×
+                                                       #   gradient checkpointing off / on; prints the table
+    python benchmarks/bench_memory.py --write          # also rewrites the memory tables in RESULTS.md
+    python benchmarks/bench_memory.py --quick          # 256² and 512² only
+    python benchmarks/bench_memory.py --real-table     # only the real-size table (no measurement)
+
+Each case trains `MODEL` (random weights, fp32, CPU) for `--steps` steps through `zrecipe.training.loop.
+train` in its own fresh process, and records, over the steps (the final checkpoint write excluded): MLX's
+peak (`mx.get_peak_memory`, weights included) and the process's peak RSS above its RSS before the model was
+built (interpreter, MLX and BLAS already loaded). The estimate is `estimate_memory` for the same config;
+error = estimate / measured − 1 (target ±10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# dim 256, 4 heads, 2 main layers + 1 noise and 1 context refiner: small enough for 1024² on a laptop CPU.
+MODEL = {"dim": 256, "n_heads": 4, "n_layers": 2, "n_refiner_layers": 1, "cap_feat_dim": 64}
+CAPTION_TOKENS = 32
+RANK = 16
+ATTN = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
+REAL_MEMORY_GB = (32, 64, 96, 128, 192, 512)
+
+
+def transformer_config(dim: int, n_heads: int, n_layers: int, n_refiner_layers: int, cap_feat_dim: int):
+    """A TransformerConfig with Z-Image's layout at the given sizes."""
+    from zrecipe.models.z_image.transformer import TransformerConfig
+
+    head = dim // n_heads
+    third = head // 3 // 2 * 2
+    return TransformerConfig(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=dim, n_layers=n_layers,
+        n_refiner_layers=n_refiner_layers, n_heads=n_heads, n_kv_heads=n_heads, norm_eps=1e-5, qk_norm=True,
+        cap_feat_dim=cap_feat_dim, rope_theta=256.0, t_scale=1000.0, axes_dims=(head - 2 * third, third, third),
+        axes_lens=(1024, 512, 512),
+    )  # fmt: skip
+
+
+def lora_target():
+    from zrecipe.recipe import LoraTarget
+
+    return LoraTarget("layers", 0, None, ATTN, RANK, float(RANK))
+
+
+def cases(quick: bool) -> list[dict]:
+    """Every (mode, resolution, batch, checkpointing) combination measured."""
+    return [
+        {"mode": mode, "resolution": res, "batch": batch, "checkpointing": ckpt}
+        for mode in ("lora", "full")
+        for ckpt in (False, True)
+        for res in ((256, 512) if quick else (256, 512, 1024))
+        for batch in (1, 2)
+    ]
+
+
+def estimate(case: dict):
+    """`estimate_memory` for one case (fp32, like the measurement)."""
+    from zrecipe.training.memory import estimate_memory
+
+    return estimate_memory(
+        transformer_config(**{**MODEL, **case.get("model", {})}), case["mode"], case["batch"], width=case["resolution"],
+        height=case["resolution"], caption_tokens=CAPTION_TOKENS, dtype="float32",
+        lora_targets=[lora_target()], gradient_checkpointing=case["checkpointing"],
+    )  # fmt: skip
+
+
+def measure(case: dict, steps: int) -> dict:
+    """Run one case in this process (the child): peaks over the training steps, MiB. `case["model"]`
+    overrides MODEL's sizes."""
+    from common import prepare_side
+
+    prepare_side("zrecipe")  # selects the fast BLAS before MLX loads
+    import mlx.core as mx
+    import numpy as np
+    from bench_train_step import peak_rss_mib, reset_peak_rss, rss_mib
+
+    from zrecipe.models.z_image.transformer import ZImageTransformer
+    from zrecipe.training.data import Example
+    from zrecipe.training.loop import train
+    from zrecipe.training.settings import TrainSettings
+    from zrecipe.training.stop import StopMonitor
+
+    start_rss = rss_mib()  # after the imports: interpreter, MLX and BLAS loaded
+    reset_peak_rss()
+    sizes = {**MODEL, **case.get("model", {})}
+    model = ZImageTransformer(transformer_config(**sizes))
+    mx.eval(model.parameters())
+    rng = np.random.default_rng(0)
+    side = case["resolution"] // 8
+    examples = [
+        Example(rng.standard_normal((16, side, side), dtype=np.float32),
+                rng.standard_normal((CAPTION_TOKENS, sizes["cap_feat_dim"]), dtype=np.float32), (side, side))
+        for _ in range(case["batch"])
+    ]  # fmt: skip
+    settings = TrainSettings(
+        mode=case["mode"], batch_size=case["batch"], max_steps=steps, checkpoint_frequency=10**9,
+        compute_dtype="float32", lora_targets=(lora_target(),), gradient_checkpointing=case["checkpointing"],
+    )  # fmt: skip
+    seen = {"mlx": 0, "rss": 0.0}
+
+    class Recorder(StopMonitor):
+        """Reads the peaks after every step, before the loop writes its final checkpoint."""
+
+        def reason(self):
+            seen["mlx"] = max(seen["mlx"], mx.get_peak_memory())
+            seen["rss"] = max(seen["rss"], peak_rss_mib())
+            return super().reason()
+
+    with tempfile.TemporaryDirectory() as out:
+        empty = np.zeros((4, sizes["cap_feat_dim"]), np.float32)
+        train(model, examples, empty, settings, out, progress=False, stop_monitor=Recorder())
+    return {"mlx_peak_mib": seen["mlx"] / 2**20, "rss_growth_mib": seen["rss"] - start_rss,
+            "start_rss_mib": start_rss}  # fmt: skip
+
+
+def run_case(case: dict, steps: int) -> dict:
+    """`measure` in a fresh process; → its result."""
+    cmd = [sys.executable, __file__, "--case", json.dumps(case), "--steps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{case} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def error(est_mib: float, measured_mib: float) -> str:
+    return f"{est_mib / measured_mib - 1:+.1%}"
+
+
+def measured_table(rows: list[tuple[dict, dict, float]]) -> list[str]:
+    from common import table
+
+    body = []
+    for case, got, est in rows:
+        body.append([
+            case["mode"], f"{case['resolution']}²", str(case["batch"]), "on" if case["checkpointing"] else "off",
+            f"{est:.0f}", f"{got['mlx_peak_mib']:.0f}", error(est, got["mlx_peak_mib"]),
+            f"{got['rss_growth_mib']:.0f}", error(est, got["rss_growth_mib"]),
+        ])  # fmt: skip
+    header = ["mode", "image", "batch", "checkpointing", "estimate MiB", "MLX peak MiB", "error",
+              "peak RSS growth MiB", "error"]  # fmt: skip
+    return table(header, body)
+
+
+def real_table() -> list[str]:
+    """The seed's table recomputed for the real model: recommended batch per memory size and mode."""
+    from common import table
+
+    from zrecipe.training.memory import MemoryOptimizer, estimate_memory
+
+    body = []
+    for mode in ("lora", "full"):
+        for ckpt in (False, True):
+            row = [mode, "on" if ckpt else "off"]
+            for b in (1, 8, 16):
+                row.append(f"{estimate_memory(None, mode, b, gradient_checkpointing=ckpt).total_gb:.0f}")
+            for gb in REAL_MEMORY_GB:
+                batch, _ = MemoryOptimizer.calculate_optimal_batch_size(
+                    mode=mode, available_memory_gb=gb, gradient_checkpointing=ckpt
+                )
+                row.append(str(batch) if batch else "–")
+            body.append(row)
+    header = ["mode", "checkpointing", "batch 1 GB", "batch 8 GB", "batch 16 GB",
+              *(f"batch in {gb} GB" for gb in REAL_MEMORY_GB)]  # fmt: skip
+    return table(header, body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256² and 512² only")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="rewrite the tables in RESULTS.md")
+    parser.add_argument("--real-table", action="store_true", help="only the real-size table")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(measure(json.loads(args.case), args.steps)))
+        return
+    from common import machine_info, machine_lines, write_section
+
+    real = real_table()
+    print("\n".join(real))
+    if args.write:
+        write_section("memory-real", ["Real Z-Image transformer (6.15 B parameters), bf16, 1024², 128 caption "
+                                      "tokens; `zrecipe memory --mode lora|full [--gradient-checkpointing]`. "
+                                      "Estimated peak GB for batch 1 / 8 / 16, then the batch "
+                                      "`MemoryOptimizer` recommends for each memory size (– = none fits).",
+                                      "", *real])  # fmt: skip
+    if args.real_table:
+        return
+    rows = []
+    for case in cases(args.quick):
+        got = run_case(case, args.steps)
+        est = estimate(case).total_gb * 1024
+        rows.append((case, got, est))
+        print(f"{case}: estimate {est:.0f} MiB, {got}", flush=True)
+    lines = measured_table(rows)
+    print("\n".join(lines))
+    worst = max(abs(est / got["mlx_peak_mib"] - 1) for _, got, est in rows)
+    print(f"largest |error| against MLX's peak: {worst:.1%} (target ≤ 10%)")
+    if args.write:
+        write_section("memory-model", [
+            *machine_lines(machine_info()),
+            f"Model: {MODEL}, caption {CAPTION_TOKENS} tokens, LoRA rank {RANK} on the main layers' attention, "
+            f"AdamW, fp32, {args.steps} steps per case, each case in its own process.",
+            "", *lines, "", f"Largest |error| against MLX's peak: {worst:.1%} (target ±10%).",
+        ])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
