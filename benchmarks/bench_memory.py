@@ -5,12 +5,19 @@
     python benchmarks/bench_memory.py --write          # also rewrites the memory tables in RESULTS.md
     python benchmarks/bench_memory.py --quick          # 256² and 512² only
     python benchmarks/bench_memory.py --real-table     # only the real-size table (no measurement)
+    python benchmarks/bench_memory.py --calibrate FILE # measure the calibration grid (1 and 3 main layers),
+                                                       #   append to FILE (JSON lines), fit, print the fit
+    python benchmarks/bench_memory.py --fit FILE       # fit `memory.CALIBRATION` to measurements in FILE
 
 Each case trains `MODEL` (random weights, fp32, CPU) for `--steps` steps through `zrecipe.training.loop.
 train` in its own fresh process, and records, over the steps (the final checkpoint write excluded): MLX's
 peak (`mx.get_peak_memory`, weights included) and the process's peak RSS above its RSS before the model was
 built (interpreter, MLX and BLAS already loaded). The estimate is `estimate_memory` for the same config;
 error = estimate / measured − 1 (target ±10%).
+
+The constants in `zrecipe.training.memory.CALIBRATION` come from `--calibrate`: the same model with 1 and 3
+main layers (the validation table uses 2), fitted by minimising the largest relative error (an L8 norm,
+Nelder–Mead) of `estimate_memory` against MLX's peak, and of its process estimate against the RSS growth.
 """
 
 from __future__ import annotations
@@ -53,6 +60,65 @@ def lora_target():
     return LoraTarget("layers", 0, None, ATTN, RANK, float(RANK))
 
 
+def calibration_cases() -> list[dict]:
+    """The grid the constants are fitted on: 1 and 3 main layers (MODEL has 2), LoRA and full, 256²–1024²."""
+    return [
+        {
+            "mode": mode,
+            "resolution": res,
+            "batch": batch,
+            "checkpointing": ckpt,
+            "model": {"n_layers": layers},
+        }
+        for res in (256, 512, 1024)
+        for mode in ("lora", "full")
+        for layers in (1, 3)
+        for ckpt in (False, True)
+        for batch in ((1, 2) if layers == 3 else (1,))
+    ]
+
+
+def fit(path: Path) -> None:
+    """Fit the Calibration constants to the measurements in `path` and print them with the errors."""
+    import dataclasses
+
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from zrecipe.training import memory
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    names = [f.name for f in dataclasses.fields(memory.Calibration)]
+    peak_names = [n for n in names if n not in ("cache", "process_mb")]
+
+    def errors(values, names_, key, attr):
+        cal = dataclasses.replace(memory.CALIBRATION, **dict(zip(names_, values, strict=True)))
+        est = np.array([getattr(estimate(r["case"], cal), attr) * 1024 for r in rows])
+        return est / np.array([r[key] for r in rows]) - 1
+
+    def norm(values, names_, key, attr):
+        return float(np.mean(np.abs(errors(values, names_, key, attr)) ** 8) ** 0.125)
+
+    start = [getattr(memory.CALIBRATION, n) for n in peak_names]
+    for _ in range(3):
+        start = minimize(norm, start, args=(peak_names, "mlx_peak_mib", "total_gb"), method="Nelder-Mead",
+                         options={"maxiter": 20000, "xatol": 1e-4, "fatol": 1e-12}).x  # fmt: skip
+    fitted = dict(zip(peak_names, (round(float(v), 2) for v in start), strict=True))
+    rest = ["cache", "process_mb"]
+    base = dataclasses.replace(memory.CALIBRATION, **fitted)
+    memory.CALIBRATION = base
+    extra = minimize(norm, [base.cache, base.process_mb], args=(rest, "rss_growth_mib", "process_gb"),
+                     method="Nelder-Mead", options={"maxiter": 20000, "xatol": 1e-4}).x  # fmt: skip
+    fitted["cache"], fitted["process_mb"] = round(float(extra[0]), 3), round(float(extra[1]), 1)
+    cal = dataclasses.replace(memory.CALIBRATION, **fitted)
+    print(cal)
+    for r in rows:
+        e = estimate(r["case"], cal)
+        print(f"{r['case']}: peak {e.total_gb * 1024:.1f} vs {r['mlx_peak_mib']:.1f} "
+              f"({e.total_gb * 1024 / r['mlx_peak_mib'] - 1:+.1%}), process {e.process_gb * 1024:.1f} vs "
+              f"{r['rss_growth_mib']:.1f} ({e.process_gb * 1024 / r['rss_growth_mib'] - 1:+.1%})")  # fmt: skip
+
+
 def cases(quick: bool) -> list[dict]:
     """Every (mode, resolution, batch, checkpointing) combination measured."""
     return [
@@ -64,14 +130,15 @@ def cases(quick: bool) -> list[dict]:
     ]
 
 
-def estimate(case: dict):
+def estimate(case: dict, calibration=None):
     """`estimate_memory` for one case (fp32, like the measurement)."""
-    from zrecipe.training.memory import estimate_memory
+    from zrecipe.training import memory
 
-    return estimate_memory(
+    return memory.estimate_memory(
         transformer_config(**{**MODEL, **case.get("model", {})}), case["mode"], case["batch"], width=case["resolution"],
         height=case["resolution"], caption_tokens=CAPTION_TOKENS, dtype="float32",
         lora_targets=[lora_target()], gradient_checkpointing=case["checkpointing"],
+        calibration=calibration or memory.CALIBRATION,
     )  # fmt: skip
 
 
@@ -137,19 +204,28 @@ def error(est_mib: float, measured_mib: float) -> str:
     return f"{est_mib / measured_mib - 1:+.1%}"
 
 
-def measured_table(rows: list[tuple[dict, dict, float]]) -> list[str]:
+def measured_table(rows: list[tuple[dict, dict, object]]) -> list[str]:
+    """Markdown rows: estimate, measured and error, for MLX's peak and for the process's RSS growth."""
     from common import table
 
     body = []
     for case, got, est in rows:
+        peak, process = est.total_gb * 1024, est.process_gb * 1024
         body.append([
             case["mode"], f"{case['resolution']}²", str(case["batch"]), "on" if case["checkpointing"] else "off",
-            f"{est:.0f}", f"{got['mlx_peak_mib']:.0f}", error(est, got["mlx_peak_mib"]),
-            f"{got['rss_growth_mib']:.0f}", error(est, got["rss_growth_mib"]),
+            f"{peak:.0f}", f"{got['mlx_peak_mib']:.0f}", error(peak, got["mlx_peak_mib"]),
+            f"{process:.0f}", f"{got['rss_growth_mib']:.0f}", error(process, got["rss_growth_mib"]),
         ])  # fmt: skip
     header = ["mode", "image", "batch", "checkpointing", "estimate MiB", "MLX peak MiB", "error",
-              "peak RSS growth MiB", "error"]  # fmt: skip
+              "process estimate MiB", "peak RSS growth MiB", "error"]  # fmt: skip
     return table(header, body)
+
+
+def worst_errors(rows) -> tuple[float, float]:
+    """Largest |error| against MLX's peak and against the RSS growth."""
+    peak = max(abs(est.total_gb * 1024 / got["mlx_peak_mib"] - 1) for _, got, est in rows)
+    rss = max(abs(est.process_gb * 1024 / got["rss_growth_mib"] - 1) for _, got, est in rows)
+    return peak, rss
 
 
 def real_table() -> list[str]:
@@ -181,8 +257,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="rewrite the tables in RESULTS.md")
     parser.add_argument("--real-table", action="store_true", help="only the real-size table")
+    parser.add_argument("--calibrate", type=Path, help="measure the calibration grid into FILE and fit")
+    parser.add_argument("--fit", type=Path, help="fit the constants to the measurements in FILE")
+    parser.add_argument("--save", type=Path, help="append the validation measurements to FILE")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
+    if args.fit:
+        fit(args.fit)
+        return
     if args.case:
         print(json.dumps(measure(json.loads(args.case), args.steps)))
         return
@@ -198,22 +280,35 @@ def main() -> None:
                                       "", *real])  # fmt: skip
     if args.real_table:
         return
+    if args.calibrate:
+        with args.calibrate.open("a") as out:
+            for case in calibration_cases():
+                got = run_case(case, args.steps)
+                out.write(json.dumps({"case": case, **got}) + "\n")
+                out.flush()
+                print(case, got, flush=True)
+        fit(args.calibrate)
+        return
     rows = []
     for case in cases(args.quick):
         got = run_case(case, args.steps)
-        est = estimate(case).total_gb * 1024
-        rows.append((case, got, est))
-        print(f"{case}: estimate {est:.0f} MiB, {got}", flush=True)
+        rows.append((case, got, estimate(case)))
+        print(f"{case}: estimate {rows[-1][2].total_gb * 1024:.0f} MiB, {got}", flush=True)
+        if args.save:
+            with args.save.open("a") as out:
+                out.write(json.dumps({"case": case, **got}) + "\n")
     lines = measured_table(rows)
     print("\n".join(lines))
-    worst = max(abs(est / got["mlx_peak_mib"] - 1) for _, got, est in rows)
-    print(f"largest |error| against MLX's peak: {worst:.1%} (target ≤ 10%)")
+    peak, rss = worst_errors(rows)
+    print(f"largest |error|: {peak:.1%} against MLX's peak, {rss:.1%} against the RSS growth (target ≤ 10%)")
     if args.write:
         write_section("memory-model", [
             *machine_lines(machine_info()),
             f"Model: {MODEL}, caption {CAPTION_TOKENS} tokens, LoRA rank {RANK} on the main layers' attention, "
-            f"AdamW, fp32, {args.steps} steps per case, each case in its own process.",
-            "", *lines, "", f"Largest |error| against MLX's peak: {worst:.1%} (target ±10%).",
+            f"AdamW, fp32, {args.steps} steps per case, each case in its own process (the constants were fitted "
+            "on the same model with 1 and 3 main layers: `--calibrate`).",
+            "", *lines, "", f"Largest |error|: {peak:.1%} against MLX's peak, {rss:.1%} against the RSS "
+            "growth (target ±10%).",
         ])  # fmt: skip
 
 

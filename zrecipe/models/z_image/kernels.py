@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from contextlib import contextmanager
 
 import mlx.core as mx
 from mlx import nn
@@ -60,7 +61,9 @@ def exp_poly(x: mx.array) -> mx.array:
     n = mx.floor(xc * _LOG2E + 0.5)
     r = (xc - n * _LN2_HI) - n * _LN2_LO
     c, r2 = _EXP_COEFFS, r * r
-    p = ((c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)) + (r2 * r2) * ((c[4] + c[5] * r) + r2 * (c[6] + c[7] * r))
+    p = ((c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)) + (r2 * r2) * (
+        (c[4] + c[5] * r) + r2 * (c[6] + c[7] * r)
+    )
     return mx.where(x < -87.0, 0.0, p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32))
 
 
@@ -217,7 +220,9 @@ def _blockwise_function(scale: float, rows: int, masked: bool, cpu: bool):
             outs.append(o_i)
             lses.append(lse_i)
             done = [o_i, lse_i]
-        out, lse = (outs[0], lses[0]) if len(outs) == 1 else (mx.concatenate(outs, 2), mx.concatenate(lses, 2))
+        out, lse = (
+            (outs[0], lses[0]) if len(outs) == 1 else (mx.concatenate(outs, 2), mx.concatenate(lses, 2))
+        )
         return mx.depends(out, [lse]), lse  # lse too is finished with the blocks, not left for the backward
 
     @attend.vjp
@@ -315,3 +320,19 @@ def attention(
     if training or B * H * L * k.shape[2] > FULL_MATRIX_ELEMENTS:
         return blockwise_attention(q, k, v, scale, mask)
     return full_matrix_attention(q, k, v, scale, mask)
+
+
+@contextmanager
+def inference(module: nn.Module):
+    """Run `module` with `training` off (attention takes its inference path: on a GPU MLX's fused kernel,
+    which keeps no probabilities since nothing is differentiated), restoring its mode afterwards. Anything
+    that is not an nn.Module (a stand-in callable) is used as it is."""
+    if not isinstance(module, nn.Module):
+        yield module
+        return
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
