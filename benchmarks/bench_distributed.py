@@ -60,6 +60,7 @@ def worker(args) -> None:
     from bench_train_step import ATTN, CONFIGS, transformer_config
     from mlx.utils import tree_flatten, tree_map
 
+    from zrecipe.models.z_image.training import FlowMatchingObjective
     from zrecipe.models.z_image.transformer import TransformerConfig, ZImageTransformer
     from zrecipe.recipe import LoraTarget, Optimizer
     from zrecipe.training import distributed as dist
@@ -85,8 +86,10 @@ def worker(args) -> None:
         optimizer=Optimizer(learning_rate=1e-4), max_grad_norm=1.0,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
-        result = train(model, examples, np.zeros((4, c["cap_feat_dim"]), np.float32), settings, out,
-                       progress=False)  # fmt: skip
+        objective = FlowMatchingObjective.from_settings(
+            settings, np.zeros((4, c["cap_feat_dim"]), np.float32)
+        )
+        result = train(model, examples, objective, settings, out, callbacks=[])
     step = statistics.median(h["time"] for h in result.history[args.warmup :])
     report = {"ranks": w.size, "batch": args.batch, "step_s": step, "items_per_s": args.batch / step}
     if w.distributed:

@@ -87,6 +87,7 @@ def bench_zrecipe(c: dict, steps: int, warmup: int) -> tuple[list[float], dict]:
     import mlx.core as mx
     import numpy as np
 
+    from zrecipe.models.z_image.training import FlowMatchingObjective
     from zrecipe.models.z_image.transformer import TransformerConfig, ZImageTransformer
     from zrecipe.recipe import LoraTarget, Optimizer
     from zrecipe.training.data import Example
@@ -112,7 +113,8 @@ def bench_zrecipe(c: dict, steps: int, warmup: int) -> tuple[list[float], dict]:
     before, mlx_before = rss_mib(), mx.get_active_memory()
     reset_peak_rss()
     with tempfile.TemporaryDirectory() as out:
-        result = train(model, examples, empty, settings, out, progress=False)
+        objective = FlowMatchingObjective.from_settings(settings, empty)
+        result = train(model, examples, objective, settings, out, callbacks=[])
     memory = {"rss_before_mib": before, "rss_growth_mib": peak_rss_mib() - before,
               "mlx_peak_mib": result.peak_memory_bytes / 2**20,
               "mlx_growth_mib": (result.peak_memory_bytes - mlx_before) / 2**20}  # fmt: skip

@@ -41,11 +41,12 @@ def make_examples(cap_dim: int):
     return items
 
 
-def train_run(model_path: str, out: str, steps: int, resume: str | None = None, **kwargs):
+def train_run(model_path: str, out: str, steps: int, resume: str | None = None, callbacks=()):
     """The run both sides compare: LoRA, global batch 4, accumulation 2, dropout, fp32."""
+    from zrecipe.models.z_image.training import FlowMatchingObjective
     from zrecipe.models.z_image.transformer import load_transformer
     from zrecipe.recipe import LoraTarget, Optimizer
-    from zrecipe.training.loop import TrainSettings, train
+    from zrecipe.training.loop import RunInfo, TrainSettings, train
 
     model = load_transformer(model_path, dtype="float32")
     cap_dim = model.config.cap_feat_dim
@@ -57,9 +58,9 @@ def train_run(model_path: str, out: str, steps: int, resume: str | None = None, 
         sigma_sampling="uniform", shift=3.0, lora_targets=targets, optimizer=Optimizer(learning_rate=1e-3),
         checkpoint_frequency=CHECKPOINT_EVERY,
     )  # fmt: skip
-    empty = np.zeros((2, cap_dim), np.float32)
-    return train(model, make_examples(cap_dim), empty, settings, out, model_identity="tiny",
-                 resume_from=resume, progress=False, **kwargs)  # fmt: skip
+    objective = FlowMatchingObjective.from_settings(settings, np.zeros((2, cap_dim), np.float32))
+    return train(model, make_examples(cap_dim), objective, settings, out, run=RunInfo(model_identity="tiny"),
+                 resume_from=resume, callbacks=callbacks)  # fmt: skip
 
 
 def launch(*args: str, n: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -248,8 +249,10 @@ def _main(argv: list[str]) -> int:
 
     original = loop.train
 
-    def odd(model, examples, empty, settings, *args, **kwargs):
-        return original(model, examples, empty, dataclasses.replace(settings, batch_size=3), *args, **kwargs)
+    def odd(model, examples, objective, settings, *args, **kwargs):
+        return original(
+            model, examples, objective, dataclasses.replace(settings, batch_size=3), *args, **kwargs
+        )
 
     loop.train = odd
     try:
@@ -272,7 +275,7 @@ def stop_check(model_path: str, out: str) -> None:
             self.calls += 1
             return "signal SIGTERM" if dist.world().rank == 1 and self.calls == 2 else None
 
-    result = train_run(model_path, out, 10, stop_monitor=StopOnRank1())
+    result = train_run(model_path, out, 10, callbacks=[StopOnRank1()])
     if result.stopped and result.step == 2:
         print("stopped together at step 2", flush=True)
 

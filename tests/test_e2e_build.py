@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -218,6 +217,9 @@ def test_corrupt_image_fails_with_its_name_or_is_skipped(tmp_path, tiny_model, c
 def test_seed_lora_config_builds(tmp_path, tiny_model):
     config = json.loads((REPO / "tests" / "fixtures" / "seed" / "lora_config.json").read_text())
     config["model"] = str(tiny_model)
+    # The seed's range is the real model's 30 blocks; the tiny model has 2 (a range past the last block is
+    # refused, not clamped: tests/test_hostile_values.py).
+    config["lora_layers"]["main_layers"]["block_range"]["end"] = 2
     config["training_loop"] = {"num_epochs": 2, "batch_size": 2}
     config["save"]["output_path"] = str(tmp_path / "lora_out")
     images = tmp_path / "images"
@@ -238,11 +240,11 @@ def test_full_config_without_dataset_says_so(tmp_path, capsys):
     assert "nothing to train on" in capsys.readouterr().err
 
 
-def test_until_resize_needs_no_model(tmp_path, capsys):
+def test_until_resize_needs_no_model(tmp_path, capsys, monkeypatch):
     recipe = make_project(tmp_path, Path("/nonexistent/model"), prompts=(), formats=())
     recipe.write_text(recipe.read_text().replace("model: /nonexistent/model", "model: z-image"))
     assert zrecipe("build", recipe, "--until", "resize") == 0
     capsys.readouterr()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert zrecipe("plan", recipe) == 2
-    assert "not found locally" in capsys.readouterr().err
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err

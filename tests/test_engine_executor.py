@@ -234,7 +234,7 @@ def test_damaged_input_met_by_a_step_fails_that_item(tmp_path):
     g = make_graph(e.data, e.sc)
     g.kinds["aggregate"] = StepKind("aggregate", 2, g.kinds["aggregate"].run)  # make the aggregate stale
     quick = plan(g, e.store, Record.load(e.store.root, g.graph_id))  # check_inputs=False
-    with pytest.raises(StepFailed, match="missing or damaged"):
+    with pytest.raises(StepFailed, match="input damaged"):
         execute(quick, e.store, e.ctx, progress=False)
     assert not e.store.path(key).exists()  # discarded on the way: the next build rebuilds it
     _, r = build(g, e.store, e.ctx, progress=False)

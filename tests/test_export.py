@@ -67,7 +67,7 @@ def _same_deltas(a, b, rtol=1e-6):
 def test_export_adapter_file_each_format(trained, tmp_path, capsys):
     adapter = save_adapter(trained, tmp_path / "adapter.safetensors", {"base_model": "tiny", "step": 9})
     source = read_lora(adapter)
-    for fmt in ("mflux", "comfyui", "diffusers", "kohya"):
+    for fmt in ("mflux", "comfyui", "diffusers", "kohya", "musubi"):
         out = tmp_path / f"out_{fmt}.safetensors"
         assert _export(adapter, "--format", fmt, "-o", out, "--dtype", "float32") == 0
         assert f"wrote {out}" in capsys.readouterr().out
@@ -79,7 +79,7 @@ def test_export_adapter_file_each_format(trained, tmp_path, capsys):
     ).is_file()
     assert (
         mx.load(str(tmp_path / "adapter_kohya.safetensors"))[
-            "lora_unet_layers_0_attention_to_q.lora_down.weight"
+            "lora_unet_layers_0_attention_qkv.lora_down.weight"
         ].dtype
         == mx.bfloat16
     )
@@ -101,6 +101,7 @@ def test_export_checkpoint_zip(trained, tmp_path):
     assert _export(zip_path, "--format", "diffusers", "-o", out, "--dtype", "float32") == 0
     ref = read_lora(save_adapter(trained, tmp_path / "ref.safetensors"))
     _same_deltas(ref, read_lora(out))
+    _same_deltas(ref, read_lora(zip_path))  # generate --lora-paths CHECKPOINT.zip reads its adapter
 
 
 def test_export_recipe_uses_its_output_and_formats(trained, tiny, tmp_path, capsys):

@@ -14,7 +14,7 @@ from zrecipe.cli import generate as generate_cli
 from zrecipe.cli.main import run_app
 from zrecipe.errors import UserError
 from zrecipe.generation.generate import check_size, initial_noise, output_paths
-from zrecipe.generation.samples import contact_sheet, render_sample_grid, render_samples
+from zrecipe.generation.samples import SampleRequest, contact_sheet, render_samples
 from zrecipe.models.z_image.tiny import create_tiny_model
 
 ARGS = ["--prompt", "a red cube", "--steps", "3", "--width", "64", "--height", "48", "--guidance", "2.5"]
@@ -187,27 +187,32 @@ def test_size_rules_noise_and_output_names():
     assert [p.name for p in output_paths("a/out.png", (1, 2))] == ["out_1.png", "out_2.png"]
 
 
-def test_sample_grid_and_contact_sheet(tiny, lora, tmp_path):
-    results = render_sample_grid(
-        tiny,
-        [("base", None), ("step_10", lora)],
-        ["a cat", "a dog"],
-        tmp_path,
-        negative_prompt="ugly",
-        guidance=2.0,
-        steps=2,
-        width=32,
-        height=32,
-        seeds=(0, 1),
-    )
-    assert [p.name for p in results["base"]] == ["p00_s0.png", "p00_s1.png", "p01_s0.png", "p01_s1.png"]
-    assert all(p.is_file() for paths in results.values() for p in paths)
-    # The LoRA was swapped out again: rendering the base model alone reproduces the grid's base images.
-    alone = render_samples(tiny, None, ["a cat"], "ugly", 2.0, 2, 32, 32, (0,), tmp_path / "again")
-    assert alone[0].read_bytes() == results["base"][0].read_bytes()
-    assert results["base"][0].read_bytes() != results["step_10"][0].read_bytes()
-    sheet = Image.open(tmp_path / "contact_sheet.png")
-    assert sheet.width > 2 * 32 and sheet.height > 4 * 32
+def test_render_samples_swaps_each_adapter_in_and_out(tiny, lora, tmp_path):
+    from zrecipe.generation.generate import GenerationSettings, encode_text
+
+    cat, dog, ugly = encode_text(tiny, ["a cat", "a dog", "ugly"])
+    requests = [
+        SampleRequest(GenerationSettings(prompt, "ugly", 2.0, 2, 32, 32, (seed,)), seed, emb, ugly)
+        for prompt, emb in (("a cat", cat), ("a dog", dog))
+        for seed in (0, 1)
+    ]
+    rows = render_samples(tiny, [("step_10", lora), ("base", None)], requests, "tiny")
+    assert [[label for label, _, _ in row] for row in rows] == [["step_10", "base"]] * 4
+    assert rows[1][1][2] == {
+        **rows[1][1][2],
+        "prompt": "a cat",
+        "seed": "1",
+        "adapter": "base",
+        "model": "tiny",
+    }
+    # The LoRA was swapped out again: the base pass after it equals the base model rendered alone.
+    (alone,) = render_samples(tiny, [("base", None)], requests[:1], "tiny")
+    base, styled = np.asarray(rows[0][1][1]), np.asarray(rows[0][0][1])
+    assert np.array_equal(np.asarray(alone[0][1]), base)
+    assert not np.array_equal(base, styled)
+    grid = [[image for _, image, _ in row] for row in rows]
+    sheet = contact_sheet(grid, ["cat 0", "cat 1", "dog 0", "dog 1"], ["step_10", "base"], tmp_path / "s.png")
+    assert Image.open(sheet).width > 2 * 32 and Image.open(sheet).height > 4 * 32
 
 
 def test_contact_sheet_requires_images(tmp_path):

@@ -64,7 +64,7 @@ def _deltas(weights):
     return {p: np.array(d.delta()) for p, d in weights.deltas.items()}
 
 
-@pytest.mark.parametrize("fmt", ["mflux", "comfyui", "diffusers", "kohya", "zrecipe"])
+@pytest.mark.parametrize("fmt", ["mflux", "comfyui", "diffusers", "kohya", "musubi", "zrecipe"])
 def test_export_round_trip_preserves_delta_w(adapter, model, tmp_path, fmt):
     shapes = linear_shapes(model)
     source = read_lora(adapter, shapes)
@@ -80,7 +80,7 @@ def test_export_round_trip_preserves_delta_w(adapter, model, tmp_path, fmt):
     assert meta["format"] == fmt and meta["base_model"] == "tiny" and meta["recipe_hash"] == "abc123"
     assert meta["step"] == "42" and meta["rank"] == "4" and meta["alpha"] == "8"
     assert set(json.loads(meta["targets"])) == set(ref)
-    if fmt == "kohya":
+    if fmt in ("kohya", "musubi"):
         assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
         assert meta["ss_network_module"] == "networks.lora"
 
@@ -88,7 +88,7 @@ def test_export_round_trip_preserves_delta_w(adapter, model, tmp_path, fmt):
 def test_export_key_conventions_and_bf16(adapter, tmp_path):
     source = read_lora(adapter)
     keys = {}
-    for fmt in ("mflux", "diffusers", "kohya"):
+    for fmt in ("mflux", "diffusers", "kohya", "musubi"):
         out = write_lora(source, tmp_path / f"{fmt}.safetensors", fmt)
         tensors = mx.load(str(out))
         keys[fmt] = set(tensors)
@@ -98,13 +98,21 @@ def test_export_key_conventions_and_bf16(adapter, tmp_path):
     assert "diffusion_model.context_refiner.0.feed_forward.w1.alpha" not in keys["mflux"]  # alpha == rank
     assert "transformer.layers.1.attention.to_out.0.lora_B.weight" in keys["diffusers"]
     assert not any(k.endswith(".alpha") for k in keys["diffusers"])  # scale folded into lora_B
-    assert "lora_unet_layers_1_attention_to_out_0.lora_up.weight" in keys["kohya"]
+    # kohya: ComfyUI's names (attention.out; q/k/v fused: only to_q is trained here, k/v are zero padding).
+    assert "lora_unet_layers_1_attention_out.lora_up.weight" in keys["kohya"]
+    assert "lora_unet_layers_0_attention_qkv.lora_down.weight" in keys["kohya"]
     assert "lora_unet_layers_0_adaLN_modulation_0.alpha" in keys["kohya"]
-    back = read_lora(tmp_path / "kohya.safetensors")
-    for path, d in source.deltas.items():
-        np.testing.assert_allclose(
-            np.array(back.deltas[path].delta()), np.array(d.delta()), rtol=2e-2, atol=2e-3
-        )
+    assert not any("to_q" in k or "to_out" in k for k in keys["kohya"])
+    # musubi: musubi-tuner's split names.
+    assert "lora_unet_layers_1_attention_to_out_0.lora_up.weight" in keys["musubi"]
+    assert "lora_unet_layers_0_attention_to_q.lora_down.weight" in keys["musubi"]
+    for fmt in ("kohya", "musubi"):
+        back = read_lora(tmp_path / f"{fmt}.safetensors")
+        assert set(back.deltas) == set(source.deltas)
+        for path, d in source.deltas.items():
+            np.testing.assert_allclose(
+                np.array(back.deltas[path].delta()), np.array(d.delta()), rtol=2e-2, atol=2e-3
+            )
 
 
 def _save(path, tensors, metadata=None):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from zrecipe.models.z_image.training import FlowMatchingObjective
 from zrecipe.models.z_image.transformer import TransformerConfig, ZImageTransformer
 from zrecipe.recipe import LoraTarget
 from zrecipe.training import memory
@@ -72,7 +73,8 @@ def test_estimate_within_25_percent_of_measured_peak(
         checkpoint_frequency=100,
     )  # fmt: skip
     mx.clear_cache()
-    result = train(model, examples, np.zeros((4, 32), np.float32), settings, tmp_path, progress=False)
+    objective = FlowMatchingObjective.from_settings(settings, np.zeros((4, 32), np.float32))
+    result = train(model, examples, objective, settings, tmp_path, callbacks=[])
     estimate = estimate_memory(
         config, mode, batch, width=side * 8, height=side * 8, caption_tokens=32, dtype="float32",
         lora_targets=[target], gradient_checkpointing=checkpointing,

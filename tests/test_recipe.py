@@ -223,15 +223,65 @@ def test_full_mode_defaults(proj):
             "9: optimizer.learning_rate: must be greater than 0, got -0.0001",
         ),
         ("optimizer:\n  learning_rate: .nan", "9: optimizer.learning_rate: must be a finite number, got nan"),
-        ("optimizer: {name: SGD}", "8: optimizer.name: only AdamW is supported, got 'SGD'"),
+        (
+            "optimizer: {name: Lamb}",
+            "8: optimizer.name: must be one of AdamW, AdamW8bit, Lion, SGD, Adafactor, Prodigy; got 'Lamb'",
+        ),
         (
             "optimizer: {name: adamw}",
-            "8: optimizer.name: only AdamW is supported, got 'adamw'; did you mean `AdamW`?",
+            "8: optimizer.name: must be one of AdamW, AdamW8bit, Lion, SGD, Adafactor, Prodigy; got 'adamw'; "
+            "did you mean `AdamW`?",
+        ),
+        (
+            "optimizer: {name: SGD, betas: [0.9, 0.9]}",
+            "8: optimizer.betas: not used by SGD (AdamW, AdamW8bit, Lion, Prodigy only); remove it",
+        ),
+        ("optimizer: {momentum: 0.9}", "8: optimizer.momentum: not used by AdamW (SGD only); remove it"),
+        ("optimizer: {name: SGD, momentum: 1.0}", "8: optimizer.momentum: must be less than 1, got 1"),
+        (
+            "optimizer: {name: SGD, momentum: 0, nesterov: true}",
+            "8: optimizer.nesterov: Nesterov momentum needs momentum > 0",
+        ),
+        ("optimizer: {name: Prodigy, d0: 0}", "8: optimizer.d0: must be greater than 0, got 0"),
+        (
+            "optimizer: {name: Prodigy, growth_rate: 0.5}",
+            "8: optimizer.growth_rate: must be at least 1, got 0.5",
+        ),
+        (
+            "optimizer: {name: AdamW8bit, min_8bit_size: 0}",
+            "8: optimizer.min_8bit_size: must be at least 1, got 0",
+        ),
+        (
+            "optimizer: {name: Adafactor, decay_rate: 0.8}",
+            "8: optimizer.decay_rate: must be less than 0, got 0.8",
+        ),
+        (
+            "optimizer: {name: Adafactor, warmup_init: true}",
+            "8: optimizer.warmup_init: needs `relative_step: true` (it warms up the relative step)",
+        ),
+        (
+            "optimizer: {name: Adafactor, relative_step: true, learning_rate: 1e-3}",
+            "8: optimizer.learning_rate: Adafactor with `relative_step: true` computes its own step size, "
+            "min(1e-2, 1/sqrt(t)); remove it or set relative_step: false",
+        ),
+        (
+            "optimizer: {num_cycles: 2}",
+            "8: optimizer.num_cycles: only used by `schedule: cosine_with_restarts`; remove it",
+        ),
+        (
+            "optimizer: {schedule: cosine_with_restarts, num_cycles: 0}",
+            "8: optimizer.num_cycles: must be at least 1, got 0",
+        ),
+        (
+            "optimizer: {schedule: linear, min_learning_rate: 1e-6}",
+            "8: optimizer.min_learning_rate: `linear` decays to 0 as transformers' schedule does; min_learning_rate "
+            "is the `cosine` schedule's floor. Remove it or use `schedule: cosine`",
         ),
         ("optimizer: {betas: [0.9, 1.0]}", "8: optimizer.betas[1]: must be less than 1, got 1"),
         (
             "optimizer: {schedule: cosin}",
-            "8: optimizer.schedule: must be one of constant, cosine; got 'cosin'; did you mean `cosine`?",
+            "8: optimizer.schedule: must be one of constant, cosine, constant_with_warmup, linear, "
+            "cosine_with_restarts; got 'cosin'; did you mean `cosine`?",
         ),
         (
             "optimizer: {learning_rate: 1e-4, min_learning_rate: 1e-3}",
@@ -242,13 +292,18 @@ def test_full_mode_defaults(proj):
             "8: optimizer.warmup_steps: longer than training_loop.max_steps (10), got 11",
         ),
         ("mode: ful", "8: mode: duplicate key (first at line 2)"),
+        (
+            "export: {use_ema: true}",
+            "8: export.use_ema: needs `training_loop.ema: {decay: ...}` (no EMA weights are kept)",
+        ),
+        ("sample: {use_ema: 1}", "8: sample.use_ema: expected true or false, got 1 (an integer)"),
         ("sample: {width: 1000}", "8: sample.width: must be a multiple of 16, got 1000 (try 992)"),
         ("sample: {seeds: []}", "8: sample.seeds: must not be empty"),
         ("sample: {cfg_truncation: 2}", "8: sample.cfg_truncation: must be at most 1, got 2"),
         ("sample: {prompts: a cat}", "8: sample.prompts: expected a list, got 'a cat' (text)"),
         (
             "export: {formats: [kohya, safetensors]}",
-            "8: export.formats[1]: must be one of mflux, comfyui, diffusers, kohya; got 'safetensors'",
+            "8: export.formats[1]: must be one of mflux, comfyui, diffusers, kohya, musubi; got 'safetensors'",
         ),
         (
             "export: {dtype: float16}",
@@ -309,6 +364,49 @@ def test_error_names_line_and_key(proj, extra, expected):
             "  max_steps: 10",
             "  max_steps: 1\n  quantize: 6",
             "8: training_loop.quantize: must be one of 4, 8 or null, got 6",
+        ),
+        (
+            "  max_steps: 10",
+            "  max_steps: 1\n  loss_weighting: cosmapp",
+            "8: training_loop.loss_weighting: must be one of none, sigma_sqrt, cosmap, logit_normal; got "
+            "'cosmapp'; did you mean `cosmap`?",
+        ),
+        (
+            "  max_steps: 10",
+            "  max_steps: 1\n  sigma_sampling: logit_normal\n  loss_weighting: logit_normal",
+            "9: training_loop.loss_weighting: `logit_normal` weighting on logit-normal σ samples applies the "
+            "density twice; use one of them (sigma_sampling: logit_normal samples by it, loss_weighting: "
+            "logit_normal weights by it)",
+        ),
+        (
+            "  max_steps: 10",
+            "  max_steps: 1\n  noise_offset: -0.1",
+            "8: training_loop.noise_offset: must be at least 0, got -0.1",
+        ),
+        (
+            "  max_steps: 10",
+            "  max_steps: 1\n  tensorboard: 1",
+            "8: training_loop.tensorboard: expected true or false, got 1 (an integer)",
+        ),
+        (
+            "  max_steps: 10",
+            "  max_steps: 1\n  ema: {decay: 1}",
+            "8: training_loop.ema.decay: must be less than 1, got 1",
+        ),
+        (
+            "  max_steps: 10",
+            "  max_steps: 1\n  ema: {dacay: 0.9}",
+            "8: training_loop.ema.dacay: unknown key; did you mean `decay`?",
+        ),
+        (
+            "  max_steps: 10",
+            "  max_steps: 1\n  ema: {every: 0}",
+            "8: training_loop.ema.every: must be at least 1, got 0",
+        ),
+        (
+            "  max_steps: 10",
+            "  max_steps: 1\n  ema: 0.999",
+            "8: training_loop.ema: expected a mapping of decay, start_step, every (or null for no EMA), got 0.999 (a number)",
         ),
         (
             "  - path: data",
@@ -640,6 +738,28 @@ def test_lora_overlap_both_forms_and_full_mode_are_errors(proj):
 # ------------------------------------------------------------------------------------- datasets, model
 
 
+def test_inline_image_may_be_an_absolute_path_inside_the_dataset_folder(proj):
+    (proj / "data" / "sub").mkdir()
+    inside, outside = proj / "data" / "sub" / "a.png", proj / "b.png"
+    text = (
+        "model: tiny\ntraining_loop: {max_steps: 1}\n"
+        f"examples: {{path: data, images: [{{image: '{inside}', prompt: hi}}]}}\n"
+    )
+    assert load(proj, text).datasets[0].captions.items == (("sub/a.png", "hi"),)
+    native = (
+        "model: tiny\ntraining_loop: {max_steps: 1}\n"
+        f"datasets: [{{path: data, captions: {{inline: [{{image: '{proj / 'data' / 'a.png'}', caption: x}}]}}}}]\n"
+    )
+    assert load(proj, native).datasets[0].captions.items == (("a.png", "x"),)
+    (line,) = problems(proj, text.replace(str(inside), str(outside)))
+    assert "must be a file inside the dataset folder" in line
+
+
+def test_full_mode_refuses_quantize(proj):
+    (line,) = problems(proj, BASE.replace("mode: lora", "mode: full") + "  quantize: 4\n")
+    assert line.startswith("8: training_loop.quantize: applies to LoRA only")
+
+
 def test_caption_sources(proj):
     (proj / "caps.csv").write_text("file,caption\n")
     text = (
@@ -786,3 +906,51 @@ def test_recipe_package_imports_no_mlx_or_numpy():
         "sys.exit(str(bad) if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------ training-method keys
+
+
+@pytest.mark.parametrize("name", ["AdamW", "AdamW8bit", "Lion", "SGD", "Adafactor", "Prodigy"])
+def test_each_optimizer_resolves_its_own_keys_and_defaults(proj, name):
+    from zrecipe.recipe.schema import OPTIMIZER_DEFAULTS, OPTIMIZER_KEYS, SCHEDULE_KEYS
+
+    r = load(proj, BASE + f"optimizer: {{name: {name}}}\n")
+    assert r.optimizer == Optimizer(name=name, **OPTIMIZER_DEFAULTS[name])
+    resolved = r.to_dict()["optimizer"]
+    assert set(resolved) == {"name", *SCHEDULE_KEYS, *OPTIMIZER_KEYS[name]}
+    assert Recipe.from_dict(r.to_dict(), source=r.source) == r
+
+
+def test_adamw_resolves_as_before_and_defaults_per_optimizer(proj):
+    r = load(proj, BASE)
+    assert list(r.to_dict()["optimizer"]) == [
+        "name", "learning_rate", "betas", "weight_decay", "eps", "warmup_steps", "schedule", "min_learning_rate",
+    ]  # fmt: skip
+    assert load(proj, BASE + "optimizer: {name: Prodigy}\n").optimizer.learning_rate == 1.0
+    assert load(proj, BASE + "optimizer: {name: Lion}\n").optimizer.betas == (0.9, 0.99)
+    restarts = load(proj, BASE + "optimizer: {schedule: cosine_with_restarts, num_cycles: 3}\n")
+    assert restarts.to_dict()["optimizer"]["num_cycles"] == 3
+    relative = load(proj, BASE + "optimizer: {name: Adafactor, relative_step: true}\n")
+    assert "learning_rate" not in relative.to_dict()["optimizer"]
+    assert Recipe.from_dict(relative.to_dict(), source=relative.source) == relative
+
+
+def test_training_loop_methods_round_trip(proj):
+    from zrecipe.recipe import Ema
+
+    r = load(proj, BASE + "  loss_weighting: cosmap\n  noise_offset: 0.05\n  tensorboard: true\n"
+                          "  ema: {decay: 0.99, every: 2}\nsample: {use_ema: true}\nexport: {use_ema: true}\n")  # fmt: skip
+    loop = r.training_loop
+    assert (loop.loss_weighting, loop.noise_offset, loop.tensorboard) == ("cosmap", 0.05, True)
+    assert loop.ema == Ema(decay=0.99, start_step=0, every=2) and r.sample.use_ema and r.export.use_ema
+    assert r.to_dict()["training_loop"]["ema"] == {"decay": 0.99, "start_step": 0, "every": 2}
+    assert Recipe.from_dict(r.to_dict(), source=r.source) == r
+    assert load(proj, BASE + "  ema: {}\n").training_loop.ema == Ema()
+    assert load(proj, BASE).training_loop.ema is None
+
+
+def test_the_training_methods_example_recipe_loads():
+    r = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny_methods.yaml")
+    assert r.optimizer.name == "Prodigy" and r.optimizer.num_cycles == 2 and r.training_loop.ema.decay == 0.9
+    assert r.sample.use_ema and r.export.use_ema and r.training_loop.tensorboard

@@ -51,6 +51,22 @@ _captions = st.one_of(
         unique_by=lambda t: t[0],
     ).map(lambda items: {"inline": [{"image": i, "caption": c} for i, c in items]}),
     st.sampled_from(["{caption}", "photo, {filename}, {caption}"]).map(lambda t: {"template": t}),
+    st.fixed_dictionaries(
+        {
+            "generate": st.fixed_dictionaries(
+                {"model": st.sampled_from(["tiny-vlm", "Qwen/Qwen2-VL-2B-Instruct"])},
+                optional={
+                    "prompt": st.text(min_size=1).filter(str.strip),
+                    "max_tokens": st.integers(1, 1024),
+                    "repetition_penalty": st.none() | st.floats(0.5, 2.0),
+                },
+            )
+        },
+        optional={
+            "prefer": st.sampled_from(["sidecar", "generated"]),
+            "template": st.just("{caption}, photo"),
+        },
+    ),
 )
 
 
@@ -187,6 +203,7 @@ def valid_recipes(draw: Any) -> dict:
         data.update(draw(_opt(lora_layers=_seed_lora) | _opt(lora=_native_lora)))
     else:
         data.update(draw(_opt(full_finetune=_opt(train_transformer=st.just(True), train_vae=st.just(False)))))
+        data["training_loop"]["quantize"] = None  # LoRA only: full fine-tuning keeps every weight unquantised
     return data
 
 

@@ -12,12 +12,12 @@ from mlx.utils import tree_flatten
 
 from zrecipe.errors import CheckpointError
 from zrecipe.models.z_image.tiny import create_tiny_model
+from zrecipe.models.z_image.training import FlowMatchingObjective, flow_matching_loss
 from zrecipe.models.z_image.transformer import load_transformer
 from zrecipe.recipe import LoraTarget, Optimizer
 from zrecipe.training.checkpoint import MEMBERS, read_checkpoint
 from zrecipe.training.data import Example
-from zrecipe.training.loop import TrainSettings, train
-from zrecipe.training.loss import flow_matching_loss
+from zrecipe.training.loop import RunInfo, TrainSettings, train
 from zrecipe.training.stop import BatteryStatus, StopMonitor
 
 ATTN = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
@@ -56,6 +56,15 @@ def settings(mode: str, steps: int, **overrides) -> TrainSettings:
     return TrainSettings(**base)
 
 
+def quiet_train(model, examples, empty, cfg, out, identity: str = "", callbacks=(), **kwargs):
+    """train() with Z-Image's objective, no progress bar and no signal handlers; `kwargs` go to RunInfo,
+    except resume_from and force."""
+    resume = {k: kwargs.pop(k) for k in ("resume_from", "force") if k in kwargs}
+    objective = FlowMatchingObjective.from_settings(cfg, empty)
+    run = RunInfo(model_identity=identity, **kwargs)
+    return train(model, examples, objective, cfg, out, run=run, callbacks=callbacks, **resume)
+
+
 def fixed_batch_loss(model, examples) -> float:
     x0 = mx.stack([mx.array(e.latents) for e in examples])
     caps = [mx.array(e.caption) for e in examples]
@@ -68,8 +77,8 @@ def learning_run(tiny_path, tmp_path, mode: str, steps: int) -> float:
     model = load_transformer(tiny_path, dtype="float32")
     examples = make_examples(model.config.cap_feat_dim)
     before = fixed_batch_loss(model, examples)
-    result = train(model, examples, np.zeros((3, model.config.cap_feat_dim), np.float32),
-                   settings(mode, steps, batch_size=4), tmp_path / mode, progress=False)  # fmt: skip
+    result = quiet_train(model, examples, np.zeros((3, model.config.cap_feat_dim), np.float32),
+                         settings(mode, steps, batch_size=4), tmp_path / mode)  # fmt: skip
     assert result.step == steps and result.final_path.is_file()
     return 1.0 - fixed_batch_loss(model, examples) / before
 
@@ -105,15 +114,12 @@ def test_resume_is_bit_exact(tiny_path, tmp_path, mode):
     model = load_transformer(tiny_path, dtype="float32")
     examples = make_examples(model.config.cap_feat_dim, dropout=0.5, wide=2)
     empty = np.zeros((3, model.config.cap_feat_dim), np.float32)
-    straight = train(
-        model, examples, empty, cfg, tmp_path / "straight", model_identity="tiny", progress=False
-    )
+    straight = quiet_train(model, examples, empty, cfg, tmp_path / "straight", "tiny")
     half = tmp_path / "straight" / "checkpoints" / f"{n // 2:07d}_checkpoint.zip"
     assert half.is_file() and straight.checkpoint.name == f"{n:07d}_checkpoint.zip"
 
     resumed_model = load_transformer(tiny_path, dtype="float32")
-    resumed = train(resumed_model, examples, empty, cfg, tmp_path / "resumed", model_identity="tiny",
-                    resume_from=half, progress=False)  # fmt: skip
+    resumed = quiet_train(resumed_model, examples, empty, cfg, tmp_path / "resumed", "tiny", resume_from=half)
     assert resumed.step == n
     for member in ("adapter", "optimizer"):
         _assert_identical(_tensors(straight.checkpoint, member), _tensors(resumed.checkpoint, member))
@@ -127,9 +133,8 @@ def test_checkpoint_members_and_metadata(tiny_path, tmp_path):
     model = load_transformer(tiny_path, dtype="float32")
     examples = make_examples(model.config.cap_feat_dim)
     empty = np.zeros((2, model.config.cap_feat_dim), np.float32)
-    result = train(model, examples, empty, settings("lora", 4, checkpoint_frequency=2, keep_last=1),
-                   tmp_path, model_identity="tiny-id", train_step_key="k123", config={"mode": "lora"},
-                   progress=False)  # fmt: skip
+    result = quiet_train(model, examples, empty, settings("lora", 4, checkpoint_frequency=2, keep_last=1),
+                         tmp_path, "tiny-id", train_step_key="k123", config={"mode": "lora"})  # fmt: skip
     zips = sorted((tmp_path / "checkpoints").glob("*.zip"))
     assert [z.name for z in zips] == ["0000004_checkpoint.zip"]  # keep_last=1 pruned step 2
     with zipfile.ZipFile(zips[0]) as zf:
@@ -155,7 +160,7 @@ def test_refusals_leave_the_model_untouched(tiny_path, tmp_path):
     examples = make_examples(model.config.cap_feat_dim)
     empty = np.zeros((2, model.config.cap_feat_dim), np.float32)
     cfg = settings("lora", 2, checkpoint_frequency=1)
-    train(model, examples, empty, cfg, tmp_path / "run", model_identity="tiny", progress=False)
+    quiet_train(model, examples, empty, cfg, tmp_path / "run", "tiny")
     good = tmp_path / "run" / "checkpoints" / "0000001_checkpoint.zip"
 
     damaged = tmp_path / "damaged.zip"
@@ -168,38 +173,38 @@ def test_refusals_leave_the_model_untouched(tiny_path, tmp_path):
         fresh = load_transformer(tiny_path, dtype="float32")
         before = dict(tree_flatten(fresh.parameters()))
         with pytest.raises(CheckpointError, match="damaged"):
-            train(fresh, examples, empty, cfg, tmp_path / "r", model_identity="tiny", resume_from=bad,
-                  progress=False)  # fmt: skip
+            quiet_train(fresh, examples, empty, cfg, tmp_path / "r", "tiny", resume_from=bad)
         after = dict(tree_flatten(fresh.parameters()))
         assert sorted(before) == sorted(after) and all(mx.array_equal(before[k], after[k]) for k in before)
 
     fresh = load_transformer(tiny_path, dtype="float32")
     with pytest.raises(CheckpointError, match="made for model"):
-        train(
-            fresh,
-            examples,
-            empty,
-            cfg,
-            tmp_path / "r",
-            model_identity="other",
-            resume_from=good,
-            progress=False,
-        )
+        quiet_train(fresh, examples, empty, cfg, tmp_path / "r", "other", resume_from=good)
     changed = make_examples(model.config.cap_feat_dim, seed=9)
     with pytest.raises(CheckpointError, match="--force"):
-        train(
-            fresh,
-            changed,
-            empty,
-            cfg,
-            tmp_path / "r",
-            model_identity="tiny",
-            resume_from=good,
-            progress=False,
-        )
-    forced = train(fresh, changed, empty, cfg, tmp_path / "r", model_identity="tiny", resume_from=good,
-                   force=True, progress=False)  # fmt: skip
+        quiet_train(fresh, changed, empty, cfg, tmp_path / "r", "tiny", resume_from=good)
+    forced = quiet_train(fresh, changed, empty, cfg, tmp_path / "r", "tiny", resume_from=good, force=True)
     assert forced.step == 2
+
+
+def test_checkpoint_of_the_uncorrected_adamw_is_refused(tiny_path, tmp_path):
+    """A zip whose optimizer.safetensors has no update rule (older zrecipe, AdamW without bias correction)."""
+    from zrecipe.training.checkpoint import write_checkpoint
+
+    model = load_transformer(tiny_path, dtype="float32")
+    examples = make_examples(model.config.cap_feat_dim)
+    empty = np.zeros((2, model.config.cap_feat_dim), np.float32)
+    cfg = settings("lora", 1)
+    run = quiet_train(model, examples, empty, cfg, tmp_path / "run", "tiny")
+    new = read_checkpoint(run.checkpoint)
+    assert new.optimizer_metadata["rule"] == "adamw-pytorch"
+    old = write_checkpoint(tmp_path / "old", new.step, (new.adapter, new.adapter_metadata), new.optimizer,
+                           new.iterator, new.loss, new.config, new.meta)  # fmt: skip
+    fresh = load_transformer(tiny_path, dtype="float32")
+    before = dict(tree_flatten(fresh.parameters()))
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors: .*older zrecipe.*bias"):
+        quiet_train(fresh, examples, empty, cfg, tmp_path / "r", "tiny", resume_from=old)
+    assert all(mx.array_equal(before[k], v) for k, v in tree_flatten(fresh.parameters()))
 
 
 def test_battery_stop_checkpoints_and_resumes_exactly(tiny_path, tmp_path):
@@ -209,13 +214,12 @@ def test_battery_stop_checkpoints_and_resumes_exactly(tiny_path, tmp_path):
     cfg = settings("lora", 4)
     levels = iter([50, 30, 19, 10])
     monitor = StopMonitor(20, battery_reader=lambda: BatteryStatus(next(levels), discharging=True))
-    stopped = train(model, examples, empty, cfg, tmp_path / "a", stop_monitor=monitor, progress=False)
+    stopped = quiet_train(model, examples, empty, cfg, tmp_path / "a", callbacks=[monitor])
     assert stopped.step == 3 and stopped.final_path is None and "battery at 19%" in stopped.stopped
     assert stopped.checkpoint.name == "0000003_checkpoint.zip"
-    resumed = train(load_transformer(tiny_path, dtype="float32"), examples, empty, cfg, tmp_path / "b",
-                    resume_from=stopped.checkpoint, progress=False)  # fmt: skip
-    straight = train(load_transformer(tiny_path, dtype="float32"), examples, empty, cfg, tmp_path / "c",
-                     progress=False)  # fmt: skip
+    resumed = quiet_train(load_transformer(tiny_path, dtype="float32"), examples, empty, cfg, tmp_path / "b",
+                          resume_from=stopped.checkpoint)  # fmt: skip
+    straight = quiet_train(load_transformer(tiny_path, dtype="float32"), examples, empty, cfg, tmp_path / "c")
     _assert_identical(mx.load(str(resumed.final_path)), mx.load(str(straight.final_path)))
 
 
@@ -224,13 +228,12 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny_path, tmp_path):
     for flag in (False, True):
         model = load_transformer(tiny_path, dtype="float32")
         examples = make_examples(model.config.cap_feat_dim)
-        result = train(
+        result = quiet_train(
             model,
             examples,
             np.zeros((2, model.config.cap_feat_dim), np.float32),
             settings("lora", 2, gradient_checkpointing=flag),
             tmp_path / str(flag),
-            progress=False,
         )
         losses.append([h["loss"] for h in result.history])
     assert np.allclose(losses[0], losses[1], rtol=1e-5)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from zrecipe.cli.download import OfflineOpt
+
 RecipeArg = typer.Argument(..., help="Recipe file (YAML or JSON).", show_default=False)
 CacheOpt = typer.Option(None, "--cache", help="Store folder (default: `cache:` in the recipe, $ZRECIPE_CACHE, "
                         "or cache/ next to the recipe).")  # fmt: skip
@@ -36,6 +38,7 @@ def plan_cmd(
     check: bool = typer.Option(False, "--check", help="Exit 1 when anything is stale."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every stale item and its reason."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    offline: bool = OfflineOpt,
 ) -> None:
     """Show what a build would run and why (counts per step, reasons); runs nothing."""
     from zrecipe.pipeline import plan_recipe
@@ -79,6 +82,7 @@ def build_cmd(
         help="mlx.launch backend: ring, mpi, nccl, jaccl (default: the hostfile's, else nccl "
         "with CUDA, else ring).",
     ),
+    offline: bool = OfflineOpt,
 ) -> None:
     """Build a recipe: run only the stale steps (resize, encode, train, sample, export)."""
     from zrecipe.pipeline.launch import rank_status, relaunch
@@ -107,7 +111,8 @@ def _rank_args(recipe, cache, until, force, dry_run, jobs, as_json, quiet, batte
 
 
 def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) -> None:
-    from zrecipe.pipeline import build_recipe, plan_recipe
+    from zrecipe.cli.train import EXIT_STOPPED, stopped_line
+    from zrecipe.pipeline import TrainingStopped, build_recipe, plan_recipe
     from zrecipe.training.distributed import launched, world
 
     loaded = _load(recipe)
@@ -121,6 +126,10 @@ def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) 
     progress = not quiet and (sys.stderr.isatty() or launched())
     try:
         outcome = build_recipe(loaded, cache, until, force, jobs, progress=progress, battery_limit=battery)
+    except TrainingStopped as stop:
+        if not launched() or world().main:  # one line for the whole job
+            typer.echo(stopped_line(stop, f"zrecipe build {recipe}"), err=True)
+        raise typer.Exit(EXIT_STOPPED) from None
     except Exception as exc:
         if launched() and not world().main and getattr(exc, "all_ranks", False):
             raise typer.Exit(getattr(exc, "exit_code", 1)) from None  # rank 0 prints the same error
@@ -137,6 +146,8 @@ def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) 
     typer.echo(f"outputs in {out}")
     if pub.get("final"):
         typer.echo(f"  final:       {', '.join(Path(p).name for p in pub['final'])}")
+    if pub.get("tensorboard"):
+        typer.echo(f"  tensorboard: {out / 'tensorboard'} (tensorboard --logdir {out / 'tensorboard'})")
     if pub.get("checkpoints"):
         typer.echo(f"  checkpoints: {out / 'checkpoints'} ({len(pub['checkpoints'])})")
     if pub.get("samples"):
@@ -146,6 +157,8 @@ def _build(recipe, cache, until, force, dry_run, jobs, as_json, quiet, battery) 
         {export_dir / Path(p).relative_to(export_dir).parts[0] for p in pub.get("exports", [])}
     ):
         typer.echo(f"  export:      {top}")
+    if pub.get("captions"):
+        typer.echo(f"  captions:    {pub['captions'][0]}")
     typer.echo(f"  report:      {out / 'build-report.json'}")
 
 
@@ -156,11 +169,13 @@ def explain_cmd(
 ) -> None:
     """Why each step is stale or up to date, with the recipe values that changed."""
     from zrecipe.pipeline import KINDS, plan_recipe
+    from zrecipe.pipeline.captions import CAPTION_PRODUCERS
 
-    if step is not None and step not in KINDS:
+    known = (*KINDS, *(p.kind.name for p in CAPTION_PRODUCERS.values()))
+    if step is not None and step not in known:
         from zrecipe.errors import UserError
 
-        raise UserError(f"unknown step {step!r}; choose one of {', '.join(KINDS)}.")
+        raise UserError(f"unknown step {step!r}; choose one of {', '.join(known)}.")
     outcome = plan_recipe(_load(recipe), cache)
     plan = outcome.plan
     for kind in plan.order:

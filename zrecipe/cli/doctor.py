@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import typer
 
 
-def doctor_cmd() -> None:
-    """Print the MLX device, the BLAS MLX uses, the default compute dtype and memory."""
+def doctor_cmd(
+    store: bool = typer.Option(
+        False,
+        "--store",
+        help="Check every store entry against its hashes instead (damaged ones are removed).",
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Store folder (default: $ZRECIPE_CACHE or ./cache)."
+    ),
+) -> None:
+    """Print the MLX device, the BLAS MLX uses, the default compute dtype and memory (or check a store)."""
+    if store:
+        from zrecipe.cli.store import check_store, store_root
+        from zrecipe.engine import Store
+
+        check_store(Store(store_root(cache)))
+        return
     from zrecipe import __version__
     from zrecipe.backend import blas_status, default_compute_dtype
 
     status = blas_status()  # before importing mlx
     import mlx.core as mx
+
+    from zrecipe import native
 
     typer.echo(
         f"zrecipe {__version__} on {platform.system()} {platform.machine()}, Python {platform.python_version()}"
@@ -21,6 +39,7 @@ def doctor_cmd() -> None:
     typer.echo(f"mlx {mx.__version__}, default device: {mx.default_device()}")
     typer.echo(f"BLAS: {status}")
     typer.echo(f"default compute dtype: {default_compute_dtype()}")
+    typer.echo(f"native kernels: {native.status()}")
     try:
         import os
 

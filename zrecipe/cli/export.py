@@ -1,4 +1,4 @@
-"""`zrecipe export RECIPE|CHECKPOINT|ADAPTER --format mflux|comfyui|diffusers|kohya [-o FILE]`."""
+"""`zrecipe export RECIPE|CHECKPOINT|ADAPTER --format mflux|comfyui|diffusers|kohya|musubi [-o FILE]`."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from pathlib import Path
 import typer
 
 FORMAT_HELP = (
-    "Output format: mflux (= comfyui), diffusers or kohya. Repeatable; default: the recipe's export formats."
+    "Output format: mflux (= comfyui), diffusers, kohya (ComfyUI's kohya names, q/k/v fused) or musubi "
+    "(musubi-tuner's split names). Repeatable; default: the recipe's export formats."
 )
 
 
 def export(
     source: Path = typer.Argument(
-        ..., help="A recipe (.yaml/.json), a checkpoint .zip or an adapter .safetensors."
+        ...,
+        help="A recipe (.yaml/.json), a checkpoint .zip (zrecipe's or mflux's) or an adapter .safetensors.",
     ),
     formats: list[str] | None = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
     output: Path | None = typer.Option(
@@ -27,7 +29,7 @@ def export(
         None, "--model", help="Base model for a full fine-tune when the input does not name it."
     ),
 ) -> None:
-    """Export a trained LoRA for mflux / ComfyUI / diffusers / kohya, or a full fine-tune as a folder."""
+    """Export a trained LoRA for mflux / ComfyUI / diffusers / kohya / musubi, or a full fine-tune as a folder."""
     from zrecipe.export.sources import run_export
 
     files, notes = run_export(source, formats, output, dtype, model)

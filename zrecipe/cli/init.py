@@ -20,18 +20,22 @@ def init_cmd(
     tiny: bool = typer.Option(False, "--tiny", help="Use the tiny test model and write 12 sample images."),
 ) -> None:
     """Create a project folder with a commented recipe.yaml and a data/ folder."""
-    from zrecipe.errors import UserError
+    from zrecipe.errors import UserError, os_problem
 
     recipe = directory / "recipe.yaml"
-    if recipe.exists():
-        raise UserError(f"{recipe} already exists; choose another folder or edit that recipe.")
-    (directory / "data").mkdir(parents=True, exist_ok=True)
     template = resources.files("zrecipe").joinpath("templates/recipe.yaml").read_text(encoding="utf-8")
-    recipe.write_text(template.format(**(TINY if tiny else REAL)), encoding="utf-8")
-    if tiny:
-        from zrecipe.data.synthetic import write_shapes_dataset
+    try:
+        if recipe.exists():
+            raise UserError(f"{recipe} already exists; choose another folder or edit that recipe.")
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        recipe.write_text(template.format(**(TINY if tiny else REAL)), encoding="utf-8")
+        if tiny:
+            from zrecipe.data.synthetic import write_shapes_dataset
 
-        write_shapes_dataset(directory / "data")
+            write_shapes_dataset(directory / "data")
+    except OSError as exc:
+        raise os_problem(exc, "init: cannot create the project in", "choose another folder") from exc
+    if tiny:
         typer.echo(f"wrote {recipe} and 12 images in {directory / 'data'}; run: zrecipe build {recipe}")
     else:
         typer.echo(

@@ -7,16 +7,22 @@ command function, never at module level, so `zrecipe --help` and `zrecipe plan` 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
+import warnings
 
 import typer
 
 from zrecipe import __version__
-from zrecipe.errors import ZRecipeError
+from zrecipe.cli.generate import expand_generate_args
+from zrecipe.errors import ZRecipeError, ZRecipeWarning, is_environment_error, os_problem
 
 # Modules under zrecipe.cli that define `register(app)`. Only working commands are listed here.
-COMMAND_MODULES: list[str] = ["build", "train", "generate", "export", "memory", "store", "init", "doctor"]
+COMMAND_MODULES: list[str] = [
+    "build", "train", "generate", "export", "merge", "memory", "store", "init", "doctor", "download",
+    "caption",
+]  # fmt: skip
 
 app = typer.Typer(
     name="zrecipe",
@@ -46,29 +52,96 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"zrecipe.cli.{_name}").register(app)
 
 
+def _usage_error_classes() -> tuple[type, ...]:
+    """The ClickException class(es) typer raises for usage errors, whichever click it uses: typer ≤ 0.2x
+    depends on click, newer typer vendors it as `typer._click` (an `except click.ClickException` misses
+    those). typer.BadParameter derives from the right one on every version."""
+    return tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _show_usage_error(exc: Exception) -> None:
+    """Print a usage error exactly as typer itself would (its rich panel when rich is there)."""
+    try:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+    except ImportError:
+        exc.show()  # type: ignore[attr-defined]
+
+
+class Interrupted(ZRecipeError):
+    """Ctrl-C (or a step stopping on purpose) reached the top: one line, exit 130."""
+
+    exit_code = 130
+
+
+def _stop_here(callback):
+    """Wrap a command so that KeyboardInterrupt leaves it as Interrupted: typer ≥ 0.2x would swallow it
+    into a silent exit 130, older typer into "Aborted!" with exit 1."""
+
+    @functools.wraps(callback)
+    def command(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise Interrupted(str(exc) or "interrupted") from None
+
+    return command
+
+
+for _info in app.registered_commands:
+    _info.callback = _stop_here(_info.callback)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """zrecipe's own warnings as one `warning: ...` line; others as Python prints them."""
+    if issubclass(category, ZRecipeWarning):
+        typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def run_app(application: typer.Typer, argv: list[str] | None = None) -> int:
-    """Run a typer app, turning zrecipe errors into a one-paragraph message and their exit code."""
+    """Run a typer app; returns the exit code (DESIGN §8).
+
+    zrecipe errors print a one-paragraph message and exit with their code (2: bad input or a broken
+    environment); usage errors get typer's own message and exit 2; an OS fault on a user's path becomes
+    the message naming the path and the fix (exit 2); Ctrl-C prints one line and exits 130. Anything
+    else is a bug and keeps its traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _show_warning
     try:
         # With standalone_mode=False click *returns* the code of a typer.Exit instead of raising it.
-        result = application(args=argv, standalone_mode=False)
+        result = application(args=expand_generate_args(args), standalone_mode=False)
     except ZRecipeError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {exc}" if exc.exit_code != 130 else str(exc), err=True, fg=typer.colors.RED)
         return exc.exit_code
-    except typer.Exit as exc:
-        return exc.exit_code
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         return 130
-    except Exception as exc:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except typer.Exit as exc:
+        return exc.exit_code
+    except _usage_error_classes() as exc:
+        _show_usage_error(exc)
+        return exc.exit_code
+    except OSError as exc:
+        if not is_environment_error(exc):
+            raise
+        typer.secho(f"error: {os_problem(exc)}", err=True, fg=typer.colors.RED)
+        return 2
+    except MemoryError:
+        typer.secho(
+            "error: out of memory; close other programs, lower training_loop.batch_size or set "
+            "`low_ram: true`, and run again (finished steps are kept).",
+            err=True,
+            fg=typer.colors.RED,
+        )
+        return 2
+    finally:
+        warnings.showwarning = _python_showwarning
     return result if isinstance(result, int) else 0
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 from zrecipe.data.manifest import Entry, inline_entries, manifest_entries, normalise_name
+from zrecipe.engine.files import FileTooLarge, NotRegularFile, read_regular
+from zrecipe.engine.statcache import MAX_SMALL_FILE_BYTES
 from zrecipe.errors import DatasetError
 
 CAPTION_SOURCES = ("sidecar", "manifest", "filename", "inline", "template")
@@ -34,12 +36,14 @@ ReadFiles = Callable[[list[str]], Mapping[str, "bytes | OSError"]]
 
 
 def read_files(paths: Iterable[str]) -> dict[str, bytes | OSError]:
-    """Read every path: {path: bytes, or the OSError met}. The uncached default for `resolve_captions`."""
+    """Read every path: {path: bytes, or the OSError met}. The uncached default for `resolve_captions`.
+
+    Regular files of at most MAX_SMALL_FILE_BYTES only: a FIFO (which would block) or a link to a device
+    (which would never end) is an error, like the stat cache's `read_small_files`."""
     out: dict[str, bytes | OSError] = {}
     for path in paths:
         try:
-            with open(path, "rb") as fh:
-                out[path] = fh.read()
+            out[path] = read_regular(path, MAX_SMALL_FILE_BYTES)
         except OSError as exc:
             out[path] = exc
     return out
@@ -139,6 +143,28 @@ def add_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}"
 
 
+def read_sidecars(
+    files: Sequence[_HasPaths], extension: str = ".txt", read: ReadFiles | None = None, required: bool = True
+) -> list[tuple[str | None, str | None]]:
+    """(caption or None, problem or None) per file, in order, from its sidecar (one `read` batch). With
+    `required=False` a missing sidecar is no problem (None, None) and an empty one gives ("", None)."""
+    return _read_sidecars(files, extension, read or read_files, required)
+
+
+def apply_template(template: str, rel_path: str, caption: str, trigger: str | None) -> str:
+    """`template` formatted for one image (`{trigger}`, `{caption}`, `{filename}`), tidied as the
+    `template` source does. The template must be valid (the recipe loader checks it)."""
+    pieces, problems = _parse_template(template)
+    if problems:
+        raise ValueError(problems[0])
+    values = {
+        "trigger": (trigger or "").strip(),
+        "filename": caption_from_filename(rel_path),
+        "caption": caption,
+    }
+    return _tidy("".join(lit + (values[name] if name else "") for lit, name in pieces))
+
+
 # --- sources -----------------------------------------------------------------------------------------
 
 
@@ -179,7 +205,13 @@ def _decode_sidecar(
                 f"{f.rel_path}: no caption ({rel_txt} is missing); write the caption in {rel_txt} "
                 "or choose another caption source"
             )
-        return None, f"{rel_txt}: cannot read caption file ({raw.strerror or raw}); fix its permissions"
+        if isinstance(raw, NotRegularFile):
+            return None, f"{rel_txt}: the caption file {raw.strerror}; replace it with a UTF-8 text file"
+        if isinstance(raw, FileTooLarge):
+            return None, f"{rel_txt}: the caption file {raw.strerror}; is it the right file?"
+        if isinstance(raw, PermissionError):
+            return None, f"{rel_txt}: cannot read caption file ({raw.strerror}); fix its permissions"
+        return None, f"{rel_txt}: cannot read caption file ({raw.strerror or raw}); fix or replace it"
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -104,6 +104,12 @@ def output_size(
     return target_size(width, height, bucket, upscale, step)
 
 
+def centre_crop(width: int, height: int, tw: int, th: int) -> tuple[float, float]:
+    """(width, height) of the centred part of a `width`×`height` image with the aspect of `tw`×`th`: what
+    the resize keeps (and what a loss mask keeps with it)."""
+    return (height * tw / th, float(height)) if width * th > height * tw else (float(width), width * th / tw)
+
+
 # --- decode --------------------------------------------------------------------------------------------
 
 
@@ -114,11 +120,13 @@ def _bad_image(path: str | os.PathLike[str], exc: BaseException) -> DatasetError
     )
 
 
-def _open(path: str | os.PathLike[str]) -> Image.Image:
+def _open(path: str | os.PathLike[str], data: bytes | None = None) -> Image.Image:
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        return Image.open(path)
+        return Image.open(path if data is None else io.BytesIO(data))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _bad_image(path, exc) from exc
 
@@ -173,12 +181,13 @@ def _deep_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str], expected_hash: str | None = None) -> Image.Image:
     """Decode an image fully: EXIF orientation applied, converted to 8-bit RGB, metadata dropped.
 
-    A corrupt or truncated file raises `DatasetError` naming it.
+    A corrupt or truncated file raises `DatasetError` naming it; `expected_hash`: decode only bytes with
+    this content hash (see `_decode`).
     """
-    img, orientation, _ = _decode(path, lambda w, h, o: None)
+    img, orientation, _ = _decode(path, lambda w, h, o: None, expected_hash)
     return _orient(img, orientation)
 
 
@@ -197,17 +206,25 @@ def _orient(img: Image.Image, orientation: int) -> Image.Image:
 
 
 def _decode(
-    path: str | os.PathLike[str], plan: Callable[[int, int, int], tuple[int, int] | None]
+    path: str | os.PathLike[str],
+    plan: Callable[[int, int, int], tuple[int, int] | None],
+    expected_hash: str | None = None,
 ) -> tuple[Image.Image, int, float]:
     """Open and decode `path` once, to RGB in the file's stored (un-rotated) frame.
 
     `plan(w, h, orientation)` gets the stored size from the header and may return the stored-frame size
     needed afterwards; a JPEG then decodes at a reduced scale. Returns (image, EXIF orientation, decoded pixels
-    per stored pixel).
+    per stored pixel). With `expected_hash` (the content hash the build was planned with) the file is read
+    once, its bytes checked against it (`InputChanged` if the file changed since), and those bytes decoded.
     """
     from PIL import Image
 
-    img = _open(path)
+    data = None
+    if expected_hash is not None:
+        from zrecipe.engine.files import read_verified
+
+        data = read_verified(path, expected_hash)
+    img = _open(path, data)
     try:
         with img:
             orientation = _orientation(img)
@@ -246,11 +263,13 @@ def resize_image(
     *,
     step: int = 16,
     draft: bool = True,
+    expected_hash: str | None = None,
 ) -> Image.Image:
     """Decode `path` and return it as an RGB image of its bucket's size (see `output_size`).
 
     The image is scaled (LANCZOS) to cover the target and centre-cropped, in one resampling pass.
     `draft=False` forces a full-resolution decode (the reference the draft path is tested against).
+    `expected_hash`: decode only bytes with this content hash (see `_decode`).
     Raises `DatasetError` for undecodable files and images smaller than `step` pixels.
     """
     from PIL import Image
@@ -271,8 +290,7 @@ def resize_image(
             ) from exc
         if swapped:
             tw, th = th, tw
-        # The centred part of the stored image with the target's aspect.
-        cw, ch = (sh * tw / th, float(sh)) if sw * th > sh * tw else (float(sw), sw * th / tw)
+        cw, ch = centre_crop(sw, sh, tw, th)
         geometry.append((sw, sh, tw, th, cw, ch))
         scale = max(tw / cw, th / ch)
         return (
@@ -281,7 +299,7 @@ def resize_image(
             else None
         )
 
-    img, orientation, f = _decode(path, plan)
+    img, orientation, f = _decode(path, plan, expected_hash)
     ((sw, sh, tw, th, cw, ch),) = geometry
     box = ((sw - cw) / 2 * f, (sh - ch) / 2 * f, (sw + cw) / 2 * f, (sh + ch) / 2 * f)
     if img.size != (tw, th) or box != (0.0, 0.0, float(tw), float(th)):
@@ -299,16 +317,20 @@ def resize_to_file(
     *,
     step: int = 16,
     draft: bool = True,
+    expected_hash: str | None = None,
 ) -> tuple[int, int]:
     """`resize_image` and write the result as PNG to `out_path`; returns (width, height).
 
     The bytes depend only on the pixels (no timestamps, text, EXIF or ICC chunks), so the same input gives
     the same file. Written by `zrecipe.data.png`, which is several times faster than Pillow's encoder.
+    With `expected_hash`, only the bytes the plan hashed are decoded (a build step passes the key's hash).
     """
     import numpy as np
 
     from zrecipe.data.png import write_png
 
-    img = resize_image(path, resolution, max_aspect, bucketing, upscale, step=step, draft=draft)
+    img = resize_image(
+        path, resolution, max_aspect, bucketing, upscale, step=step, draft=draft, expected_hash=expected_hash
+    )
     write_png(out_path, np.asarray(img))
     return img.size

@@ -14,6 +14,10 @@ import posixpath
 from collections.abc import Iterable
 from pathlib import Path
 
+from zrecipe.engine.files import FileTooLarge, NotRegularFile, read_regular
+
+# 100,000 captions of a few hundred bytes are tens of MB; anything near this is not a caption manifest.
+MAX_MANIFEST_BYTES = 1 << 30
 _FILE_KEYS = ("file", "image")
 _CAPTION_KEYS = ("caption", "prompt")
 
@@ -30,11 +34,21 @@ def manifest_entries(manifest: str | os.PathLike[str] | None) -> list[Entry]:
         ]
     path = Path(manifest)
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, MAX_MANIFEST_BYTES)  # a FIFO or a link to a device is refused, not read
     except FileNotFoundError:
         return [(str(path), "", None, f"{path}: manifest file does not exist; fix `captions.file`")]
+    except (NotRegularFile, FileTooLarge) as exc:
+        return [(str(path), "", None, f"{path}: the manifest {exc.strerror}; fix `captions.file`")]
     except OSError as exc:
-        return [(str(path), "", None, f"{path}: cannot read manifest ({exc.strerror or exc})")]
+        why = exc.strerror or exc
+        return [
+            (
+                str(path),
+                "",
+                None,
+                f"{path}: cannot read manifest ({why}); fix `captions.file` or its permissions",
+            )
+        ]
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

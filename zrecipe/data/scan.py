@@ -7,6 +7,7 @@ and nothing here imports PIL.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from stat import S_ISREG
@@ -34,13 +35,18 @@ class ImageFile(NamedTuple):
     inode: int
 
 
-def scan_images(folder: str | os.PathLike[str], recursive: bool = False) -> list[ImageFile]:
+def scan_images(
+    folder: str | os.PathLike[str], recursive: bool = False, broken: list[str] | None = None
+) -> list[ImageFile]:
     """Return the images (.jpg .jpeg .png .webp, any case) in `folder`, sorted by `rel_path`.
 
     Hidden files and folders (name starting with `.`) are skipped. Symlinked files are followed; symlinked
     folders are followed too when `recursive`, each real folder visited once (so a link loop cannot hang).
     Raises `DatasetError` when the folder is missing or not a folder, when it holds no image, or when an
-    image entry cannot be stat'ed (a dangling symlink, a permission problem).
+    image entry cannot be used: it cannot be stat'ed (a dangling or looping symlink, a permission problem)
+    or its name is not valid UTF-8 (it could not name an item in plans, records and reports). With a
+    `broken` list, those entries are appended to it (one message each) and left out instead of raising —
+    for datasets with `on_error: skip`.
     """
     root = Path(folder).expanduser().absolute()
     if not root.exists():
@@ -50,7 +56,8 @@ def scan_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
 
     found: list[ImageFile] = []
     append = found.append
-    broken: list[str] = []
+    collect = broken
+    broken = []
     # (st_dev, st_ino) of folders already walked: guards symlink loops without a realpath per folder.
     seen_dirs: set[tuple[int, int]] = set()
     root_stat = root.stat()
@@ -61,7 +68,7 @@ def scan_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
         try:
             entries = os.scandir(dir_path)
         except OSError as exc:
-            broken.append(f"{prefix or '.'}: cannot list folder ({exc.strerror or exc})")
+            broken.append(f"{_shown(prefix) or '.'}: cannot list folder ({exc.strerror or exc})")
             continue
         with entries:
             for entry in entries:
@@ -72,10 +79,13 @@ def scan_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
                 # folder passes here, captions included.
                 if name.endswith(IMAGE_EXTENSIONS) or name.lower().endswith(IMAGE_EXTENSIONS):
                     rel = prefix + name
+                    if not rel.isascii() and not _utf8(rel):
+                        broken.append(f"{_shown(rel)}: the file name is not valid UTF-8; rename the file")
+                        continue
                     try:
                         st = entry.stat()
                     except OSError as exc:
-                        broken.append(f"{rel}: cannot read file information ({exc.strerror or exc})")
+                        broken.append(f"{rel}: {_stat_problem(entry, exc)}")
                         continue
                     # A folder named like an image (`x.jpg/`) is not an image; descend into it instead.
                     if not S_ISREG(st.st_mode):
@@ -93,11 +103,13 @@ def scan_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
                         try:
                             st = entry.stat()
                         except OSError as exc:
-                            broken.append(f"{rel}/: cannot read folder information ({exc.strerror or exc})")
+                            broken.append(f"{_shown(rel)}/: {_stat_problem(entry, exc)}")
                             continue
                         _push_dir(stack, seen_dirs, entry, st, rel)
 
-    if broken:
+    if broken and collect is not None:
+        collect.extend(f"{root}/{b}" for b in sorted(broken))
+    elif broken:
         raise DatasetError(
             f"{len(broken)} unreadable entr{'y' if len(broken) == 1 else 'ies'} in dataset folder {root}: "
             + "; ".join(sorted(broken))
@@ -115,6 +127,38 @@ def scan_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
     # rel_path is the first field and unique, so the tuple order is the rel_path order (no key function).
     found.sort()
     return found
+
+
+def _stat_problem(entry: os.DirEntry[str], exc: OSError) -> str:
+    """Why an entry cannot be used, in words: dangling and looping links are the usual cases."""
+    link = False
+    try:
+        link = entry.is_symlink()
+    except OSError:
+        pass
+    if link and exc.errno == errno.ENOENT:
+        try:
+            target = _shown(os.readlink(entry.path))
+        except OSError:
+            target = "?"
+        return f"a symbolic link to a missing file ({target})"
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link loop"
+    return f"cannot read file information ({exc.strerror or exc})"
+
+
+def _utf8(name: str) -> bool:
+    """False for a name whose bytes were not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    """A printable form of a name holding undecodable bytes (`\\xff` for byte 0xff)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 # The ARCHITECTURE.md name for the same function.

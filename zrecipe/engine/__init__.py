@@ -57,7 +57,10 @@ Speed: `with paused_gc():` around building a graph of 100,000 nodes (plan() and 
 cyclic GC themselves); that and the stat cache keep a no-op plan of 100k items around a second.
 
 Safety: entries appear only by atomic rename of a complete temp folder (kill -9 safe); damaged entries
-are detected (size check before being read, hashes on demand) and rebuilt. StoreLock (flock, released by
+are detected and rebuilt: the planner size-checks what stale nodes will read, and `ctx.input_dir` hashes
+every file of an entry against its manifest before the step reads it (once per entry per build) — a
+mismatch discards the entry, fails the reading task, and `build()` re-plans and rebuilds it, so nothing
+built from damaged bytes is ever committed. `verify_store` checks a whole store (`zrecipe doctor --store`). StoreLock (flock, released by
 the kernel when the holder dies) serialises builds and gc. gc.collect() keeps what the latest build of
 every graph id (and any pending build) references.
 """
@@ -74,6 +77,7 @@ from .record import Record, record_path
 from .report import BuildReport, KindReport
 from .statcache import StatCache, hash_file
 from .store import Store
+from .verify import VerifyReport, verify_store
 
 __all__ = [
     "REASONS",
@@ -94,6 +98,7 @@ __all__ = [
     "Store",
     "StoreLock",
     "Task",
+    "VerifyReport",
     "build",
     "canonical",
     "collect",
@@ -104,4 +109,5 @@ __all__ = [
     "plan",
     "record_path",
     "step_key",
+    "verify_store",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreCorruption, UserError
+from ..errors import InputDamaged, UserError, disk_full, is_environment_error, os_problem
 from .graph import Node, Ref
 from .store import Store
 
@@ -40,12 +40,14 @@ class Task:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How a task ended: ok, or failed with an error message (`user_error`: a UserError, e.g. a corrupt
-    image, rather than a bug)."""
+    """How a task ended: ok, or failed with an error message (`user_error`: a UserError or an OS fault,
+    e.g. a corrupt image or a full disk, rather than a bug; `damaged`: the key of a store entry the task
+    was about to read that failed its hash check and was discarded — rebuilding it fixes the failure)."""
 
     ok: bool
     error: str = ""
     user_error: bool = False
+    damaged: str = ""
 
 
 class RunContext:
@@ -62,6 +64,7 @@ class RunContext:
         self.data = data
         self.outcomes: dict[str, Outcome] = {}
         self._skipped = skipped_keys
+        self._verified: set[str] = set()  # entries read (and hash-checked) by this run of the kind
         self._on_done = on_done
 
     def _finish(self, task: Task, outcome: Outcome) -> None:
@@ -84,30 +87,47 @@ class RunContext:
 
     def fail(self, task: Task, error: BaseException | str) -> None:
         """Mark `task` failed without raising (e.g. a step that validates a batch up front)."""
+        damaged = ""
+        if isinstance(error, InputDamaged):
+            damaged = error.key
+        if isinstance(error, BaseException) and is_environment_error(error):
+            error = os_problem(error)  # type: ignore[arg-type]
+        elif isinstance(error, Exception) and not isinstance(error, (UserError, InputDamaged)):
+            error = disk_full(error, self.store.root) or error  # MLX reports a full disk as RuntimeError
         if isinstance(error, BaseException):
-            user = isinstance(error, UserError)
+            user = isinstance(error, UserError) or bool(damaged)  # damage is the machine's, not a bug
             text = (
                 str(error) if user else "".join(traceback.format_exception_only(type(error), error)).strip()
             )
         else:
             user, text = False, str(error)
-        self._finish(task, Outcome(False, text or type(error).__name__, user))
+        self._finish(task, Outcome(False, text or type(error).__name__, user, damaged))
 
     def input_dir(self, task: Task, index: int = 0) -> Path | None:
-        """Store folder of the `index`-th input of `task` (which must be a Ref), size-verified.
+        """Store folder of the `index`-th input of `task` (which must be a Ref), every file checked
+        against the entry's manifest hashes before the step reads it (once per entry per kind's run).
 
-        None when that input is an optional Ref whose node was skipped. Raises StoreCorruption when the
-        entry is missing or damaged (the planner checks these first, so this means concurrent damage)."""
+        None when that input is an optional Ref whose node was skipped. Raises InputDamaged when the entry
+        is missing or fails the check: a damaged entry is discarded, so the task fails ("input damaged")
+        instead of building on wrong bytes, and the next plan rebuilds the entry (`build()` does so at
+        once)."""
         ref = task.node.inputs[index]
         if not isinstance(ref, Ref):
             raise TypeError(f"input #{index} of {task.node.kind}:{task.item} is a literal, not a Ref")
         key = task.inputs[index]
         if key in self._skipped:
             return None
-        path = self.store.get(key)
-        if path is None:
-            raise StoreCorruption(f"store entry {key} of {ref.kind}:{ref.item} is missing or damaged")
-        return path
+        state = "ok" if key in self._verified else self.store.verified(key)
+        if state == "ok":
+            self._verified.add(key)
+        else:
+            what = "failed its hash check and was discarded" if state == "corrupt" else "is missing"
+            raise InputDamaged(
+                f"input damaged: store entry {key} of {ref.kind}:{ref.item} {what}; it is rebuilt on the next "
+                "run",
+                key,
+            )
+        return self.store.path(key)
 
     def input_dirs(self, task: Task) -> list[Path | None]:
         """Store folders of every Ref input of `task`, in order (None for skipped optional inputs)."""

@@ -13,17 +13,23 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import StepFailed
+from ..errors import StepFailed, ZRecipeWarning, os_problem
 from .context import Outcome, RunContext, Task, run_chunk, run_tasks
 from .graph import Graph, Ref, StepKind
 from .planner import Plan, PlannedNode
 from .record import RecordBuilder, pending_path
 from .report import BuildReport, KindReport
 from .store import Store, VerifyLevel, write_atomic
+
+# A damaged entry found while a step reads it is discarded and rebuilt by a new plan; a store that keeps
+# returning damaged bytes after this many rebuilds has a deeper problem (a failing disk) to report.
+REPAIR_ATTEMPTS = 2
+FINISH_FIX = "free some space or fix the store folder, then run the build again (finished steps are kept)"
 
 
 def _progress(enabled: bool):
@@ -71,17 +77,34 @@ def _mp_context(name: str | None):
     return multiprocessing.get_context(name)
 
 
-def _run_kind(
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux, ask the kernel to kill this worker when the build process dies (a
+    forked worker of a kill -9'ed build would otherwise wait on its task queue forever)."""
+    if not sys.platform.startswith("linux"):
+        return  # spawned workers (macOS) see their queue close when the parent dies
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the build died before the request took effect
+        os._exit(1)
+
+
+def run_kind(
     sk: StepKind,
     tasks: list[Task],
     store: Store,
     data: Any,
     skipped: frozenset[str],
     jobs: int,
-    mp_context: str | None,
-    advance,
+    mp_context: str | None = None,
+    advance=lambda n: None,
 ) -> dict[str, Outcome]:
-    """Run `tasks` of one kind; returns {key: Outcome}. `advance(n)` moves the progress bar."""
+    """Run `tasks` of one kind (in chunks over a process pool for a parallel kind with jobs > 1); returns
+    {key: Outcome}. `skipped`: keys of skipped upstream nodes; `advance(n)` moves the progress bar."""
     if not sk.parallel or jobs <= 1 or len(tasks) < 2:
         ctx = RunContext(store, data, skipped, on_done=lambda t, o: advance(1))
         return run_tasks(sk.run, tasks, ctx)
@@ -90,7 +113,12 @@ def _run_kind(
     batch = sk.item_batch or max(1, min(256, math.ceil(len(tasks) / (jobs * 4))))
     chunks = [tasks[i : i + batch] for i in range(0, len(tasks), batch)]
     outcomes: dict[str, Outcome] = {}
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=_mp_context(mp_context))
+    pool = ProcessPoolExecutor(
+        max_workers=min(jobs, len(chunks)),
+        mp_context=_mp_context(mp_context),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
         futures = {
             pool.submit(run_chunk, sk.run, chunk, str(store.root), store.fsync, data, skipped): chunk
@@ -120,6 +148,7 @@ def execute(
     keep_going_kinds: Iterable[str] = (),
     report_path: str | os.PathLike[str] | None = None,
     mp_context: str | None = None,
+    repaired: Iterable[str] = (),
 ) -> BuildReport:
     """Run every stale node of `plan`, kind by kind in topological order; returns the BuildReport.
 
@@ -130,8 +159,11 @@ def execute(
     failed item (its exit_code is 2 when every failure is a UserError, e.g. bad input data). Nodes that
     depend on a failed or skipped node are skipped (an optional Ref sees None instead). The build record
     and the report (when `report_path` is given) are written atomically at the end, whatever happened.
+    A task that fails because a store entry it reads is damaged records the entry (discarded) in the
+    StepFailed's `damaged`; `repaired` lists entries an earlier attempt discarded (for the report).
     """
     jobs = jobs or os.cpu_count() or 1
+    finished = False
     keep_going = set(keep_going_kinds)
     graph = plan.graph
     t0 = time.perf_counter()
@@ -139,11 +171,15 @@ def execute(
     done: dict[str, bool] = {}  # key → ok, for stale nodes that finished (ok or not)
     bad: dict[tuple[str, str], str] = {}  # (kind, item) → "failed" | "skipped"
     failures: list[tuple[str, str, str]] = []
+    damaged: list[str] = []  # keys of store entries found damaged (and discarded) while being read
     all_user = True
     pending = pending_path(store.root, graph.graph_id)
     if plan.stale_count:
         # Before any work: tell gc which keys this build is producing (it may be killed before the end).
-        write_atomic(pending, "\n".join(sorted({p.key for p in plan.stale()})).encode(), fsync=False)
+        try:
+            write_atomic(pending, "\n".join(sorted({p.key for p in plan.stale()})).encode(), fsync=False)
+        except OSError as exc:
+            raise os_problem(exc, "writing the build's pending list", FINISH_FIX) from exc
     bar = _progress(progress)
     try:
         if bar is not None:
@@ -182,7 +218,7 @@ def execute(
             bar_id = bar.add_task(kind, total=len(unique)) if bar is not None and unique else None
             advance = (lambda n, b=bar_id: bar.advance(b, n)) if bar_id is not None else (lambda n: None)
             outcomes = (
-                _run_kind(sk, list(unique.values()), store, ctx, skipped_keys, jobs, mp_context, advance)
+                run_kind(sk, list(unique.values()), store, ctx, skipped_keys, jobs, mp_context, advance)
                 if unique
                 else {}  # every node was blocked upstream: don't call run() (it may load a model)
             )
@@ -191,7 +227,8 @@ def execute(
                 done[p.key] = o.ok
                 if o.ok:
                     kr.ran += 1
-                elif p.node.on_error == "skip" or kind in keep_going:
+                elif (p.node.on_error == "skip" or kind in keep_going) and not o.damaged:
+                    # (an item whose input was damaged is never skipped: a rebuild would train without it)
                     bad[(kind, p.node.item)] = "skipped"
                     kr.skipped += 1
                     kr.skipped_items.append({"item": p.node.item, "error": o.error})
@@ -201,10 +238,13 @@ def execute(
                     kr.failures.append({"item": p.node.item, "error": o.error})
                     failures.append((kind, p.node.item, o.error))
                     all_user = all_user and o.user_error
+                    if o.damaged:
+                        damaged.append(o.damaged)
             kr.seconds = time.perf_counter() - k0
             if failures:
                 report.status = "failed"
                 break
+        finished = True
     except KeyboardInterrupt:
         report.status = "interrupted"
         raise
@@ -216,18 +256,41 @@ def execute(
             bar.stop()
         report.seconds = time.perf_counter() - t0
         report.measure_memory()
-        _write_record(plan, store, done)
-        pending.unlink(missing_ok=True)
-        if report_path is not None:
-            report.write(report_path)
+        report.repaired = sorted(set(repaired or ()) | set(damaged))
+        _finish(plan, store, done, pending, report, report_path, raise_errors=finished and not failures)
     if failures:
         err = StepFailed(_failure_message(failures))
         err.failures = failures  # type: ignore[attr-defined]
         err.report = report  # type: ignore[attr-defined]
+        err.damaged = damaged  # type: ignore[attr-defined]
+        # Every failure came from a damaged input (now discarded): a new plan rebuilds it (build() does).
+        err.only_damaged = len(damaged) == len(failures)  # type: ignore[attr-defined]
         if all_user:
             err.exit_code = 2  # bad input data (UserError in every item) → the CLI's user-error exit code
         raise err
     return report
+
+
+def _finish(plan, store, done, pending, report, report_path, raise_errors: bool) -> None:
+    """Write the build record and the report, and drop the pending list. When an exception is already on
+    its way out (`raise_errors` False), a failure here (a full disk) must not hide it: it becomes a
+    warning. Otherwise it is raised as the EnvironmentProblem naming the file."""
+    problems: list[tuple[str, OSError]] = []
+    for what, write in (
+        ("writing the build record", lambda: _write_record(plan, store, done)),
+        ("removing the pending list", lambda: pending.unlink(missing_ok=True)),
+        ("writing the build report", lambda: report.write(report_path) if report_path is not None else None),
+    ):
+        try:
+            write()
+        except OSError as exc:
+            problems.append((what, exc))
+    if not problems:
+        return
+    first = os_problem(problems[0][1], problems[0][0], FINISH_FIX)
+    if raise_errors:
+        raise first from problems[0][1]
+    warnings.warn(str(first), ZRecipeWarning, stacklevel=3)
 
 
 def _write_record(plan: Plan, store: Store, done: dict[str, bool]) -> Path | None:
@@ -276,20 +339,48 @@ def build(
     dry_run: bool = False,
     lock_timeout: float | None = 600.0,
     verify: VerifyLevel = "exists",
+    on_plan: Callable[[Plan], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
     **execute_kwargs: Any,
 ) -> tuple[Plan, BuildReport | None]:
     """Lock the store, plan `graph` (optionally `until` one kind) against its previous record — checking
     the stored inputs that stale nodes will read, so damaged ones are rebuilt first — and execute the
-    plan unless `dry_run`. Returns (plan, report or None). Extra kwargs go to execute()."""
+    plan unless `dry_run`. Returns (plan, report or None). Extra kwargs go to execute().
+
+    A store entry that fails its hash check while a step reads it is discarded and the graph re-planned
+    and run again (at most REPAIR_ATTEMPTS times), so the build ends with the bytes a clean build makes.
+    `on_plan(plan)` is called after each planning (e.g. for warnings about stale items); `on_wait(text)`
+    gets a line saying who holds the lock when the build has to wait for it (default: printed on stderr).
+    """
     from .lock import StoreLock
     from .planner import plan as make_plan
     from .record import Record
 
     if until is not None:
         graph = graph.until(until)
-    with StoreLock(store.root, timeout=lock_timeout):
-        previous = Record.load(store.root, graph.graph_id)
-        the_plan = make_plan(graph, store, previous, force=force, verify=verify, check_inputs=True)
-        if dry_run:
-            return the_plan, None
-        return the_plan, execute(the_plan, store, ctx, **execute_kwargs)
+    with StoreLock(store.root, timeout=lock_timeout, on_wait=on_wait or _print_wait):
+        repaired: list[str] = []
+        for attempt in range(REPAIR_ATTEMPTS + 1):
+            previous = Record.load(store.root, graph.graph_id)
+            the_plan = make_plan(graph, store, previous, force=force, verify=verify, check_inputs=True)
+            if on_plan is not None:
+                on_plan(the_plan)
+            if dry_run:
+                return the_plan, None
+            try:
+                return the_plan, execute(the_plan, store, ctx, repaired=repaired, **execute_kwargs)
+            except StepFailed as exc:
+                if not getattr(exc, "only_damaged", False) or attempt == REPAIR_ATTEMPTS:
+                    raise
+                found = sorted(set(exc.damaged))  # type: ignore[attr-defined]
+                repaired.extend(found)
+                one = len(found) == 1
+                print(
+                    f"{len(found)} store entr{'y' if one else 'ies'} failed the hash check while being read "
+                    f"and {'was' if one else 'were'} discarded; rebuilding", file=sys.stderr,
+                )  # fmt: skip
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _print_wait(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

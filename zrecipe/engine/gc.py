@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,7 +111,7 @@ def referenced_keys(store: Store) -> tuple[set[str], list[str]]:
 
 def collect(store: Store, dry_run: bool = False, lock_timeout: float | None = 600.0) -> GcReport:
     """Remove unreferenced entries, work folders and leftover temp folders; returns the GcReport."""
-    with StoreLock(store.root, timeout=lock_timeout):
+    with StoreLock(store.root, timeout=lock_timeout, on_wait=lambda text: print(text, file=sys.stderr)):
         keep, ids = referenced_keys(store)
         report = GcReport(dry_run=dry_run, roots=sorted(ids))
         for key in list(store.iter_entries()):

@@ -77,6 +77,18 @@ class StepKind:
     description: str = ""
 
 
+def closure(needs: Mapping[str, Iterable[str]], roots: Iterable[str]) -> set[str]:
+    """`roots` and every name they need, transitively (`needs[name]`: what `name` depends on)."""
+    keep: set[str] = set()
+    stack = list(roots)
+    while stack:
+        name = stack.pop()
+        if name not in keep:
+            keep.add(name)
+            stack.extend(needs.get(name, ()))
+    return keep
+
+
 class GraphError(ValueError):
     """A malformed graph (a programming error of the code that builds it, not a user error)."""
 
@@ -122,22 +134,12 @@ class Graph:
         items[node.item] = node
         return node
 
-    def add_many(self, nodes: Iterable[Node]) -> None:
-        """Add several nodes."""
-        for n in nodes:
-            self.add(n)
-
     def node(self, kind: str, item: str) -> Node:
         """The node (`kind`, `item`); KeyError if absent."""
         return self.nodes[kind][item]
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.nodes.values())
-
-    def iter_nodes(self) -> Iterable[Node]:
-        """Every node, kind by kind in topological order."""
-        for k in self.order():
-            yield from self.nodes[k].values()
 
     def dependencies(self) -> dict[str, set[str]]:
         """{kind: kinds it needs}, from `after` plus every node's Refs (missing Ref targets are reported
@@ -169,14 +171,7 @@ class Graph:
         """The subgraph of `kind` and every kind it needs (transitively), nothing downstream."""
         if kind not in self.kinds:
             raise GraphError(f"unknown step kind {kind!r}; known: {', '.join(self.kinds)}")
-        deps = self.dependencies()
-        keep: set[str] = set()
-        stack = [kind]
-        while stack:
-            k = stack.pop()
-            if k not in keep:
-                keep.add(k)
-                stack.extend(deps[k])
+        keep = closure(self.dependencies(), [kind])
         sub = Graph(self.graph_id)
         for name, k in self.kinds.items():
             if name in keep:
@@ -185,13 +180,3 @@ class Graph:
                 sub._ref_kinds[name] = set(self._ref_kinds[name])
         sub.omitted_kinds = frozenset(self.kinds) - keep | self.omitted_kinds
         return sub
-
-    def dependents(self) -> dict[tuple[str, str], list[tuple[str, str]]]:
-        """{(kind, item): [(kind, item) of nodes that reference it]}."""
-        out: dict[tuple[str, str], list[tuple[str, str]]] = {}
-        for kind, items in self.nodes.items():
-            for node in items.values():
-                for inp in node.inputs:
-                    if isinstance(inp, Ref):
-                        out.setdefault((inp.kind, inp.item), []).append((kind, node.item))
-        return out

@@ -32,7 +32,9 @@ class KindReport:
 @dataclass
 class BuildReport:
     """The report of one execute() call. status: "ok", "failed" (items failed), "interrupted" (Ctrl-C)
-    or "error" (the engine or a step raised outside any item)."""
+    or "error" (the engine or a step raised outside any item). `repaired`: keys of store entries that
+    failed their hash check while being read, were discarded and rebuilt. `outputs`: what the caller
+    published from the store, {path: {kind, item, key, hash, action}} (which run each file came from)."""
 
     graph: str
     status: str = "ok"
@@ -42,6 +44,8 @@ class BuildReport:
     kinds: dict[str, KindReport] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     peak_rss_children_bytes: int = 0
+    repaired: list[str] = field(default_factory=list)
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def ran(self) -> int:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import xxhash
 
+from ..errors import EnvironmentProblem, os_problem
+from .files import probe_writable, read_regular
 from .pause import paused_gc
 
 # 2 s covers FAT's timestamps (the coarsest in use); ext4/APFS ticks are far finer, so this only means
@@ -37,6 +39,10 @@ _TEXT_SCHEMA = """CREATE TABLE IF NOT EXISTS texts (
     recorded_ns INTEGER, data BLOB) WITHOUT ROWID"""
 # Files larger than this are read on every call but not cached (captions are a few hundred bytes).
 MAX_CACHED_BYTES = 64 * 1024
+# read_small_files refuses files larger than this (a "caption" of megabytes is the wrong file).
+MAX_SMALL_FILE_BYTES = 1 << 20
+STAT_CACHE_NAME = "stat.sqlite"  # the stat cache's file name in a store folder
+UNWRITABLE_FIX = "builds (and plans) write their stat cache and lock into the store: make it writable or pass --cache with another folder"
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
@@ -62,10 +68,18 @@ class StatCache:
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_problem(exc, "the store folder", UNWRITABLE_FIX) from exc
         try:
             return self._connect()
         except sqlite3.DatabaseError as exc:
+            # A cache on a read-only or full disk is not corrupt: say what is wrong instead of deleting it.
+            try:
+                probe_writable(self.db_path.parent)
+            except OSError as os_exc:
+                raise os_problem(os_exc, "the store folder", UNWRITABLE_FIX) from exc
             return self._recreate(exc)
 
     def _connect(self) -> sqlite3.Connection:
@@ -93,7 +107,14 @@ class StatCache:
                 os.unlink(f"{self.db_path}{suffix}")
             except FileNotFoundError:
                 pass
-        return self._connect()
+            except OSError as os_exc:
+                raise os_problem(os_exc, "the stat cache", UNWRITABLE_FIX) from exc
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as again:
+            raise EnvironmentProblem(
+                f"the stat cache {self.db_path} cannot be created ({again}); {UNWRITABLE_FIX}."
+            ) from again
 
     def close(self) -> None:
         """Close the database connection."""
@@ -138,13 +159,20 @@ class StatCache:
             sigs.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         return self._hash_signed(sigs)
 
-    def hash_signed(self, signatures: Iterable[tuple[str, int, int, int, int]]) -> dict[str, str]:
+    def hash_signed(
+        self,
+        signatures: Iterable[tuple[str, int, int, int, int]],
+        errors: dict[str, OSError] | None = None,
+    ) -> dict[str, str]:
         """`hash_files` for callers that already hold each file's stat signature, given as tuples
-        (path, size, mtime_ns, ctime_ns, inode) — e.g. a scan's records: no stat, no per-file object."""
-        with paused_gc():
-            return self._hash_signed(signatures)
+        (path, size, mtime_ns, ctime_ns, inode) — e.g. a scan's records: no stat, no per-file object.
 
-    def _hash_signed(self, signatures) -> dict[str, str]:
+        With `errors` (a dict), a file that cannot be read is recorded there ({path: OSError}) and left out
+        of the result instead of raising, so the caller can report or skip every such file at once."""
+        with paused_gc():
+            return self._hash_signed(signatures, errors)
+
+    def _hash_signed(self, signatures, errors=None) -> dict[str, str]:
         rows = self._rows()  # one SELECT for all: far cheaper than 100k single-row lookups
         now = time.time_ns()
         granularity = self.granularity_ns
@@ -159,7 +187,13 @@ class StatCache:
             if row is not None and row[:5] == sig and row[6] - sig[2] >= granularity:
                 result[path] = row[5]
                 continue
-            digest = hash_file(path)
+            try:
+                digest = hash_file(path)
+            except OSError as exc:
+                if errors is None:
+                    raise
+                errors[path] = exc
+                continue
             self.hashed += 1
             result[path] = digest
             updates.append((*sig, digest, now))
@@ -203,8 +237,7 @@ class StatCache:
                 result[path] = row[6]
                 continue
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = read_regular(path, MAX_SMALL_FILE_BYTES)  # a FIFO or /dev/zero link: an error
             except OSError as exc:
                 result[path] = exc
                 continue
@@ -222,11 +255,57 @@ class StatCache:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?)", updates)
             self._db.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
-            # A cache that cannot be written (read-only medium, lock held too long) only costs speed.
+        except BaseException as exc:
+            # Whatever happened (a path SQLite cannot encode, Ctrl-C), never leave the transaction open.
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
+            if not isinstance(exc, sqlite3.OperationalError):
+                raise
+            # A cache that cannot be written (read-only medium, lock held too long) only costs speed.
             warnings.warn(f"stat cache {self.db_path}: could not save hashes ({exc})", RuntimeWarning, 3)
+
+    def lookup(self, paths: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
+        """Content hash of each existing path, like `hash_files`, but with one indexed query per few
+        hundred paths instead of reading the whole table: for a handful of files (a build's outputs)
+        in a cache that also holds 100,000 dataset rows. Missing paths are left out."""
+        sigs = []
+        for p in paths:
+            path = os.fspath(p)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            sigs.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        rows: dict[str, tuple] = {}
+        try:
+            for i in range(0, len(sigs), 500):
+                chunk = [s[0] for s in sigs[i : i + 500]]
+                query = (
+                    "SELECT path, size, mtime_ns, ctime_ns, inode, hash, recorded_ns FROM files WHERE path IN "
+                    f"({', '.join('?' * len(chunk))})"
+                )
+                rows.update((r[0], r) for r in self._db.execute(query, chunk))
+        except sqlite3.DatabaseError:
+            rows = {}
+        now = time.time_ns()
+        result, updates = {}, []
+        for sig in sigs:
+            row = rows.get(sig[0])
+            if row is not None and row[:5] == sig and row[6] - sig[2] >= self.granularity_ns:
+                result[sig[0]] = row[5]
+                continue
+            result[sig[0]] = digest = hash_file(sig[0])
+            updates.append((*sig, digest, now))
+        if updates:
+            self._write(updates)
+        return result
+
+    def remember(self, path: str | os.PathLike[str], digest: str) -> None:
+        """Record that `path` (as it is now) has content hash `digest`, e.g. a file just written from
+        verified bytes, so the next lookup does not read it again (git's racy rule still applies)."""
+        st = os.stat(path)
+        self._write([(os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
+                      time.time_ns())])  # fmt: skip
 
     def prune(self) -> int:
         """Forget files that no longer exist; returns how many rows were removed (used by gc)."""

@@ -10,7 +10,9 @@ Layout under `root`:
 
 An entry only ever appears by renaming a complete, fsync'ed temp folder into place, so a crash or kill -9
 at any moment leaves either no entry or a complete one. Damage after the fact (a truncated file, a deleted
-manifest) is caught by verification and the entry is discarded and rebuilt, never used.
+manifest, flipped bytes) is caught by verification and the entry is discarded and rebuilt, never used:
+`verified(key)` hashes every file against the manifest before a step reads the entry, and `copy_out`
+checks the bytes it copies out of the store as it reads them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from .statcache import hash_file
+import xxhash
+
+from ..errors import EnvironmentProblem, InputDamaged, os_problem
+from .files import copy_verified, probe_writable
+from .statcache import UNWRITABLE_FIX, hash_file
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = 1
@@ -56,6 +62,23 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, fsync: bool = True) 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def prepare_root(root: str | os.PathLike[str]) -> Path:
+    """Create the store folder `root` if needed and check that builds can write there; an OS fault (a
+    file in the way, a read-only disk, no permission) becomes the EnvironmentProblem that says so."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise EnvironmentProblem(
+            f"the store folder (--cache / `cache:`) {root} is a file; the store is a folder: pass --cache "
+            "with a folder (created if missing), or move that file away."
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe_writable(root)
+    except OSError as exc:
+        raise os_problem(exc, "the store folder (--cache / `cache:`)", UNWRITABLE_FIX) from exc
+    return root
 
 
 class Store:
@@ -140,7 +163,10 @@ class Store:
                     return "corrupt"
             except OSError:
                 return "corrupt"
-            if level == "hashes" and hash_file(folder / rel) != digest:
+            try:
+                if level == "hashes" and hash_file(folder / rel) != digest:
+                    return "corrupt"
+            except FileNotFoundError:  # removed since the stat: damage; other errors are the machine's
                 return "corrupt"
         return "ok"
 
@@ -155,6 +181,59 @@ class Store:
         if state == "corrupt":
             self.discard(key)
         return None
+
+    def verified(self, key: str) -> Check:
+        """`check(key, "hashes")` for an entry a step is about to read; a corrupt entry is discarded.
+
+        Every file is hashed (xxh3 at memory speed; the step then reads the same bytes from the page
+        cache). RunContext remembers the entries it verified, so each is hashed once per step kind.
+        """
+        state = self.check(key, "hashes")
+        if state == "corrupt":
+            self.discard(key)
+        return state
+
+    def copy_out(self, key: str, rel: str, dst: str | os.PathLike[str]) -> str:
+        """Copy file `rel` of entry `key` to `dst` atomically, checking the bytes against the manifest hash
+        as they are read; returns that hash. A mismatch (or a missing file) discards the entry and raises
+        InputDamaged, writing nothing at `dst`; an OSError at `dst` (a full disk) leaves no temp file."""
+        digest = self._listed(key, rel)
+        try:
+            ok = copy_verified(self.path(key) / rel, dst, digest)
+        except FileNotFoundError as exc:
+            if exc.filename is None or os.fspath(exc.filename) != os.fspath(self.path(key) / rel):
+                raise  # the destination's folder is gone: not the store's problem
+            ok = False
+        if not ok:
+            self.discard(key)
+            raise InputDamaged(
+                f"store entry {key}: {rel} does not match its manifest; the entry was discarded", key
+            )
+        return digest
+
+    def read_file(self, key: str, rel: str) -> bytes:
+        """The bytes of file `rel` of entry `key`, checked against the manifest (InputDamaged otherwise)."""
+        digest = self._listed(key, rel)
+        try:
+            data = (self.path(key) / rel).read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is None or xxhash.xxh128_hexdigest(data) != digest:
+            self.discard(key)
+            raise InputDamaged(
+                f"store entry {key}: {rel} does not match its manifest; the entry was discarded", key
+            )
+        return data
+
+    def _listed(self, key: str, rel: str) -> str:
+        """The manifest hash of `rel` in entry `key`; a missing manifest or entry discards it."""
+        files = self.manifest(key)
+        if files is None or rel not in files:
+            self.discard(key)
+            raise InputDamaged(
+                f"store entry {key} has no intact manifest listing {rel}; it was discarded", key
+            )
+        return files[rel][1]
 
     # -- writing -------------------------------------------------------------------------------------
     def discard(self, key: str) -> None:

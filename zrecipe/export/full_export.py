@@ -1,4 +1,5 @@
-"""Export a full fine-tune as a diffusers-layout model folder (diffusers, mflux and zrecipe load it).
+"""Export a full fine-tune as a diffusers-layout model folder (diffusers, mflux and zrecipe load it), or
+as one safetensors file in the original Z-Image naming (ComfyUI's `z_image_*.safetensors` layout).
 
 The trained transformer is written as `transformer/diffusion_pytorch_model-0000i-of-0000N.safetensors`
 shards plus `diffusion_pytorch_model.safetensors.index.json` (a single `diffusion_pytorch_model.safetensors`
@@ -147,3 +148,49 @@ def export_full_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def original_naming(weights: dict, config) -> dict:
+    """diffusers-named transformer weights → the original Z-Image naming (fused `attention.qkv`,
+    `attention.out`, `q_norm` / `k_norm`, `x_embedder`, `final_layer`): the inverse of the renames
+    `ZImageTransformer.sanitize` reads, from the same tables."""
+    from zrecipe.models.z_image.transformer import _FUSED_QKV, _INFIX_RENAMES, _PREFIX_RENAMES
+
+    patch = f"{config.all_patch_size[0]}-{config.all_f_patch_size[0]}"
+    out = {}
+    for key, value in weights.items():
+        for old, new in _INFIX_RENAMES.items():
+            key = key.replace(new, old)
+        for old, new in _PREFIX_RENAMES.items():
+            if key.startswith(new.format(patch=patch)):
+                key = old + key.removeprefix(new.format(patch=patch))
+        out[key] = value
+    for key in [k for k in out if ".attention.to_q." in k]:
+        head, tail = key.split(".attention.to_q.")
+        parts = [out.pop(f"{head}.attention.{name}.{tail}") for name in ("to_q", "to_k", "to_v")]
+        out[f"{head}{_FUSED_QKV}{tail}"] = mx.concatenate(parts, axis=0)
+    return out
+
+
+def write_original_naming(weights: dict, config, path: str | Path, dtype: str = "bfloat16") -> Path:
+    """The transformer as one safetensors file in the original naming (atomically)."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown export dtype {dtype!r}; use bfloat16 or float32.")
+    path = Path(path)
+    if path.exists():
+        raise UserError(f"{path}: already exists; pass a new file with -o or remove it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: (v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v)
+        for k, v in original_naming(weights, config).items()
+    }
+    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.safetensors"
+    try:
+        mx.eval(tensors)
+        mx.save_safetensors(str(tmp), tensors, metadata={"format": "pt"})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

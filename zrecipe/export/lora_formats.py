@@ -1,14 +1,20 @@
-"""LoRA files: the writers for mflux/ComfyUI, diffusers and kohya, and one reader for every convention.
+"""LoRA files: the writers for every client's format and the one reader of every convention.
 
-A LoRA is held as {module path: LoraDelta(A (r, in), B (out, r), scale)} with ΔW = scale · B @ A, the
-orientation PEFT, mflux and zrecipe's own adapter share. Formats written (DESIGN §7):
+A LoRA is held as {module path: delta} (`zrecipe.lora.delta`; for LoRA ΔW = scale · B @ A in the
+orientation PEFT, mflux and zrecipe's own adapter share). Formats written (DESIGN §7):
 
 - `mflux` / `comfyui` (one format): `diffusion_model.<path>.lora_A.weight`, `.lora_B.weight`, and
   `diffusion_model.<path>.alpha` when alpha ≠ rank (mflux, ComfyUI and diffusers read the alpha there).
 - `diffusers`: `transformer.<path>.lora_A.weight` / `.lora_B.weight` with the scale folded into B:
   diffusers treats a PEFT file without alphas as scale 1 per module (and mis-prefixes one with `.alpha`
   keys), so folding is what makes every consumer see the same ΔW.
-- `kohya`: `lora_unet_<path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (always written).
+- `kohya`: the kohya names ComfyUI maps onto its own Z-Image layers (comfy/lora.py
+  `model_lora_keys_unet`): `lora_unet_<ComfyUI path with _>.lora_down.weight` / `.lora_up.weight` /
+  `.alpha`. ComfyUI fuses q/k/v into one `attention.qkv` weight and has no kohya name for each of them, so
+  q/k/v are written as one `attention_qkv` LoRA: A = [A_q; A_k; A_v] (rank 3r), B block-diagonal — exact
+  (musubi-tuner's `convert_z_image_lora_to_comfy` writes the same layout); `to_out.0` is `attention_out`.
+- `musubi`: musubi-tuner's (sd-scripts') naming, split q/k/v: `lora_unet_<path with _>...` (what
+  musubi's Z-Image LoRA network loads).
 - `zrecipe`: the training adapter layout (`<path>.lora_A.weight`, `.lora_B.weight`, `.alpha`).
 """
 
@@ -23,37 +29,30 @@ from pathlib import Path
 import mlx.core as mx
 
 from zrecipe.errors import CheckpointError, UserError
-from zrecipe.export.lora_keys import key_convention, kohya_name, parse_key, patch_key, resolve_stem
+from zrecipe.export.lora_keys import (
+    comfy_kohya_name,
+    key_convention,
+    kohya_name,
+    parse_key,
+    patch_key,
+    qkv_head,
+    resolve_stem,
+)
+from zrecipe.lora.delta import COMFY, DIFFUSERS, KOHYA, ZRECIPE, LoraDelta, build_delta
+from zrecipe.lora.variants import LokrDelta
+from zrecipe.recipe.schema import EXPORT_FORMATS  # the format names a user can ask for
 
-FORMATS = ("mflux", "comfyui", "diffusers", "kohya", "zrecipe")
+FORMATS = (*EXPORT_FORMATS, "zrecipe")
 DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
 # Metadata keys carried over from the source adapter into exports (DESIGN §7).
 CARRIED_METADATA = ("base_model", "recipe_hash", "step", "targets", "zrecipe_version")
-
-
-@dataclass(frozen=True)
-class LoraDelta:
-    """One module's low-rank update: ΔW = scale · B @ A. `alpha` is the file's alpha (None if absent)."""
-
-    A: mx.array  # (rank, in)
-    B: mx.array  # (out, rank)
-    scale: float
-    alpha: float | None = None
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    def delta(self) -> mx.array:
-        """ΔW (out, in) in float32."""
-        return self.scale * (self.B.astype(mx.float32) @ self.A.astype(mx.float32))
 
 
 @dataclass
 class LoraWeights:
     """A LoRA file's updates by module path, plus what could not be matched and the file's metadata."""
 
-    deltas: dict[str, LoraDelta]
+    deltas: dict[str, LoraDelta]  # (or any delta kind of zrecipe.lora.delta)
     source: str = ""
     convention: str = "zrecipe"
     metadata: dict[str, str] = field(default_factory=dict)
@@ -64,6 +63,10 @@ def _load(path: str | Path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: LoRA file not found.")
+    if path.suffix.lower() == ".zip":  # a training checkpoint (zrecipe's or another tool's): its adapter
+        from zrecipe.export.sources import checkpoint_adapter
+
+        return checkpoint_adapter(path)
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True)
     except Exception as exc:  # mlx raises RuntimeError/ValueError on damaged or non-safetensors files
@@ -71,6 +74,12 @@ def _load(path: str | Path) -> tuple[dict, dict]:
     if not isinstance(tensors, dict):
         raise CheckpointError(f"{path}: not a safetensors file of named tensors.")
     return tensors, dict(metadata or {})
+
+
+def holds_adapter(tensors) -> bool:
+    """Whether these tensor names are an adapter's (some name is a part of an adapter kind), rather than
+    a full model's weights."""
+    return any((found := parse_key(k)) is not None and found[1] is not None for k in tensors)
 
 
 def _peft_scales(metadata: dict) -> dict:
@@ -114,32 +123,41 @@ def read_lora(
     return lora_from_tensors(tensors, metadata, str(path), module_shapes, allow_unmatched)
 
 
-def lora_from_tensors(
+def parse_deltas(
     tensors: dict,
     metadata: dict,
     path: str = "LoRA",
     module_shapes: dict[str, tuple[int, int]] | None = None,
-    allow_unmatched: bool = False,
-) -> LoraWeights:
-    """`read_lora` on tensors already in memory (e.g. a checkpoint zip's adapter); `path` names them."""
+    title: str = "this LoRA does not fit the model (made for another model or size?)",
+) -> tuple[dict, list[str]]:
+    """The one reader of LoRA tensors in every convention: ({module path: delta}, unmatched keys).
+
+    Tensors are grouped by module stem and delta kind (`zrecipe.lora.delta.DELTA_KINDS`); stems are
+    resolved against `module_shapes` ({path: (out, in)}) when given, else against Z-Image's naming. A fused
+    qkv stem is split onto to_q/to_k/to_v. Broken pairs and mis-sized layers raise one `CheckpointError`
+    (starting with `title`) listing all of them.
+    """
     paths = set(module_shapes) if module_shapes is not None else None
     patch = patch_key(paths)
     peft = _peft_scales(metadata)
     groups: dict[tuple[str, bool], dict[str, tuple[str, mx.array]]] = {}
+    kinds: dict[tuple[str, bool], set[type]] = {}
     unmatched: list[str] = []
     for key in sorted(tensors):
         parsed = parse_key(key)
         if parsed is None:
             unmatched.append(key)
             continue
-        stem, part, underscored = parsed
+        stem, kind, part, underscored = parsed
         groups.setdefault((stem, underscored), {})[part] = (key, tensors[key])
+        kinds.setdefault((stem, underscored), set()).update({kind} - {None})
     if not groups:
         raise CheckpointError(
-            f"{path}: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys); "
+            f"{path}: no LoRA tensors found (expected lora_A/lora_B, lora_down/lora_up, LyCORIS lokr_* / hada_* "
+            "or .diff keys); "
             f"first keys: {', '.join(sorted(tensors)[:5]) or '(none)'}."
         )
-    deltas: dict[str, LoraDelta] = {}
+    deltas: dict = {}
     origin: dict[str, tuple[str, bool]] = {}  # path → (key it came from, whether via a fused alias)
     problems: list[str] = []
     for (stem, underscored), parts in sorted(groups.items()):
@@ -148,44 +166,57 @@ def lora_from_tensors(
         if targets is None:
             unmatched.extend(keys)
             continue
-        if "down" not in parts or "up" not in parts:
-            problems.append(f"{stem}: incomplete LoRA pair (only {', '.join(sorted(keys))})")
-            continue
-        a, b = parts["down"][1], parts["up"][1]
-        alpha = float(parts["alpha"][1].item()) if "alpha" in parts else None
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            problems.append(f"{stem}: A {tuple(a.shape)} and B {tuple(b.shape)} are not a rank-r pair")
+        first = next(iter(parts.values()))[0]
+
+        def scale_for(rank: int, alpha: float | None, target: str = targets[0][0]) -> float:
+            return _scale_for(target, rank, alpha, peft)
+
+        delta = build_delta(kinds[stem, underscored], {part: t for part, (_, t) in parts.items()}, scale_for)
+        if isinstance(delta, str):
+            problems.append(f"{stem}: {delta} (has {', '.join(sorted(keys))})")
             continue
         fused = len(targets) > 1
-        if fused and b.shape[0] % len(targets):
-            problems.append(f"{stem}: fused qkv B has {b.shape[0]} rows, not a multiple of 3")
+        chunks = delta.split_outputs(len(targets)) if fused else [delta]
+        if isinstance(chunks, str):
+            problems.append(f"{stem}: {chunks}")
             continue
-        chunks = mx.split(b, len(targets), axis=0) if fused else [b]
         for (target, _), chunk in zip(targets, chunks, strict=True):
+            if chunk is None:
+                continue
             if target in deltas:
                 # Some trainers write both a fused qkv and the split keys: the explicit split key wins.
                 if fused and not origin[target][1]:
                     continue
                 if fused == origin[target][1]:
-                    problems.append(f"{target}: given twice ({origin[target][0]} and {parts['down'][0]})")
+                    problems.append(f"{target}: given twice ({origin[target][0]} and {first})")
                     continue
-            rank = int(a.shape[0])
-            deltas[target] = LoraDelta(a, chunk, _scale_for(target, rank, alpha, peft), alpha)
-            origin[target] = (parts["down"][0], fused)
+            deltas[target] = chunk
+            origin[target] = (first, fused)
     if module_shapes is not None:
         for target, d in sorted(deltas.items()):
             out_dim, in_dim = module_shapes[target]
-            if d.A.shape[1] != in_dim or d.B.shape[0] != out_dim:
+            if (d.in_dims, d.out_dims) != (in_dim, out_dim):
                 problems.append(
-                    f"{target}: LoRA maps {d.A.shape[1]} → {d.B.shape[0]} but the layer is "
-                    f"{in_dim} → {out_dim}"
+                    f"{target}: LoRA maps {d.in_dims} → {d.out_dims} but the layer is {in_dim} → {out_dim}"
                 )
     if problems:
         raise CheckpointError(
-            f"{path}: this LoRA does not fit the model (made for another model or size?): "
+            f"{path}: {title}: "
             + "; ".join(problems[:20])
             + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         )
+    return deltas, unmatched
+
+
+def lora_from_tensors(
+    tensors: dict,
+    metadata: dict,
+    path: str = "LoRA",
+    module_shapes: dict[str, tuple[int, int]] | None = None,
+    allow_unmatched: bool = False,
+) -> LoraWeights:
+    """`read_lora` on tensors already in memory (e.g. a checkpoint zip's adapter); `path` names them."""
+    deltas, unmatched = parse_deltas(tensors, metadata, path, module_shapes)
     if not deltas:
         raise CheckpointError(
             f"{path}: none of its {len(tensors)} keys matches a Z-Image transformer layer "
@@ -206,41 +237,125 @@ def lora_from_tensors(
 
 def _format_name(fmt: str) -> str:
     if fmt not in FORMATS:
-        raise UserError(f"unknown LoRA format {fmt!r}; use one of {', '.join(FORMATS[:4])}.")
+        raise UserError(f"unknown LoRA format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}.")
     return "mflux" if fmt == "comfyui" else fmt
 
 
-def _alpha_of(d: LoraDelta) -> float:
-    """The alpha to write: the file's own, else the one that reproduces the scale."""
-    return float(d.alpha) if d.alpha is not None else d.scale * d.rank
+def _named(deltas: dict, prefix: str, style: str) -> dict:
+    """Each module's parts behind `prefix + path` (the dotted conventions)."""
+    out: dict[str, mx.array] = {}
+    for path in sorted(deltas):
+        for suffix, tensor in deltas[path].file_parts(style).items():
+            out[f"{prefix}{path}{suffix}"] = tensor
+    return out
 
 
-def export_tensors(deltas: dict[str, LoraDelta], fmt: str, dtype: str = "bfloat16") -> dict[str, mx.array]:
-    """The tensors of `deltas` in format `fmt` (see module docstring), cast to `dtype`."""
+def _musubi(deltas: dict) -> dict:
+    """musubi-tuner's names; a LoKr's W1 written whole (musubi's LoKr merge reads only `lokr_w1`)."""
+    out: dict[str, mx.array] = {}
+    for path in sorted(deltas):
+        delta = deltas[path]
+        delta = delta.with_full_w1() if isinstance(delta, LokrDelta) else delta
+        for suffix, tensor in delta.file_parts(KOHYA).items():
+            out[kohya_name(path) + suffix] = tensor
+    return out
+
+
+def _diffusers(deltas: dict) -> dict:
+    """`transformer.<path>` + the diffusers parts. diffusers' Z-Image loader builds one PEFT config per
+    file: LoRA (DoRA when magnitudes are present: then on every layer) or LoKr, never a mix."""
+    out = _named(deltas, "transformer.", DIFFUSERS)
+    lokr = {k.rsplit(".lokr_", 1)[0] for k in out if ".lokr_" in k}
+    lora = {k.rsplit(".lora_", 1)[0] for k in out if ".lora_A." in k}
+    dora = {k.rsplit(".lora_", 1)[0] for k in out if k.endswith(".lora_magnitude_vector")}
+    if lokr and lora:
+        raise UserError(
+            "diffusers loads one adapter kind per file, and this adapter mixes LoKr layers with LoRA-type "
+            "layers; export it with --format comfyui (ComfyUI, zrecipe) instead."
+        )
+    if dora and dora != lora:
+        raise UserError(
+            "diffusers applies DoRA to every layer of a file, and this adapter has DoRA on only some of its "
+            "layers; export it with --format comfyui (ComfyUI, zrecipe) instead."
+        )
+    return out
+
+
+def _comfy_kohya(deltas: dict) -> dict:
+    """kohya names ComfyUI maps; q/k/v of one attention fused into one exact rank-3r `attention_qkv`."""
+    out: dict[str, mx.array] = {}
+    heads: dict[str, dict[int, object]] = {}
+    for path in sorted(deltas):
+        head = qkv_head(path)
+        if head is not None:
+            heads.setdefault(head[0], {})[head[1]] = deltas[path]
+            continue
+        for suffix, tensor in deltas[path].file_parts(KOHYA).items():
+            out[comfy_kohya_name(path) + suffix] = tensor
+    for head, parts in heads.items():
+        name = kohya_name(head + ".qkv")
+        for suffix, tensor in fused_qkv(parts, name).file_parts(KOHYA).items():
+            out[name + suffix] = tensor
+    return out
+
+
+def fused_qkv(parts: dict[int, LoraDelta], name: str = "qkv") -> LoraDelta:
+    """One LoRA for the fused [q; k; v] projection from the q (0), k (1), v (2) deltas present.
+
+    Each projection gets a rank slice of width r = the largest rank (smaller ones and absent projections
+    are zero-padded), A = the slices stacked, B block-diagonal: ΔW_qkv = [ΔW_q; ΔW_k; ΔW_v] exactly, with
+    the rank equal thirds that ComfyUI and musubi's converter expect. A common scale s stays in alpha
+    (alpha = s · 3r, B untouched); differing scales are folded into their B blocks (alpha = 3r).
+    """
+    pairs = {}
+    for index, delta in parts.items():
+        lora = (
+            delta if isinstance(delta, LoraDelta) else delta.as_lora() if hasattr(delta, "as_lora") else None
+        )
+        if lora is None:
+            raise UserError(
+                f"{name}: ComfyUI's kohya names fuse q/k/v into one qkv, which a {delta.KIND} adapter on q/k/v "
+                "cannot be written as; export it with --format comfyui (ComfyUI maps those names itself)."
+            )
+        pairs[index] = lora
+    r = max(d.rank for d in pairs.values())
+    any_delta = next(iter(pairs.values()))
+    in_dims, out_dims = any_delta.in_dims, any_delta.out_dims  # Z-Image: q, k and v are all dim → dim
+    scales = {d.scale for d in pairs.values()}
+    common = len(scales) == 1
+    a_blocks, b_blocks = [], []
+    for index in range(3):
+        d = pairs.get(index)
+        a = mx.zeros((r, in_dims), mx.float32)
+        b = mx.zeros((out_dims, 3 * r), mx.float32)
+        if d is not None:
+            a[: d.rank] = d.A.astype(mx.float32)
+            b_own = d.B.astype(mx.float32) if common else d.scale * d.B.astype(mx.float32)
+            b[:, index * r : index * r + d.rank] = b_own
+        a_blocks.append(a)
+        b_blocks.append(b)
+    scale = scales.pop() if common else 1.0
+    return LoraDelta(mx.concatenate(a_blocks), mx.concatenate(b_blocks), scale, scale * 3 * r)
+
+
+# How each format lays out a module's tensors (see the module docstring).
+_WRITERS = {
+    "mflux": lambda d: _named(d, "diffusion_model.", COMFY),
+    "diffusers": _diffusers,
+    "kohya": _comfy_kohya,
+    "musubi": _musubi,
+    "zrecipe": lambda d: _named(d, "", ZRECIPE),
+}
+
+
+def export_tensors(deltas: dict, fmt: str, dtype: str = "bfloat16") -> dict[str, mx.array]:
+    """The tensors of `deltas` in format `fmt` (see module docstring), cast to `dtype` (alphas stay fp32)."""
     kind = _format_name(fmt)
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype {dtype!r}; use bfloat16 or float32.")
     cast = DTYPES[dtype]
-    out: dict[str, mx.array] = {}
-    for path in sorted(deltas):
-        d = deltas[path]
-        a, b = d.A.astype(mx.float32), d.B.astype(mx.float32)
-        alpha = mx.array(_alpha_of(d), dtype=mx.float32)
-        if kind == "kohya":
-            base = kohya_name(path)
-            out[f"{base}.lora_down.weight"] = a.astype(cast)
-            out[f"{base}.lora_up.weight"] = b.astype(cast)
-            out[f"{base}.alpha"] = alpha
-        elif kind == "diffusers":
-            out[f"transformer.{path}.lora_A.weight"] = a.astype(cast)
-            out[f"transformer.{path}.lora_B.weight"] = (d.scale * b).astype(cast)
-        else:
-            prefix = "diffusion_model." if kind == "mflux" else ""
-            out[f"{prefix}{path}.lora_A.weight"] = a.astype(cast)
-            out[f"{prefix}{path}.lora_B.weight"] = b.astype(cast)
-            if kind == "zrecipe" or d.scale != 1.0:
-                out[f"{prefix}{path}.alpha"] = alpha
-    return out
+    tensors = _WRITERS[kind](deltas)
+    return {k: (v if k.endswith(".alpha") else v.astype(cast)) for k, v in tensors.items()}
 
 
 def _common(values) -> str:
@@ -252,8 +367,37 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+def _targets_json(deltas: dict) -> str:
+    """{path: {rank, alpha[, kind]}}: the kind only where it is not plain LoRA (LoRA files as before)."""
+    out = {}
+    for path, d in sorted(deltas.items()):
+        out[path] = {"rank": d.rank, "alpha": d.file_alpha}
+        if d.KIND != "lora":
+            out[path]["kind"] = d.KIND
+    return json.dumps(out)
+
+
+def adapter_file_metadata(deltas: dict, extra: dict | None = None) -> dict[str, str]:
+    """zrecipe's adapter.safetensors metadata: format, rank and alpha (the one value, or the sorted distinct
+    values as json), targets, version, and the caller's fields."""
+    from zrecipe import __version__
+
+    ranks = sorted({d.rank for d in deltas.values()})
+    alphas = sorted({d.file_alpha for d in deltas.values()})
+    meta = {
+        "format": "zrecipe",
+        "rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
+        "alpha": str(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
+        "targets": _targets_json(deltas),
+        "zrecipe_version": __version__,
+    }
+    for key, value in (extra or {}).items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
 def export_metadata(
-    deltas: dict[str, LoraDelta],
+    deltas: dict,
     fmt: str,
     source: dict | None = None,
     extra: dict | None = None,
@@ -267,20 +411,28 @@ def export_metadata(
     meta = {k: str(source[k]) for k in CARRIED_METADATA if k in source}
     meta.setdefault("zrecipe_version", __version__)
     ranks = [d.rank for d in deltas.values()]
-    alphas = [_alpha_of(d) for d in deltas.values()]
+    alphas = [d.file_alpha for d in deltas.values()]
     meta["rank"] = _common(ranks)
     meta["alpha"] = _common(alphas)
-    meta.setdefault(
-        "targets", json.dumps({p: {"rank": d.rank, "alpha": _alpha_of(d)} for p, d in sorted(deltas.items())})
-    )
+    meta.setdefault("targets", _targets_json(deltas))
     meta["format"] = fmt
     meta["exported_by"] = f"zrecipe {__version__}"
     if _format_name(fmt) == "diffusers":
         meta["lora_scale_folded"] = "true"  # alpha/rank already multiplied into lora_B
-    if _format_name(fmt) == "kohya":
+    if _format_name(fmt) in ("kohya", "musubi"):
+        kinds = sorted({d.KIND.removesuffix("+dora") for d in deltas.values()} - {"lora", "dora"})
+        network = {"ss_network_module": "networks.lora"}
+        if kinds:  # LyCORIS' kohya network module, as LyCORIS-aware tools expect it named
+            network = {
+                "ss_network_module": "lycoris.kohya",
+                "ss_network_args": json.dumps({"algo": kinds[0]}),
+            }
+        if any(d.KIND.endswith("dora") for d in deltas.values()):
+            network["ss_network_args"] = json.dumps({**json.loads(network.get("ss_network_args", "{}")),
+                                                     "dora_wd": True})  # fmt: skip
         meta.update(
             {
-                "ss_network_module": "networks.lora",
+                **network,
                 "ss_network_dim": meta["rank"],
                 "ss_network_alpha": meta["alpha"],
                 "ss_base_model_version": "z_image",

@@ -18,20 +18,11 @@ from __future__ import annotations
 
 import re
 
+from zrecipe.lora.delta import part_of
+
 # Prefixes stripped before resolution. `lora_unet_` / `lora_transformer_` mark underscored (kohya) stems.
 _DOTTED_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
-_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
-
-# Tensor-name endings → part. PEFT adds the adapter name before `.weight` (`lora_A.default.weight`).
-_PARTS = (
-    (re.compile(r"\.lora_A(?:\.[A-Za-z0-9_-]+)?\.weight$"), "down"),
-    (re.compile(r"\.lora_B(?:\.[A-Za-z0-9_-]+)?\.weight$"), "up"),
-    (re.compile(r"\.lora_down\.weight$"), "down"),
-    (re.compile(r"\.lora_up\.weight$"), "up"),
-    (re.compile(r"\.lora\.down\.weight$"), "down"),
-    (re.compile(r"\.lora\.up\.weight$"), "up"),
-    (re.compile(r"\.alpha$"), "alpha"),
-)
+_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
 
 # Z-Image's naming grammar, for kohya stems when no model is at hand (underscored leaf → dotted leaf).
 _BLOCK_RE = re.compile(r"^(layers|noise_refiner|context_refiner)_(\d+)_(.+)$", re.IGNORECASE)
@@ -58,27 +49,30 @@ _GLOBAL_LEAVES = {
     "t_embedder_mlp_0": "t_embedder.mlp.0",
     "t_embedder_mlp_2": "t_embedder.mlp.2",
 }
+# mflux's own module names where they differ from the checkpoint's (its training adapters use them).
+_MFLUX_NAMES = (
+    (re.compile(r"^t_embedder\.linear1$"), "t_embedder.mlp.0"),
+    (re.compile(r"^t_embedder\.linear2$"), "t_embedder.mlp.2"),
+    (re.compile(r"^(all_final_layer\.[^.]+)\.adaLN_modulation\.0$"), r"\1.adaLN_modulation.1"),
+)
 _FUSED_QKV = ".attention.qkv"
 _QKV_TARGETS = ("to_q", "to_k", "to_v")
 
 
-def parse_key(key: str) -> tuple[str, str, bool] | None:
-    """(stem, part, underscored) for a LoRA tensor name, or None when it is not a LoRA tensor."""
-    for pattern, part in _PARTS:  # noqa: B007 — `part` is used after the break
-        match = pattern.search(key)
-        if match:
-            stem = key[: match.start()]
-            break
-    else:
+def parse_key(key: str) -> tuple[str, type, str, bool] | None:
+    """(stem, delta kind, part, underscored) for a LoRA tensor name, or None when it is not one."""
+    found = part_of(key)
+    if found is None:
         return None
+    stem, kind, part = found
     for prefix in _KOHYA_PREFIXES:
         if stem.startswith(prefix):
-            return stem.removeprefix(prefix), part, True
+            return stem.removeprefix(prefix), kind, part, True
     for prefix in _DOTTED_PREFIXES:
         if stem.startswith(prefix):
             stem = stem.removeprefix(prefix)
             break
-    return stem, part, False
+    return stem, kind, part, False
 
 
 def key_convention(keys: list[str]) -> str:
@@ -125,6 +119,8 @@ def resolve_stem(
     # Dot-style trainers write `attention.to.q`; the original naming says `attention.out`.
     stem = re.sub(r"\.attention\.to\.([qkv])$", r".attention.to_\1", stem)
     stem = re.sub(r"\.attention\.(?:to\.)?out(?:\.0)?$", ".attention.to_out.0", stem)
+    for pattern, replacement in _MFLUX_NAMES:
+        stem = pattern.sub(replacement, stem)
     if stem == "x_embedder":
         stem = f"all_x_embedder.{patch}"
     elif stem.startswith("final_layer."):
@@ -148,5 +144,32 @@ def patch_key(paths) -> str:
 
 
 def kohya_name(path: str) -> str:
-    """`layers.3.attention.to_q` → `lora_unet_layers_3_attention_to_q` (kohya's module naming)."""
+    """`layers.3.attention.to_q` → `lora_unet_layers_3_attention_to_q` (kohya's module naming, which
+    musubi-tuner's Z-Image LoRA uses: its modules keep the checkpoint's names)."""
     return "lora_unet_" + path.replace(".", "_")
+
+
+# ComfyUI's own Z-Image module names (comfy/ldm/lumina/model.py) where they differ from the checkpoint's;
+# comfy/lora.py maps `lora_unet_<its name with _>` onto each of its weights.
+_COMFY_NAMES = (
+    (re.compile(r"\.attention\.to_out\.0$"), ".attention.out"),
+    (re.compile(r"^all_x_embedder\.2-1$"), "x_embedder"),
+    (re.compile(r"^all_final_layer\.2-1\."), "final_layer."),
+)
+
+
+def comfy_kohya_name(path: str) -> str:
+    """The kohya name ComfyUI maps onto the Z-Image layer at `path` (`attention.to_out.0` is its
+    `attention.out`; q/k/v have no name of their own there: they are written fused, see `qkv_head`)."""
+    for pattern, replacement in _COMFY_NAMES:
+        path = pattern.sub(replacement, path)
+    return kohya_name(path)
+
+
+def qkv_head(path: str) -> tuple[str, int] | None:
+    """(`<block>.attention`, index 0/1/2) for a q/k/v projection path, else None."""
+    for index, name in enumerate(_QKV_TARGETS):
+        suffix = f".attention.{name}"
+        if path.endswith(suffix):
+            return path.removesuffix(f".{name}"), index
+    return None

@@ -12,7 +12,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from zrecipe.errors import CheckpointError, UserError
-from zrecipe.export.lora_formats import FORMATS, lora_from_tensors, write_lora
+from zrecipe.export.lora_formats import holds_adapter, lora_from_tensors, write_lora
+from zrecipe.recipe.schema import EXPORT_FORMATS
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 FULL_FORMAT = "zrecipe-full"
@@ -35,7 +36,7 @@ class ExportSource:
         """Full fine-tune weights (the whole transformer) rather than a LoRA adapter."""
         if self.metadata.get("format") == FULL_FORMAT:
             return True
-        return not any("lora" in k for k in self.tensors) and any(k.endswith(".weight") for k in self.tensors)
+        return not holds_adapter(self.tensors) and any(k.endswith(".weight") for k in self.tensors)
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
@@ -74,9 +75,29 @@ def _from_recipe(path: Path) -> ExportSource:
     return source
 
 
-def _from_checkpoint(path: Path) -> ExportSource:
+def checkpoint_adapter(path: Path) -> tuple[dict, dict]:
+    """(adapter tensors, metadata) of a training checkpoint zip: zrecipe's (verified whole) or an mflux
+    training checkpoint (its adapter in zrecipe's layout, see `zrecipe.lora.mflux_checkpoint`)."""
+    from zrecipe.lora.mflux_checkpoint import is_mflux_checkpoint, read_mflux_checkpoint
     from zrecipe.training.checkpoint import read_checkpoint
 
+    if is_mflux_checkpoint(path):
+        run = read_mflux_checkpoint(path)
+        return run.adapter, run.adapter_metadata
+    checkpoint = read_checkpoint(path)
+    metadata = dict(checkpoint.adapter_metadata or {})
+    metadata.setdefault("step", str(checkpoint.step))
+    return checkpoint.adapter, metadata
+
+
+def _from_checkpoint(path: Path) -> ExportSource:
+    from zrecipe.lora.mflux_checkpoint import is_mflux_checkpoint, read_mflux_checkpoint
+    from zrecipe.training.checkpoint import read_checkpoint
+
+    if is_mflux_checkpoint(path):
+        run = read_mflux_checkpoint(path)
+        notes = [f"{path.name} is an mflux training checkpoint (step {run.step}): exporting its adapter"]
+        return ExportSource(path, run.adapter, run.adapter_metadata, path.parent, path.stem, notes=notes)
     checkpoint = read_checkpoint(path)
     metadata = dict(checkpoint.adapter_metadata or {})
     metadata.setdefault("step", str(checkpoint.step))
@@ -154,11 +175,11 @@ def run_export(
     formats = list(formats or source.formats)
     if not formats:
         raise UserError(
-            f"{spec}: give --format ({', '.join(FORMATS[:4])}); the input names no export formats."
+            f"{spec}: give --format ({', '.join(EXPORT_FORMATS)}); the input names no export formats."
         )
-    bad = [f for f in formats if f not in FORMATS[:4]]
+    bad = [f for f in formats if f not in EXPORT_FORMATS]
     if bad:
-        raise UserError(f"unknown --format {', '.join(bad)}; use one of {', '.join(FORMATS[:4])}.")
+        raise UserError(f"unknown --format {', '.join(bad)}; use one of {', '.join(EXPORT_FORMATS)}.")
     dtype = dtype or source.dtype or "bfloat16"
     out = Path(output).expanduser() if output else None
     if source.is_full:

@@ -1,14 +1,16 @@
 """Sample images for a build: the recipe's `sample` prompts rendered per checkpoint, plus a contact sheet.
 
-Models load once: prompts are encoded first (text encoder then freed), the base transformer is loaded once
-and each adapter is swapped in and out (LoRA wrappers restored to the base layers; full fine-tune weights
-reloaded from the model folder afterwards), the VAE once. Images are named `p<prompt>_s<seed>.png`.
+Models load once: the prompts arrive encoded (the build's encode-text entries), the base transformer is
+loaded once and each adapter is swapped in and out (LoRA wrappers restored to the base layers; full
+fine-tune weights reloaded from the model folder afterwards), then the VAE once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_unflatten
@@ -17,10 +19,9 @@ from zrecipe.generation.generate import (
     GenerationSettings,
     check_size,
     decode_latents,
-    encode_text,
+    free_memory,
     png_metadata,
     sample_latents,
-    save_png,
     size_multiple,
 )
 
@@ -29,7 +30,9 @@ LABEL_HEIGHT = 28
 
 
 def _is_full_weights(tensors: dict, metadata: dict) -> bool:
-    return metadata.get("format") == "zrecipe-full" or not any("lora" in k for k in tensors)
+    from zrecipe.export.lora_formats import holds_adapter
+
+    return metadata.get("format") == "zrecipe-full" or not holds_adapter(tensors)
 
 
 def swap_in(transformer, adapter: Path | None, model_path: Path) -> Callable[[], None]:
@@ -59,113 +62,62 @@ def swap_in(transformer, adapter: Path | None, model_path: Path) -> Callable[[],
     return lambda: transformer.update_modules(tree_unflatten(originals))
 
 
-def render_sample_grid(
-    model_path: str | Path,
-    adapters: Sequence[tuple[str, str | Path | None]],
-    prompts: Sequence[str],
-    out_dir: str | Path,
-    negative_prompt: str = "",
-    guidance: float = 3.5,
-    steps: int = 50,
-    width: int = 1024,
-    height: int = 1024,
-    seeds: Sequence[int] = (0,),
-    cfg_normalization: bool = False,
-    cfg_truncation: float = 1.0,
-    quantize: int | None = None,
-    sheet_name: str | None = "contact_sheet.png",
-    on_image: Callable[[Path], None] | None = None,
-) -> dict[str, list[Path]]:
-    """Render every prompt × seed for each (label, adapter) — adapter None is the base model — into
-    `out_dir/<label>/`, and a contact sheet (rows: prompt × seed, columns: labels). Returns {label: PNGs}."""
-    from zrecipe.models.z_image.sampler import read_scheduler_config
-    from zrecipe.models.z_image.transformer import load_transformer
-    from zrecipe.models.z_image.vae import load_vae
+@dataclass(frozen=True)
+class SampleRequest:
+    """One image to render per adapter: `settings` (its prompt, size, steps, guidance; `seed` is the one
+    rendered) with the prompt's and, for guidance > 0, the negative prompt's embeddings."""
 
-    model_path, out_dir = Path(model_path), Path(out_dir)
-    multiple = size_multiple(model_path)
-    check_size(width, height, multiple)
-    cfg = guidance > 0
-    embeds = encode_text(model_path, list(prompts) + ([negative_prompt] if cfg else []))
-    neg = embeds[-1] if cfg else None
-    scheduler = read_scheduler_config(model_path)
-    transformer = load_transformer(model_path, quantize=quantize)
-    vae = load_vae(model_path)
-    results: dict[str, list[Path]] = {}
-    grid: list[list] = [[None] * len(adapters) for _ in range(len(prompts) * len(seeds))]
-    for col, (label, adapter) in enumerate(adapters):
-        restore = swap_in(transformer, Path(adapter) if adapter else None, model_path)
-        folder = out_dir / label
-        paths = []
-        for p_index, prompt in enumerate(prompts):
-            settings = GenerationSettings(
-                prompt,
-                negative_prompt,
-                guidance,
-                steps,
-                width,
-                height,
-                tuple(seeds),
-                cfg_normalization,
-                cfg_truncation,
-            )
-            meta = png_metadata(settings, str(model_path), [adapter] if adapter else [])
-            for s_index, seed in enumerate(seeds):
-                latents = sample_latents(
-                    transformer, scheduler, settings, seed, embeds[p_index], neg, multiple // 2
-                )
-                image = decode_latents(vae, latents)[0]
-                path = save_png(image, folder / f"p{p_index:02d}_s{seed}.png", {**meta, "seed": str(seed)})
-                paths.append(path)
-                grid[p_index * len(seeds) + s_index][col] = image
-                if on_image:
-                    on_image(path)
-        restore()
-        results[label] = paths
-    if sheet_name:
-        rows = [f"{_short(p)} · seed {s}" for p in prompts for s in seeds]
-        contact_sheet(grid, rows, [label for label, _ in adapters], out_dir / sheet_name)
-    return results
+    settings: GenerationSettings
+    seed: int
+    prompt_embedding: Any
+    negative_embedding: Any = None
 
 
 def render_samples(
     model_path: str | Path,
-    adapter: str | Path | None,
-    prompts: Sequence[str],
-    negative_prompt: str,
-    guidance: float,
-    steps: int,
-    width: int,
-    height: int,
-    seeds: Sequence[int],
-    out_dir: str | Path,
-    cfg_normalization: bool = False,
-    cfg_truncation: float = 1.0,
-    quantize: int | None = None,
-) -> list[Path]:
-    """Render `prompts` × `seeds` for one adapter (None: the base model) into `out_dir`; returns the PNGs."""
-    out_dir = Path(out_dir)
-    out = render_sample_grid(
-        model_path,
-        [(out_dir.name, adapter)],
-        prompts,
-        out_dir.parent,
-        negative_prompt,
-        guidance,
-        steps,
-        width,
-        height,
-        seeds,
-        cfg_normalization,
-        cfg_truncation,
-        quantize,
-        sheet_name=None,
-    )
-    return out[out_dir.name]
+    adapters: Sequence[tuple[str, str | Path | None]],
+    requests: Sequence[SampleRequest],
+    model_name: str,
+) -> list[list[tuple[str, Any, dict[str, str]]]]:
+    """Render every request once per (label, adapter) — adapter None is the base model.
 
+    The transformer loads once and each adapter is swapped in and out again; once every latent is
+    denoised the transformer is freed and the VAE loads and decodes them. Returns, per request in order,
+    [(label, PIL image, PNG metadata)] in adapter order; `model_name` goes into the metadata."""
+    from zrecipe.models.z_image.sampler import read_scheduler_config
+    from zrecipe.models.z_image.transformer import load_transformer
+    from zrecipe.models.z_image.vae import load_vae
 
-def _short(text: str, limit: int = 48) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    model_path = Path(model_path)
+    multiple = size_multiple(model_path)
+    for request in requests:
+        check_size(request.settings.width, request.settings.height, multiple)
+    scheduler = read_scheduler_config(model_path)
+    transformer = load_transformer(model_path)
+    latents: list[list[tuple[str, mx.array]]] = [[] for _ in requests]
+    for label, adapter in adapters:
+        restore = swap_in(transformer, Path(adapter) if adapter else None, model_path)
+        for out, r in zip(latents, requests, strict=True):
+            x = sample_latents(transformer, scheduler, r.settings, r.seed, r.prompt_embedding,
+                               r.negative_embedding, multiple // 2)  # fmt: skip
+            mx.eval(x)
+            out.append((label, x))
+        restore()
+    del transformer
+    free_memory()
+    vae = load_vae(model_path)
+    rendered = []
+    for row, r in zip(latents, requests, strict=True):
+        meta = png_metadata(r.settings, model_name)
+        rendered.append(
+            [
+                (label, decode_latents(vae, x)[0], {**meta, "seed": str(r.seed), "adapter": label})
+                for label, x in row
+            ]
+        )
+    del vae
+    free_memory()
+    return rendered
 
 
 def contact_sheet(

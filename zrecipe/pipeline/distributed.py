@@ -2,14 +2,13 @@
 
 Every rank builds the same graph and plans it against the same (shared) store; the ranks check that they
 agree on the plan — every node's key and status — before any work. Then every rank runs the engine's
-executor on that plan with each step kind's `run` wrapped:
+executor on that plan with each step kind's `run` wrapped, as its row of the step table (kinds.py) says:
 
-    resize, encode-image, encode-text   sharded: rank r runs every W-th batch of stale items (the
-                                        batches one process would form, so the entries are byte-identical)
-                                        and writes its entries into the shared store (atomic renames);
-    train                               collective: every rank trains its slice of each global batch,
-                                        rank 0 writes the checkpoints and the store entry;
-    sample, contact-sheet, export       rank 0 alone; the others wait (sleeping, not spinning).
+    sharded      rank r runs every W-th batch of stale items (the batches one process would form, so the
+                 entries are byte-identical) and writes its entries into the shared store (atomic renames);
+    collective   every rank runs it (training: each rank trains its slice of each global batch, rank 0
+                 writes the checkpoints and the store entry);
+    rank0        rank 0 alone; the others wait (sleeping, not spinning).
 
 After each kind the ranks exchange their items' outcomes (one all_gather), so every rank's executor sees
 the same results and takes the same decisions (skip, stop, the build record it writes is identical).
@@ -33,9 +32,6 @@ from typing import Any
 
 from zrecipe.errors import StepFailed
 
-SHARDED = frozenset({"resize", "encode-image", "encode-text"})
-COLLECTIVE = frozenset({"train"})
-MODEL_KINDS = ("encode-image", "encode-text", "train", "sample", "contact-sheet", "export")
 FLAGS = ".dist"  # folder in the store for the shared-store check and rank 0's "done" flags
 POLL_S = 0.2
 
@@ -45,10 +41,13 @@ class RankFailed(SystemExit):
     collectives fail at once ("connection lost") instead of waiting forever; mlx.launch stops the rest."""
 
 
-def build_distributed(recipe, cache_dir: Path, until, force, jobs, progress, battery_limit, report_path, w):
-    """Plan and run `recipe` on every rank of world `w`; returns (plan, report, published or None)."""
+def build_distributed(recipe, cache_dir: Path, until, force, jobs, options: dict, report_path, w):
+    """Plan and run `recipe` on every rank of world `w` (`options`: build_recipe's runtime options);
+    returns (plan, report, published or None)."""
     from zrecipe.engine import Record, StatCache, Store, StoreLock, execute
     from zrecipe.engine import plan as make_plan
+    from zrecipe.pipeline import kinds
+    from zrecipe.pipeline.captions import CAPTION_PRODUCERS
     from zrecipe.pipeline.graph import build_graph
     from zrecipe.pipeline.publish import publish
     from zrecipe.training import distributed as dist
@@ -62,7 +61,8 @@ def build_distributed(recipe, cache_dir: Path, until, force, jobs, progress, bat
         finally:
             if sc is not None:
                 sc.close()
-        data.options.update(progress=progress and w.main, battery_limit=battery_limit)
+        data.options.update(options, progress=options["progress"] and w.main)
+    progress = options["progress"]
     lock = StoreLock(cache_dir, timeout=600) if w.main else None
     with dist.phase("locking the store", w):
         if lock is not None:
@@ -74,14 +74,14 @@ def build_distributed(recipe, cache_dir: Path, until, force, jobs, progress, bat
             the_plan = make_plan(graph, store, Record.load(store.root, graph.graph_id), force=force,
                                  verify="exists", check_inputs=True)  # fmt: skip
         _agree_on_plan(the_plan, recipe, w)
-        if any(p.stale for k in MODEL_KINDS if k in the_plan.nodes for p in the_plan.nodes[k]):
+        producers = {p.kind.name: p.kind for p in CAPTION_PRODUCERS.values()}
+        rows = {name: kinds.lookup(name, producers) for name in the_plan.graph.kinds}
+        if any(p.stale for name, row in rows.items() if row.models for p in the_plan.nodes[name]):
             _resolve_model_first(data, w)
         flags = store.root / FLAGS / token
         for name, kind in the_plan.graph.kinds.items():
-            mode = "shard" if name in SHARDED else "collective" if name in COLLECTIVE else "main"
-            the_plan.graph.kinds[name] = replace(
-                kind, run=RankRun(kind, mode, w, jobs or os.cpu_count() or 1, flags, progress), parallel=False
-            )
+            run = RankRun(kind, rows[name], w, jobs or os.cpu_count() or 1, flags, progress)
+            the_plan.graph.kinds[name] = replace(kind, run=run, parallel=False)
         try:
             report = execute(the_plan, store, data, jobs=jobs, progress=progress and w.main,
                              report_path=report_path if w.main else None)  # fmt: skip
@@ -184,12 +184,13 @@ def _resolve_model_first(data, w) -> None:
 
 
 class RankRun:
-    """A step kind's `run` on one rank of a distributed build (see the module docstring)."""
+    """A step kind's `run` on one rank of a distributed build (see the module docstring); `row` is the
+    kind's table row (kinds.Kind): how it distributes and which batches its run computes together."""
 
-    def __init__(self, kind, mode: str, w, jobs: int, flags: Path, progress: bool):
-        self.kind, self.mode, self.w, self.jobs, self.flags, self.progress = (
+    def __init__(self, kind, row, w, jobs: int, flags: Path, progress: bool):
+        self.kind, self.row, self.w, self.jobs, self.flags, self.progress = (
             kind,
-            mode,
+            row,
             w,
             jobs,
             flags,
@@ -198,21 +199,19 @@ class RankRun:
 
     def __call__(self, tasks: list, ctx) -> None:
         try:
-            if self.mode == "collective":
+            if self.row.distribution == "collective":
                 self._collective(tasks, ctx)
                 return
-            if self.mode == "shard":
-                from zrecipe.pipeline.steps import batches
-
+            if self.row.distribution == "sharded":
                 # Whole batches, in the executor's order (the same on every rank), round robin.
-                mine = batches(self.kind.name, tasks, ctx)[self.w.rank :: self.w.size]
+                mine = self.row.batches(tasks, ctx)[self.w.rank :: self.w.size]
                 own = [t for group in mine for t in group]
             else:
                 own = list(tasks) if self.w.main else []
             t0 = time.perf_counter()
             if own:
                 self._run_local(own, ctx)
-            if self.mode == "main":
+            if self.row.distribution == "rank0":
                 self._wait_for_main()
             self._share(tasks, own, ctx, time.perf_counter() - t0)
         except (RankFailed, KeyboardInterrupt):
@@ -221,42 +220,11 @@ class RankRun:
             raise RankFailed(f"rank {self.w.rank}: {self.kind.name}: {type(exc).__name__}: {exc}") from exc
 
     def _run_local(self, tasks: list, ctx) -> None:
-        from zrecipe.engine.context import run_tasks
+        """This rank's share, run as the executor runs a kind (a process pool for parallel kinds)."""
+        from zrecipe.engine.executor import run_kind
 
-        if not (self.kind.parallel and self.jobs > 1 and len(tasks) > 1):
-            run_tasks(self.kind.run, tasks, ctx)
-            return
-        from concurrent.futures import ProcessPoolExecutor
-
-        from zrecipe.engine.context import Outcome, run_chunk
-        from zrecipe.engine.executor import _mp_context
-
-        size = max(1, -(-len(tasks) // (self.jobs * 4)))
-        chunks = [tasks[i : i + size] for i in range(0, len(tasks), size)]
         skipped = getattr(ctx, "_skipped", frozenset())  # no public accessor; only Ref inputs need it
-        with ProcessPoolExecutor(min(self.jobs, len(chunks)), mp_context=_mp_context(None)) as pool:
-            futures = [
-                (
-                    chunk,
-                    pool.submit(
-                        run_chunk,
-                        self.kind.run,
-                        chunk,
-                        str(ctx.store.root),
-                        ctx.store.fsync,
-                        ctx.data,
-                        skipped,
-                    ),
-                )  # fmt: skip
-                for chunk in chunks
-            ]
-            for chunk, fut in futures:
-                try:
-                    ctx.outcomes.update(fut.result())
-                except Exception as exc:  # noqa: BLE001 — a worker died: fail its chunk
-                    ctx.outcomes.update(
-                        {t.key: Outcome(False, f"worker process failed: {exc!r}") for t in chunk}
-                    )
+        ctx.outcomes.update(run_kind(self.kind, tasks, ctx.store, ctx.data, skipped, self.jobs))
 
     def _collective(self, tasks: list, ctx) -> None:
         """Every rank runs the step (it is collective inside, e.g. training); rank 0's outcome counts."""
@@ -299,7 +267,7 @@ class RankRun:
             if ok and not ctx.store.has(t.key):
                 ok, error = False, f"rank-built entry {t.key} is not visible here (is the store shared?)"
             ctx.outcomes[t.key] = Outcome(bool(ok), error, bool(user))
-        if self.mode == "shard" and self.progress and self.w.main and tasks:
+        if self.row.distribution == "sharded" and self.progress and self.w.main and tasks:
             _print_rates(self.kind.name, views)
 
 

@@ -2,8 +2,11 @@
 
 A changed VAE file invalidates exactly the steps that use the VAE (encode-image, sample), a changed
 transformer shard exactly train / sample / export, and so on. Hashing goes through the stat cache, so a
-20 GB model is read once and afterwards costs a stat per file. The built-in `tiny` model is identified by
-its generator version (it is deterministic), so planning never has to create it.
+20 GB model is read once and afterwards costs a stat per file. The identity is the content of the files
+(by their path inside the model folder), however they arrived: a downloaded Hugging Face snapshot, the same
+files placed by hand, or component files named in the recipe (resolved into an assembled folder of links
+under the diffusers names) all give the same identity for the same bytes. The built-in `tiny` model is
+identified by its generator version (it is deterministic), so planning never has to create it.
 """
 
 from __future__ import annotations
@@ -22,25 +25,35 @@ COMPONENT_FOLDERS = {
 
 
 class ModelIdentity:
-    """Lazily resolved model folder and per-component content identities."""
+    """Lazily resolved model folder and per-component content identities of the model spec `spec`.
+
+    `cache_dir` (the store) is accepted for callers but decides nothing: models, and so identities, do
+    not depend on the store."""
 
     def __init__(self, spec: str, cache_dir: str | Path, stat_cache):
+        del cache_dir
         self.spec = spec
-        self.cache_dir = Path(cache_dir)
         self._stat_cache = stat_cache
+
+    @property
+    def _is_tiny(self) -> bool:
+        from zrecipe.models.z_image.resolve import TINY, ModelSpec
+
+        parsed = ModelSpec.parse(self.spec)
+        return parsed.base == TINY and not parsed.files
 
     @cached_property
     def model_path(self) -> str | None:
         """The resolved folder (None for `tiny` before it was created: it is created when a step needs it)."""
         from zrecipe.models.z_image.resolve import resolve_model
 
-        if self.spec == "tiny":
+        if self._is_tiny:
             return None
-        return str(resolve_model(self.spec, cache_dir=self.cache_dir))
+        return str(resolve_model(self.spec))
 
     @cached_property
     def _digests(self) -> dict[str, str]:
-        if self.spec == "tiny":
+        if self._is_tiny:
             from zrecipe.models.z_image.tiny import TINY_VERSION
 
             return {c: f"tiny-v{TINY_VERSION}:{c}" for c in COMPONENT_FOLDERS}
@@ -73,11 +86,11 @@ class ModelIdentity:
 
 
 def resolve_model_path(data) -> Path:
-    """The model folder for a running step (creates the tiny model in the cache on first use)."""
+    """The model folder for a running step (creates the tiny model in the model cache on first use)."""
     from zrecipe.models.z_image.resolve import resolve_model
 
     if data.model_path:
         return Path(data.model_path)
-    path = resolve_model(data.model_spec, cache_dir=data.cache_dir)
+    path = resolve_model(data.model_spec)
     data.model_path = str(path)
     return path

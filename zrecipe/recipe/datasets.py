@@ -8,6 +8,16 @@ Caption sources (`captions:` of a dataset):
     captions: {manifest: captions.jsonl}       # .jsonl or .csv; `file`/`image` + `caption`/`prompt`
     captions: {inline: [{image: a.jpg, caption: "a cat"}]}
     captions: {template: "photo of {trigger}, {caption}"}   # formatted over the sidecar caption
+    captions:                                  # a vision-language model captions the images
+      generate: {model: Qwen/Qwen2-VL-2B-Instruct, prompt: "Describe ...", max_tokens: 96}
+      prefer: sidecar                          # or `generated`; human captions: sidecar (default),
+      manifest: captions.jsonl                 #   `manifest:` or `inline:`; `template:` formats all
+
+Loss masks (`masks:` of a dataset) and weight:
+
+    masks: {alpha: true}                       # each image's alpha channel
+    masks: {folder: masks/, unmasked_weight: 0.1}   # masks/<same relative path and stem>.<any image ext>
+    loss_weight: 2.0                           # this dataset's items count twice in the loss
 
 A template may use `{trigger}`, `{caption}` (the sidecar caption, read with `extension`) and `{filename}`
 (the image stem); one without `{caption}` needs no caption files. Manifest paths resolve against the
@@ -40,7 +50,12 @@ from zrecipe.recipe.fields import (
 from zrecipe.recipe.schema import (
     BUCKET_STEP,
     CAPTION_KINDS,
+    CAPTION_MODEL_PRESETS,
+    CAPTION_PREFER,
     MANIFEST_SUFFIXES,
+    MASK_SOURCES,
+    MAX_CAPTION_TOKENS,
+    MAX_LOSS_WEIGHT,
     MAX_SIDE,
     MIN_RESOLUTION,
     ON_ERROR,
@@ -48,6 +63,8 @@ from zrecipe.recipe.schema import (
     Bucketing,
     CaptionSource,
     Dataset,
+    GeneratedCaptions,
+    Masks,
 )
 
 DATASET_KEYS = (
@@ -62,6 +79,8 @@ DATASET_KEYS = (
     "trigger",
     "caption_dropout",
     "on_error",
+    "loss_weight",
+    "masks",
 )
 RESOLUTION = integer(min=MIN_RESOLUTION, max=MAX_SIDE, multiple_of=BUCKET_STEP)
 _SPECS = {
@@ -72,6 +91,7 @@ _SPECS = {
     "trigger": text(nullable=True),
     "caption_dropout": number(ge=0.0, lt=1.0),
     "on_error": text(choices=ON_ERROR),
+    "loss_weight": number(gt=0.0, le=MAX_LOSS_WEIGHT),
 }
 
 
@@ -101,8 +121,10 @@ def _read_dataset(r: Reader, root: Path) -> Dataset | None:
     name = r.get("name", text())
     # An invalid trigger is already reported: MISSING keeps the template check from repeating it.
     trigger = kwargs.get("trigger", MISSING if r.has("trigger") else None)
-    captions = read_captions(r.ctx, r.path + ("captions",), r.data.get("captions", MISSING), root, trigger)
+    value = r.data.get("captions", MISSING)
+    captions = read_captions(r.ctx, r.path + ("captions",), value, root, trigger, folder)
     bucketing = _read_bucketing(r)
+    masks = _read_masks(r, root, folder, kwargs.get("recursive", Dataset.recursive))
     if r.ctx.count > before or folder is None:
         return None
     return Dataset(
@@ -110,6 +132,7 @@ def _read_dataset(r: Reader, root: Path) -> Dataset | None:
         path=folder,
         captions=captions,
         bucketing=bucketing,
+        masks=masks,
         **kwargs,
     )
 
@@ -142,12 +165,49 @@ def _read_bucketing(r: Reader) -> Bucketing:
     return Bucketing(**sub.fill({"enabled": boolean(), "max_aspect": number(ge=1.0, le=8.0)}))
 
 
+def _read_masks(r: Reader, root: Path, images: Path | None, recursive: bool) -> Masks | None:
+    """`masks: {alpha: true}` or `masks: {folder: PATH}`, with an optional `unmasked_weight`."""
+    sub = r.sub("masks")  # None when absent, null or not a mapping (then Reader.open recorded why)
+    if sub is None:
+        return None
+    sub.check_keys((*MASK_SOURCES, "unmasked_weight"))
+    given = [k for k in MASK_SOURCES if k in sub.data]
+    if len(given) != 1:
+        what = "both " + " and ".join(given) if given else "neither"
+        r.ctx.add(sub.path, f"give exactly one of `alpha: true` or `folder: PATH`, got {what}")
+        return None
+    kwargs = sub.fill({"unmasked_weight": number(ge=0.0, lt=1.0)})
+    if given == ["alpha"]:
+        if sub.data["alpha"] is not True:
+            r.ctx.add(sub.path + ("alpha",), f"write `alpha: true`; got {describe(sub.data['alpha'])}")
+            return None
+        return Masks(source="alpha", **kwargs)
+    folder = read_folder(sub, "folder", root)
+    if folder is None:
+        return None
+    if images is not None and _inside_or_same(folder, images, recursive):
+        r.ctx.add(
+            sub.path + ("folder",),
+            f"{folder} is the dataset folder{' or inside it (recursive: true)' if recursive else ''}: the "
+            "masks would be read as training images; keep them in a folder of their own",
+        )
+        return None
+    return Masks(source="folder", folder=folder, **kwargs)
+
+
+def _inside_or_same(folder: Path, images: Path, recursive: bool) -> bool:
+    a, b = Path(os.path.realpath(folder)), Path(os.path.realpath(images))
+    return a == b or (recursive and b in a.parents)
+
+
 # -------------------------------------------------------------------------------------------- captions
 
 
-def read_captions(ctx: Context, path: KeyPath, value: Any, root: Path, trigger: Any) -> CaptionSource:
+def read_captions(
+    ctx: Context, path: KeyPath, value: Any, root: Path, trigger: Any, folder: Path | None = None
+) -> CaptionSource:
     """The caption source at `path` (default sidecar `.txt`); `trigger` is the dataset's (MISSING when
-    it was invalid)."""
+    it was invalid); `folder` the dataset folder (inline image paths are relative to it)."""
     if value is MISSING or value is None:
         return CaptionSource()
     if isinstance(value, str):
@@ -163,7 +223,9 @@ def read_captions(ctx: Context, path: KeyPath, value: Any, root: Path, trigger: 
     r = Reader.open(ctx, path, value)
     if r is None:
         return CaptionSource()
-    r.check_keys(CAPTION_KINDS + ("extension",))
+    if r.has("generate"):
+        return _read_generated(r, root, trigger, folder)
+    r.check_keys(CAPTION_KINDS + ("extension", "generate"), hints={"prefer": "a `generate` caption source"})
     kinds = [k for k in CAPTION_KINDS if k in r.data]
     if len(kinds) > 1:
         ctx.add(path, f"choose one caption source, got {', '.join(kinds)}")
@@ -182,7 +244,7 @@ def read_captions(ctx: Context, path: KeyPath, value: Any, root: Path, trigger: 
     if kind == "manifest":
         return CaptionSource(kind="manifest", file=_manifest(r, root))
     if kind == "inline":
-        items = r.get("inline", inline_items(("caption", "prompt")))
+        items = r.get("inline", inline_items(("caption", "prompt"), folder))
         return CaptionSource(kind="inline", items=() if items is MISSING else items)
     template = r.get("template", text())
     if template is not MISSING:
@@ -190,6 +252,96 @@ def read_captions(ctx: Context, path: KeyPath, value: Any, root: Path, trigger: 
     return CaptionSource(
         kind="template", template=None if template is MISSING else template, extension=extension
     )
+
+
+_GENERATE_KEYS = ("generate", "prefer", "extension", "manifest", "inline", "template")
+_GENERATE_MODEL_KEYS = ("model", "prompt", "max_tokens", "repetition_penalty")
+
+
+def _read_generated(r: Reader, root: Path, trigger: Any, folder: Path | None) -> CaptionSource:
+    """`captions: {generate: {...}, prefer, extension | manifest | inline, template}`."""
+    r.check_keys(
+        _GENERATE_KEYS,
+        hints={
+            "sidecar": "nowhere: sidecar files are the default human captions of `generate`",
+            "filename": "nowhere: `generate` mixes with sidecar, manifest or inline captions only",
+        },
+    )
+    human = [k for k in ("manifest", "inline") if r.has(k)]
+    if len(human) > 1:
+        r.ctx.add(r.path, f"choose one source of human captions, got {', '.join(human)}")
+    kind = human[0] if human else "sidecar"
+    generate = _read_generate(r.ctx, r.path + ("generate",), r.data["generate"], root)
+    prefer = r.get("prefer", text(choices=CAPTION_PREFER), CaptionSource.prefer)
+    if prefer == "generated" and kind != "sidecar":
+        r.ctx.add(
+            r.path + ("prefer",),
+            f"`prefer: generated` would ignore every {kind} caption; use `prefer: sidecar` to mix them with "
+            f"the model's, or drop `{kind}`",
+        )
+    extension = r.get("extension", _extension(), CaptionSource.extension)
+    if r.has("extension") and kind != "sidecar":
+        r.ctx.add(r.path + ("extension",), f"only used with sidecar captions, not {kind}")
+    template = r.get("template", text(), None)
+    if isinstance(template, str):
+        _check_template(r.ctx, r.path + ("template",), template, trigger)
+    file = _manifest(r, root) if kind == "manifest" else None
+    items = r.get("inline", inline_items(("caption", "prompt"), folder), ()) if kind == "inline" else ()
+    if MISSING in (generate, prefer, extension, template, items):
+        return CaptionSource()
+    return CaptionSource(
+        kind="generate",
+        generate=generate,
+        prefer=prefer,
+        human=kind,
+        file=file,
+        items=items,
+        template=template,
+        extension=extension,
+    )
+
+
+def _read_generate(ctx: Context, path: KeyPath, value: Any, root: Path) -> Any:
+    """The `generate:` mapping as GeneratedCaptions (MISSING, with problems recorded, when bad)."""
+    r = Reader.open(ctx, path, value)
+    if r is None:
+        return MISSING
+    before = ctx.count
+    r.check_keys(_GENERATE_MODEL_KEYS)
+    raw = r.require("model", text(), "the captioning model: tiny-vlm, a Hugging Face repo id or a folder")
+    model = MISSING if raw is MISSING else _caption_model(ctx, path + ("model",), raw, root)
+    kwargs = r.fill(
+        {
+            "prompt": text(),
+            "max_tokens": integer(min=1, max=MAX_CAPTION_TOKENS),
+            "repetition_penalty": number(gt=0.0, nullable=True),
+        }
+    )
+    if ctx.count > before or model is MISSING:
+        return MISSING
+    return GeneratedCaptions(model=model, **kwargs)
+
+
+def _caption_model(ctx: Context, path: KeyPath, raw: str, root: Path) -> Any:
+    """A captioning model: a preset, a Hugging Face repo id, or a folder (made absolute)."""
+    from zrecipe.recipe.model import _PATH_PREFIXES, _REPO_ID
+
+    if raw in CAPTION_MODEL_PRESETS:
+        return raw
+    looks_like_path = raw.startswith(_PATH_PREFIXES) or raw in (".", "..") or os.path.isabs(raw)
+    if not looks_like_path and "\0" not in raw and os.path.isdir(os.path.join(root, raw)):
+        looks_like_path = True
+    if not looks_like_path:
+        if _REPO_ID.fullmatch(raw):
+            return raw
+        ctx.add(
+            path,
+            f"{raw!r} is not a captioning model: give {', '.join(CAPTION_MODEL_PRESETS)}, a Hugging Face "
+            f"repo id such as Qwen/Qwen2-VL-2B-Instruct, or a folder (./{raw}){suggest(raw, CAPTION_MODEL_PRESETS)}",
+        )
+        return MISSING
+    folder = resolve_path(ctx, path, raw, root)
+    return MISSING if folder is None else str(folder)
 
 
 def _extension() -> Any:
@@ -234,9 +386,10 @@ def _check_template(ctx: Context, path: KeyPath, template: str, trigger: Any) ->
         ctx.add(path, "uses {trigger} but the dataset sets no `trigger`")
 
 
-def inline_items(caption_keys: tuple[str, ...]) -> Any:
+def inline_items(caption_keys: tuple[str, ...], folder: Path | None = None) -> Any:
     """Spec for `[{image: FILE, caption: TEXT}, ...]`; `caption_keys` are the accepted caption key names.
-    Image paths are relative to the dataset folder and are returned normalised, posix-style."""
+    Image paths are relative to the dataset `folder` (an absolute path inside it is accepted) and are
+    returned relative, normalised, posix-style."""
 
     def item(value: Any) -> tuple[str, str]:
         if not isinstance(value, Mapping):
@@ -252,7 +405,7 @@ def inline_items(caption_keys: tuple[str, ...]) -> Any:
             bad.append(((), f"give one of {', '.join(named)}"))
         if bad:
             raise Bad(items=bad)
-        image = _relative_image(value["image"])
+        image = _relative_image(value["image"], folder)
         try:
             caption = text()(value[named[0]])
         except Bad as exc:
@@ -281,15 +434,29 @@ def inline_items(caption_keys: tuple[str, ...]) -> Any:
     return check
 
 
-def _relative_image(value: Any) -> str:
+def _relative_image(value: Any, folder: Path | None) -> str:
     try:
         name = text()(value)
     except Bad as exc:
         raise Bad(items=[(("image",) + at, m) for at, m in exc.items]) from None
+    if folder is not None and "\0" not in name and os.path.isabs(os.path.expanduser(name)):
+        name = _inside(Path(os.path.expanduser(name)), folder) or name
     norm = posixpath.normpath(name.replace("\\", "/"))
     if "\0" in name or posixpath.isabs(norm) or norm == ".." or norm.startswith("../") or norm == ".":
         raise Bad(f"must be a file inside the dataset folder, got {name!r}", at=("image",))
     return norm
+
+
+def _inside(path: Path, folder: Path) -> str | None:
+    """`path` relative to `folder` (posix) when it lies inside it, as written or once symlinks resolve."""
+    for a, b in ((path, folder), (path.resolve(), folder.resolve())):
+        try:
+            rel = Path(os.path.normpath(a)).relative_to(os.path.normpath(b))
+        except ValueError:
+            continue
+        if rel.parts:
+            return rel.as_posix()
+    return None
 
 
 # -------------------------------------------------------------------------------------------- examples
@@ -303,7 +470,7 @@ def read_examples(ctx: Context, value: Any, root: Path, resolution: int | None) 
     r.check_keys(("path", "images"))
     before = ctx.count
     folder = read_folder(r, "path", root)
-    items = r.require("images", inline_items(("prompt", "caption")), "a list of {image, prompt}")
+    items = r.require("images", inline_items(("prompt", "caption"), folder), "a list of {image, prompt}")
     if ctx.count > before or folder is None:
         return None
     extra = {} if resolution is None else {"resolution": resolution}

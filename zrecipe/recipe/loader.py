@@ -4,19 +4,17 @@ Every problem found is collected and raised at once as one `RecipeError` whose l
 `FILE:LINE: key.path: message` (with a did-you-mean for unknown keys and misspelt choices). Nothing but
 `RecipeError` ever escapes, whatever the input.
 
-`model:` is a preset (`z-image`, `z-image-turbo`, `tiny`), a folder, or a Hugging Face repo id
-(`org/name`). A value starting with `/`, `./`, `../`, `~` or `$`, or naming an existing folder (relative
-to the recipe), is a folder and is made absolute; otherwise `org/name` is a repo id. Whether the model is
-actually there is checked when it is loaded, so data steps can run on a machine without it.
+`model:` (see `zrecipe/recipe/model.py`) is a preset (`z-image`, `z-image-turbo`, `tiny`), a folder, a
+Hugging Face repo id (`org/name`), or a base with files per component (ComfyUI / mflux-save layouts).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from zrecipe.engine.files import read_regular
 from zrecipe.errors import RecipeError
 from zrecipe.recipe.datasets import RESOLUTION, read_datasets, read_examples
 from zrecipe.recipe.fields import (
@@ -27,15 +25,14 @@ from zrecipe.recipe.fields import (
     format_path,
     integer,
     resolve_path,
-    suggest,
     text,
 )
 from zrecipe.recipe.lora import read_lora
+from zrecipe.recipe.model import read_model
 from zrecipe.recipe.schema import (
     DEFAULT_MODE,
     DEFAULT_SEED,
     MAX_SEED,
-    MODEL_PRESETS,
     MODES,
     FullFinetune,
     Recipe,
@@ -51,6 +48,7 @@ from zrecipe.recipe.sections import (
     read_sample,
     read_save,
     read_training_loop,
+    read_validation,
 )
 from zrecipe.recipe.yamlsource import parse_recipe_text
 
@@ -73,6 +71,7 @@ TOP_KEYS = (
     "sample",
     "export",
     "cache",
+    "validation",
 )
 # Where a key written at the top level by mistake belongs (for the hint in the error).
 _SECTION_OF = {
@@ -95,8 +94,6 @@ _SECTION_OF = {
     "caption_dropout": "datasets[]",
     "bucketing": "datasets[]",
 }
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-_PATH_PREFIXES = ("/", "./", "../", "~", "$", ".\\", "..\\")
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
@@ -108,7 +105,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         msg = f"a recipe path must be a file path, got {type(path).__name__}"
         raise RecipeError(msg, [msg]) from None
     try:
-        raw = file.read_bytes()
+        raw = read_regular(file)  # a FIFO or device named as the recipe is refused, not read forever
     except (OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             why = "no such recipe file"
@@ -156,25 +153,47 @@ def build_recipe(
         raise RecipeError(f"{label}: the recipe must be a mapping of keys")
     top.check_keys(TOP_KEYS, hints=_SECTION_OF)
 
-    model = _model(top, root)
+    model = read_model(top, root)
     mode = top.get("mode", text(choices=MODES), DEFAULT_MODE)
     seed = top.get("seed", integer(min=0, max=MAX_SEED), DEFAULT_SEED)
     top_level = top.fill(SAMPLE_SETTINGS)
     datasets = _datasets(top, root, top_level)
-    training_loop = read_training_loop(top)
+    training_loop = read_training_loop(top, root)
     optimizer = read_optimizer(top)
     if training_loop.max_steps is not None and optimizer.warmup_steps > training_loop.max_steps:
         ctx.add(
             ("optimizer", "warmup_steps"),
             f"longer than training_loop.max_steps ({training_loop.max_steps}), got {optimizer.warmup_steps}",
         )
+    if mode == "full" and training_loop.quantize:
+        ctx.add(
+            ("training_loop", "quantize"),
+            "applies to LoRA only: full fine-tuning trains every weight, which must stay unquantised; "
+            "remove it or use `mode: lora`",
+        )
+    if mode == "full" and training_loop.assistant_lora:
+        ctx.add(
+            ("training_loop", "assistant_lora"),
+            "applies to LoRA only: it is fused into the base under a trained LoRA and left out of the "
+            "exports; a full fine-tune would bake it into every weight. Remove it or use `mode: lora`",
+        )
+    if mode == "full" and training_loop.start_from:
+        ctx.add(
+            ("training_loop", "start_from"),
+            "applies to LoRA only (it names the adapter weights training starts from); remove it or use "
+            "`mode: lora`",
+        )
     lora = read_lora(ctx, top, mode)
     full_finetune = (
         read_full_finetune(top, mode) if mode == "full" or top.has("full_finetune") else FullFinetune()
     )
     save = read_save(top, root, source_path.stem if source_path else "recipe")
-    sample = read_sample(top, seed, top_level)
+    sample = read_sample(top, seed, top_level, model)
+    validation = read_validation(top, tuple(d.name for d in datasets))
     export = read_export(top, root, save)
+    for section, wants in (("sample", sample is not None and sample.use_ema), ("export", export.use_ema)):
+        if wants and training_loop.ema is None:
+            ctx.add((section, "use_ema"), "needs `training_loop.ema: {decay: ...}` (no EMA weights are kept)")
     cache = None
     if top.data.get("cache") is not None:
         cache = resolve_path(ctx, ("cache",), top.data["cache"], root)
@@ -194,30 +213,8 @@ def build_recipe(
         sample=sample,
         export=export,
         cache=cache,
+        validation=validation,
     )
-
-
-def _model(top: Reader, root: Path) -> Any:
-    raw = top.require(
-        "model",
-        text(),
-        "a preset (z-image, z-image-turbo, tiny), a model folder or a "
-        "Hugging Face repo id such as Tongyi-MAI/Z-Image",
-    )
-    if raw is MISSING or raw in MODEL_PRESETS:
-        return raw
-    looks_like_path = raw.startswith(_PATH_PREFIXES) or raw in (".", "..") or os.path.isabs(raw)
-    if not looks_like_path and "\0" not in raw and os.path.isdir(os.path.join(root, raw)):
-        looks_like_path = True
-    if not looks_like_path:
-        if _REPO_ID.fullmatch(raw):
-            return raw
-        hint = suggest(raw, MODEL_PRESETS)
-        if hint and "/" not in raw:
-            top.ctx.add(("model",), f"unknown model preset {raw!r}{hint} (or give a folder as ./{raw})")
-            return MISSING
-    folder = resolve_path(top.ctx, ("model",), raw, root)
-    return MISSING if folder is None else str(folder)
 
 
 def _datasets(top: Reader, root: Path, top_level: dict[str, Any]) -> tuple:

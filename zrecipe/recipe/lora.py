@@ -14,12 +14,18 @@ Native form:
     lora:
       rank: 16                  # default rank of every target (16)
       alpha: 16                 # default alpha of every target (default: the target's rank)
+      kind: lora                # default adapter kind: lora | dora | lokr | loha (lora)
+      dropout: 0.0              # default LoRA dropout (on the adapter path's input, training only)
       targets:                  # default: attention q/k/v/out of every `layers` block
         - blocks: layers        # layers | noise_refiner | context_refiner (default layers)
           range: [0, 30]        # [start, end), end exclusive; omitted, or end null → to the last block
           layer_types: [attention, feed_forward.w1]   # names, or the shorthands attention / feed_forward
-          rank: 32              # per-target overrides
+          rank: 32              # per-target overrides of rank, alpha, kind, dropout
           alpha: 16
+          kind: lokr
+          factor: 8             # LoKr only (LyCORIS defaults): factor -1, decompose_both false,
+          decompose_both: false #   full_matrix false
+          full_matrix: false
 
 Layer types are resolved to full names in canonical order, and targets are sorted (block type, range,
 layer types). Two targets may not put a LoRA on the same
@@ -33,9 +39,11 @@ from typing import Any
 
 from zrecipe.recipe.fields import (
     MISSING,
+    Bad,
     Context,
     KeyPath,
     Reader,
+    boolean,
     describe,
     format_path,
     integer,
@@ -52,6 +60,8 @@ from zrecipe.recipe.schema import (
     DEFAULT_LORA_RANK,
     LAYER_TYPE_GROUPS,
     LAYER_TYPES,
+    LOKR_OPTIONS,
+    LORA_KINDS,
     LoraSpec,
     LoraTarget,
 )
@@ -64,6 +74,18 @@ GROUP_BLOCK_TYPES = {
 }
 _RANK = integer(min=1)
 _ALPHA = number(gt=0.0)
+_KIND = text(choices=LORA_KINDS)
+_DROPOUT = number(ge=0.0, lt=1.0)
+
+
+def _factor(value: Any) -> Any:
+    out = integer(min=-1)(value)
+    if out == 0:
+        raise Bad("must be -1 (the factors nearest the square root) or a positive divisor size, got 0")
+    return out
+
+
+_LOKR_SPECS = {"factor": _factor, "decompose_both": boolean(), "full_matrix": boolean()}
 
 
 def read_lora(ctx: Context, top: Reader, mode: Any) -> LoraSpec | None:
@@ -124,7 +146,7 @@ def _seed_form(ctx: Context, top: Reader) -> list[tuple[KeyPath, LoraTarget]] | 
             )
             continue
         start, end = _seed_range(g)
-        target = _target(g, block_type, start, end, "layer_types", "lora_rank", "lora_alpha", None, None)
+        target = _target(g, block_type, start, end, "layer_types", "lora_rank", "lora_alpha", {})
         if target is not None:
             out.append((g.path, target))
     return out if ctx.count == before else None
@@ -145,10 +167,16 @@ def _native_form(ctx: Context, top: Reader) -> list[tuple[KeyPath, LoraTarget]] 
     lora = top.sub("lora")
     if lora is None:
         return None
-    lora.check_keys(("rank", "alpha", "targets"))
+    lora.check_keys(
+        ("rank", "alpha", "kind", "dropout", "targets"), hints=dict.fromkeys(LOKR_OPTIONS, "targets")
+    )
     before = ctx.count
-    rank = lora.get("rank", _RANK, DEFAULT_LORA_RANK)
-    alpha = lora.get("alpha", _ALPHA, None)
+    defaults = {
+        "rank": lora.get("rank", _RANK, DEFAULT_LORA_RANK),
+        "alpha": lora.get("alpha", _ALPHA, None),
+        "kind": lora.get("kind", _KIND, LoraTarget.kind),
+        "dropout": lora.get("dropout", _DROPOUT, LoraTarget.dropout),
+    }
     targets = lora.data.get("targets")
     if targets is None:
         targets = [{}]
@@ -160,14 +188,14 @@ def _native_form(ctx: Context, top: Reader) -> list[tuple[KeyPath, LoraTarget]] 
         t = Reader.open(ctx, lora.path + ("targets", i), item)
         if t is None:
             continue
-        t.check_keys(("blocks", "range", "layer_types", "rank", "alpha"))
+        t.check_keys(("blocks", "range", "layer_types", "rank", "alpha", "kind", "dropout", *LOKR_OPTIONS))
         block_type = t.get("blocks", text(choices=BLOCK_TYPES), DEFAULT_LORA_BLOCK_TYPE)
         start, end = LoraTarget.start, LoraTarget.end
         rng = t.get("range", list_of(integer(min=0, nullable=True), length=2), None)
         if rng is not None and rng is not MISSING:
             start, end = (LoraTarget.start if rng[0] is None else rng[0]), rng[1]
             _check_range(ctx, t.path + ("range",), start, end)
-        target = _target(t, block_type, start, end, "layer_types", "rank", "alpha", rank, alpha)
+        target = _target(t, block_type, start, end, "layer_types", "rank", "alpha", defaults)
         if target is not None:
             out.append((t.path, target))
     return out if ctx.count == before else None
@@ -186,15 +214,28 @@ def _target(
     types_key: str,
     rank_key: str,
     alpha_key: str,
-    default_rank: Any,
-    default_alpha: Any,
+    defaults: dict[str, Any],
 ) -> LoraTarget | None:
-    rank = r.get(rank_key, _RANK, DEFAULT_LORA_RANK if default_rank in (None, MISSING) else default_rank)
-    alpha = r.get(alpha_key, _ALPHA, default_alpha)
+    """The target at `r`; `defaults` holds the `lora:` block's rank / alpha / kind / dropout (any may be
+    MISSING after an error there, or absent in the seed form)."""
+    default_rank = defaults.get("rank", MISSING)
+    rank = r.get(rank_key, _RANK, DEFAULT_LORA_RANK if default_rank is MISSING else default_rank)
+    alpha = r.get(alpha_key, _ALPHA, defaults.get("alpha"))
+    kind = r.get("kind", _KIND, defaults.get("kind", LoraTarget.kind))
+    dropout = r.get("dropout", _DROPOUT, defaults.get("dropout", LoraTarget.dropout))
+    options = r.fill(_LOKR_SPECS)
+    if options and kind not in (MISSING, "lokr"):
+        for name in options:
+            r.ctx.add(
+                r.path + (name,), f"only LoKr reads `{name}`; this target's kind is {kind} (set `kind: lokr`)"
+            )
+        return None
     if block_type is MISSING:
         return None
     layer_types = _layer_types(r, types_key, block_type)
-    if MISSING in (rank, alpha, start, end, layer_types):
+    if MISSING in (rank, alpha, start, end, layer_types, kind, dropout) or len(options) < sum(
+        r.has(k) for k in LOKR_OPTIONS
+    ):
         return None
     return LoraTarget(
         block_type=block_type,
@@ -203,6 +244,9 @@ def _target(
         layer_types=layer_types,
         rank=rank,
         alpha=float(rank) if alpha is None else alpha,
+        kind=kind,
+        dropout=dropout,
+        **options,
     )
 
 

@@ -13,58 +13,62 @@ never spells a default itself. A few defaults are derived from other values, and
 - a dataset made from the seed's `examples:` gets `resolution = max(width, height)` when those are given.
 - mode `lora` with neither `lora_layers` nor `lora`: `DEFAULT_LORA_LAYER_TYPES` on every block of
   `layers` at rank `DEFAULT_LORA_RANK`.
+- `Optimizer`: the field defaults are AdamW's; `OPTIMIZER_DEFAULTS[name]` lists where another optimiser's
+  default differs (Prodigy's learning_rate 1.0, Lion's betas, ...).
+- `Sample.steps/guidance` of a recipe whose model is Z-Image-Turbo (`TURBO_MODELS`): `TURBO_SAMPLE`
+  (few steps, no CFG: the distilled model's own settings) unless the recipe gives them.
+- `Validation.every = None`: with every scheduled checkpoint (`save.checkpoint_frequency`) and the last step.
 
 No MLX / numpy here: `zrecipe plan` and `--help` import this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+
+# The model family's names (block and layer types, size step) live with the model, re-exported here.
+from zrecipe.models.z_image.vocabulary import (  # noqa: F401
+    BLOCK_LAYER_TYPES,
+    BLOCK_TYPES,
+    BUCKET_STEP,
+    LAYER_TYPE_GROUPS,
+    LAYER_TYPES,
+)
 
 # Names the recipe language knows (not defaults: the closed sets values are checked against).
 MODEL_PRESETS = ("z-image", "z-image-turbo", "tiny")
 MODES = ("lora", "full")
-BLOCK_TYPES = ("layers", "noise_refiner", "context_refiner")
-LAYER_TYPES = (
-    "attention.to_q",
-    "attention.to_k",
-    "attention.to_v",
-    "attention.to_out.0",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-    "adaLN_modulation.0",
-)
-# context_refiner blocks have no timestep modulation, hence no adaLN_modulation Linear to adapt.
-BLOCK_LAYER_TYPES = {
-    "layers": LAYER_TYPES,
-    "noise_refiner": LAYER_TYPES,
-    "context_refiner": tuple(t for t in LAYER_TYPES if t != "adaLN_modulation.0"),
-}
-# Shorthands accepted in `layer_types` lists; the resolved recipe always lists the full names.
-LAYER_TYPE_GROUPS = {
-    "attention": LAYER_TYPES[:4],
-    "feed_forward": LAYER_TYPES[4:7],
-}
+# Adapter kinds a LoRA target can train (zrecipe.lora: LoRA, DoRA, LyCORIS LoKr and LoHa), and the target
+# fields only LoKr reads.
+LORA_KINDS = ("lora", "dora", "lokr", "loha")
+LOKR_OPTIONS = ("factor", "decompose_both", "full_matrix")
 CAPTION_KINDS = ("sidecar", "manifest", "filename", "inline", "template")
+# `captions: {generate: ...}`: a vision-language model captions the images; human captions of these kinds
+# mix in (`prefer`).
+GENERATE_HUMAN_KINDS = ("sidecar", "manifest", "inline")
+CAPTION_PREFER = ("sidecar", "generated")
+CAPTION_MODEL_PRESETS = ("tiny-vlm",)
+MAX_CAPTION_TOKENS = 1024
 TEMPLATE_FIELDS = ("trigger", "caption", "filename")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
 SIGMA_SAMPLINGS = ("shifted", "uniform", "logit_normal")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 QUANTIZE_BITS = (4, 8)
-OPTIMIZERS = ("AdamW",)
-SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "SGD", "Adafactor", "Prodigy")
+# constant / cosine: zrecipe's warm-up lr·(s+1)/(W+1); the other three: transformers' get_scheduler.
+SCHEDULES = ("constant", "cosine", "constant_with_warmup", "linear", "cosine_with_restarts")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap", "logit_normal")
 ON_ERROR = ("fail", "skip")
-EXPORT_FORMATS = ("mflux", "comfyui", "diffusers", "kohya")
+EXPORT_FORMATS = ("mflux", "comfyui", "diffusers", "kohya", "musubi")
 EXPORT_DTYPES = ("bfloat16", "float32")
 
 # Limits of sensible values (beyond them a value is a typo, not a choice).
-BUCKET_STEP = 16  # VAE downsample 8 x patch 2: every side must be a multiple of 16
 MIN_RESOLUTION = 64
 MAX_SIDE = 8192
 MAX_SEED = 2**64 - 1  # MLX seeds are uint64
+MAX_LOSS_WEIGHT = 1000.0
 
 # Derived-default constants (see the module docstring).
 DEFAULT_LORA_RANK = 16
@@ -74,6 +78,24 @@ DEFAULT_OUTPUT_DIR = "output"
 DEFAULT_EXPORT_SUBDIR = "exports"
 DEFAULT_MODE = "lora"
 DEFAULT_SEED = 0
+MASK_SOURCES = ("alpha", "folder")
+# Z-Image-Turbo (the preset and its repo id): sampled in few steps without CFG, as its model card and
+# mflux do; its scheduler_config.json gives the shift (3.0), read from the model like every model's.
+TURBO_MODELS = ("z-image-turbo", "Tongyi-MAI/Z-Image-Turbo")
+TURBO_SAMPLE = {"steps": 9, "guidance": 0.0}
+
+
+@dataclass(frozen=True)
+class GeneratedCaptions:
+    """`captions: {generate: {...}}`: a vision-language model captions each image, with greedy decoding.
+
+    model: `tiny-vlm`, a Hugging Face repo id or an absolute model folder. The caption of an image is a
+    function of (image content, the model files' content, prompt, max_tokens, repetition_penalty)."""
+
+    model: str
+    prompt: str = "Describe this image in one sentence: the subject, the setting and the style."
+    max_tokens: int = 96
+    repetition_penalty: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,13 +107,21 @@ class CaptionSource:
     (image path relative to the dataset folder, caption) pairs), or `template` (`template` formatted with
     `{trigger}`, `{caption}` = the sidecar caption read with `extension`, and `{filename}` = image stem;
     a template without `{caption}` needs no caption files).
+
+    kind `generate`: `generate` captions the images; human captions come from `human` (`sidecar` with
+    `extension`, `manifest` with `file`, `inline` with `items`) and win when present under `prefer:
+    sidecar`, lose under `prefer: generated` — except an edited sidecar that `zrecipe caption
+    --write-sidecars` wrote, which always wins. `template` (optional) formats every caption.
     """
 
-    kind: Literal["sidecar", "manifest", "filename", "inline", "template"] = "sidecar"
+    kind: Literal["sidecar", "manifest", "filename", "inline", "template", "generate"] = "sidecar"
     file: Path | None = None
     items: tuple[tuple[str, str], ...] = ()
     template: str | None = None
     extension: str = ".txt"
+    generate: GeneratedCaptions | None = None
+    prefer: Literal["sidecar", "generated"] = "sidecar"
+    human: Literal["sidecar", "manifest", "inline"] = "sidecar"
 
 
 @dataclass(frozen=True)
@@ -105,10 +135,22 @@ class Bucketing:
 
 
 @dataclass(frozen=True)
+class Masks:
+    """Where a dataset's loss masks come from: `alpha` (each image's alpha channel) or `folder` (a
+    greyscale image per training image, same relative path and stem, any image extension). White = learn,
+    black = ignore; `unmasked_weight` is the floor every mask value is raised to (0: masked-out regions
+    are not learned at all)."""
+
+    source: Literal["alpha", "folder"]
+    folder: Path | None = None
+    unmasked_weight: float = 0.0
+
+
+@dataclass(frozen=True)
 class Dataset:
     """One folder of images. `trigger` is added by the caption step (`"<trigger>, <caption>"` unless the
     caption already contains it; templates can place `{trigger}`). `repeats` = times each image is seen
-    per epoch."""
+    per epoch. `loss_weight` multiplies its items' losses; `masks` restricts them to masked regions."""
 
     name: str
     path: Path
@@ -121,12 +163,30 @@ class Dataset:
     trigger: str | None = None
     caption_dropout: float = 0.0
     on_error: Literal["fail", "skip"] = "fail"
+    loss_weight: float = 1.0
+    masks: Masks | None = None
+
+
+@dataclass(frozen=True)
+class Ema:
+    """An exponential moving average of the trained weights: until `start_step` it is a copy of them, then
+    every `every` steps shadow ← decay·shadow + (1 − decay)·weights."""
+
+    decay: float = 0.999
+    start_step: int = 0
+    every: int = 1
 
 
 @dataclass(frozen=True)
 class TrainingLoop:
     """How long and how to train. At least one of `num_epochs` / `max_steps`; with both, training stops at
-    whichever comes first. `shift=None`: the model's scheduler shift. `max_grad_norm=None`: no clipping."""
+    whichever comes first. `shift=None`: the model's scheduler shift. `max_grad_norm=None`: no clipping.
+    `loss_weighting`: a per-item weight of the loss by σ (SD3's schemes); `noise_offset`: diffusers'
+    offset noise; `ema=None`: no moving average; `tensorboard`: event files beside loss.json;
+    `assistant_lora`: a LoRA fused into the base while training (Z-Image-Turbo's de-distillation adapter)
+    and left out of samples and exports; `start_from`: the trained LoRA starts from this file's weights
+    (a LoRA of any common convention) or continues another tool's run (an mflux training checkpoint zip:
+    its adapter, AdamW state and step) instead of B = 0."""
 
     num_epochs: int | None = None
     max_steps: int | None = None
@@ -141,26 +201,107 @@ class TrainingLoop:
     max_grad_norm: float | None = 1.0
     low_ram: bool = False
     quantize: int | None = None
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap", "logit_normal"] = "none"
+    noise_offset: float = 0.0
+    ema: Ema | None = None
+    tensorboard: bool = False
+    assistant_lora: str | None = None  # an absolute .safetensors path or `org/repo[:file]`
+    start_from: str | None = None  # an absolute path: a LoRA file or another tool's checkpoint zip (mflux)
 
 
 @dataclass(frozen=True)
 class Optimizer:
-    """AdamW with an optional linear warm-up then a constant or cosine (down to `min_learning_rate`)
-    schedule."""
+    """The optimiser, its hyper-parameters and the learning-rate schedule (optional linear warm-up).
 
-    name: Literal["AdamW"] = "AdamW"
+    Which fields an optimiser reads: `OPTIMIZER_KEYS` (the others keep their defaults and are not part of
+    the resolved recipe). `num_cycles` is read by the `cosine_with_restarts` schedule only."""
+
+    name: Literal["AdamW", "AdamW8bit", "Lion", "SGD", "Adafactor", "Prodigy"] = "AdamW"
     learning_rate: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine", "constant_with_warmup", "linear", "cosine_with_restarts"] = (
+        "constant"
+    )
     min_learning_rate: float = 0.0
+    num_cycles: int = 1  # cosine_with_restarts
+    momentum: float = 0.9  # SGD
+    nesterov: bool = False  # SGD
+    min_8bit_size: int = 4096  # AdamW8bit: smaller tensors keep fp32 moments (bitsandbytes' default)
+    beta1: float | None = None  # Adafactor's first moment (None: none kept)
+    eps_scale: float = 1e-3  # Adafactor's ε2 (parameter scale floor); `eps` is its ε1
+    clip_threshold: float = 1.0  # Adafactor
+    decay_rate: float = -0.8  # Adafactor
+    relative_step: bool = False  # Adafactor: its own step size min(1e-2, 1/√t) instead of learning_rate
+    scale_parameter: bool = False  # Adafactor
+    warmup_init: bool = False  # Adafactor (needs relative_step)
+    beta3: float | None = None  # Prodigy (None: √β2)
+    d0: float = 1e-6  # Prodigy's initial step-size estimate
+    d_coef: float = 1.0  # Prodigy
+    growth_rate: float | None = None  # Prodigy (None: unbounded)
+    use_bias_correction: bool = False  # Prodigy
+    safeguard_warmup: bool = False  # Prodigy
+
+
+# Where an optimiser's default differs from the field default (AdamW's).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "AdamW": {},
+    "AdamW8bit": {},
+    "Lion": {"betas": (0.9, 0.99), "weight_decay": 0.0},
+    "SGD": {"weight_decay": 0.0},
+    "Adafactor": {"weight_decay": 0.0, "eps": 1e-30},
+    "Prodigy": {"learning_rate": 1.0, "weight_decay": 0.0},
+}
+# The learning-rate keys every optimiser reads, then each optimiser's hyper-parameters.
+SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "schedule", "min_learning_rate")
+OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
+    "AdamW": ("betas", "weight_decay", "eps"),
+    "AdamW8bit": ("betas", "weight_decay", "eps", "min_8bit_size"),
+    "Lion": ("betas", "weight_decay"),
+    "SGD": ("momentum", "nesterov", "weight_decay"),
+    "Adafactor": (
+        "eps",
+        "eps_scale",
+        "clip_threshold",
+        "decay_rate",
+        "beta1",
+        "weight_decay",
+        "relative_step",
+        "scale_parameter",
+        "warmup_init",
+    ),  # fmt: skip
+    "Prodigy": (
+        "betas",
+        "beta3",
+        "eps",
+        "weight_decay",
+        "d0",
+        "d_coef",
+        "growth_rate",
+        "use_bias_correction",
+        "safeguard_warmup",
+    ),  # fmt: skip
+}
+
+
+def optimizer_fields(name: str, schedule: str, relative_step: bool = False) -> tuple[str, ...]:
+    """The `optimizer:` keys that apply to optimiser `name` with `schedule`, in field order (what the
+    resolved recipe lists). Adafactor's `relative_step` replaces the learning rate and its schedule."""
+    relative = name == "Adafactor" and relative_step
+    wanted = {"name", *(() if relative else SCHEDULE_KEYS), *OPTIMIZER_KEYS[name]}
+    if schedule == "cosine_with_restarts" and not relative:
+        wanted.add("num_cycles")
+    return tuple(f.name for f in fields(Optimizer) if f.name in wanted)
 
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """LoRA on `layer_types` of blocks `start <= i < end` of `block_type` (`end=None`: to the last)."""
+    """An adapter of `kind` on `layer_types` of blocks `start <= i < end` of `block_type` (`end=None`: to
+    the last). `dropout`: LoRA dropout on the adapter path's input (training only). LoKr only, defaults
+    as LyCORIS': `factor` (-1: the factors nearest the square root), `decompose_both` (W1 low-rank too),
+    `full_matrix` (W2 a full matrix whatever the rank)."""
 
     block_type: Literal["layers", "noise_refiner", "context_refiner"]
     start: int = 0
@@ -168,6 +309,11 @@ class LoraTarget:
     layer_types: tuple[str, ...] = DEFAULT_LORA_LAYER_TYPES
     rank: int = DEFAULT_LORA_RANK
     alpha: float = float(DEFAULT_LORA_RANK)
+    kind: Literal["lora", "dora", "lokr", "loha"] = "lora"
+    dropout: float = 0.0
+    factor: int = -1
+    decompose_both: bool = False
+    full_matrix: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +357,21 @@ class Sample:
     every: int | None = None
     cfg_normalization: bool = False
     cfg_truncation: float = 1.0
+    use_ema: bool = False  # sample the EMA weights (training_loop.ema) instead of the trained ones
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Held-out items and the validation loss measured on them. Exactly one of `fraction` (each image is
+    held out when a hash of its content falls below it, so adding images never moves another image) and
+    `dataset` (a dataset used for validation only). The loss is the training objective at each of
+    `sigmas` with noise fixed by (`seed`, item, σ), every `every` steps (None: with every checkpoint)."""
+
+    fraction: float | None = None
+    dataset: str | None = None
+    sigmas: tuple[float, ...] = (0.25, 0.5, 0.75)
+    seed: int = DEFAULT_SEED
+    every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -218,8 +379,9 @@ class Export:
     """Export formats written to `output_path` after training (none by default)."""
 
     output_path: Path
-    formats: tuple[Literal["mflux", "comfyui", "diffusers", "kohya"], ...] = ()
+    formats: tuple[Literal["mflux", "comfyui", "diffusers", "kohya", "musubi"], ...] = ()
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    use_ema: bool = False  # export the EMA weights (training_loop.ema) instead of the trained ones
 
 
 @dataclass(frozen=True)
@@ -241,6 +403,7 @@ class Recipe:
     sample: Sample | None
     export: Export
     cache: Path | None = None
+    validation: Validation | None = None
 
     @classmethod
     def from_dict(cls, data: Any, source: str | Path | None = None) -> Recipe:

@@ -1,6 +1,7 @@
 """Training: LoRA / full fine-tuning with flow matching, checkpoint zips, bit-exact resume, memory plans.
 
     from zrecipe.training import train, TrainSettings, Example, apply_lora, MemoryOptimizer
+    from zrecipe.models.z_image.training import FlowMatchingObjective  # Z-Image's loss and batches
 
 Names resolve lazily (this package imports MLX; the CLI's --help path must not).
 """
@@ -17,43 +18,47 @@ _EXPORTS = {
     "save_adapter": "lora",
     "load_adapter": "lora",
     "trainable_parameter_count": "lora",
-    "flow_matching_loss": "loss",
-    "sample_sigmas": "loss",
     "Example": "data",
     "BatchIterator": "data",
     "dataset_fingerprint": "data",
     "TrainSettings": "settings",
     "train": "loop",
     "TrainResult": "loop",
+    "RunInfo": "checkpointer",
+    "Checkpointer": "checkpointer",
+    "TrainingCallback": "callbacks",
+    "default_callbacks": "callbacks",
+    "make_optimizer": "optim",
     "Checkpoint": "checkpoint",
     "read_checkpoint": "checkpoint",
     "list_checkpoints": "checkpoint",
     "MemoryOptimizer": "memory",
     "estimate_memory": "memory",
     "StopMonitor": "stop",
-    "run_recipe": "session",
 }
 
 __all__ = [
     "BatchIterator",
     "Checkpoint",
+    "Checkpointer",
     "Example",
     "LoRALinear",
     "MemoryOptimizer",
+    "RunInfo",
     "StopMonitor",
     "TrainResult",
     "TrainSettings",
+    "TrainingCallback",
     "apply_lora",
     "dataset_fingerprint",
+    "default_callbacks",
     "estimate_memory",
-    "flow_matching_loss",
     "fuse_lora",
     "list_checkpoints",
     "load_adapter",
     "lora_weights",
+    "make_optimizer",
     "read_checkpoint",
-    "run_recipe",
-    "sample_sigmas",
     "save_adapter",
     "train",
     "trainable_parameter_count",

@@ -13,7 +13,7 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -89,10 +89,12 @@ def write_checkpoint(
     config: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int | None = None,
+    optimizer_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write one checkpoint zip atomically and prune older ones beyond `keep_last`; returns its path.
 
-    `meta` adds to checkpoint.json (train step key, dataset fingerprint, model identity, mode, ...).
+    `meta` adds to checkpoint.json (train step key, dataset fingerprint, model identity, mode, ...);
+    `optimizer_metadata` to optimizer.safetensors' metadata (the optimiser's update rule).
     """
     from zrecipe import __version__
 
@@ -102,7 +104,7 @@ def write_checkpoint(
         members = {
             "adapter.safetensors": _safetensors_bytes(adapter[0], adapter[1], Path(scratch)),
             "optimizer.safetensors": _safetensors_bytes(
-                optimizer, {"format": "zrecipe-optimizer"}, Path(scratch)
+                optimizer, {"format": "zrecipe-optimizer", **(optimizer_metadata or {})}, Path(scratch)
             ),
             "iterator.json": json.dumps(iterator).encode(),
             "loss.json": json.dumps(loss).encode(),
@@ -147,6 +149,7 @@ class Checkpoint:
     loss: list[dict[str, Any]]
     config: dict[str, Any]
     meta: dict[str, Any]
+    optimizer_metadata: dict[str, str] = field(default_factory=dict)
 
 
 def _load_tensors(data: bytes, name: str, folder: Path, where: Path):
@@ -170,6 +173,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if sorted(names) != sorted(MEMBERS):
+                from zrecipe.lora.mflux_checkpoint import foreign_checkpoint_message
+
+                if foreign := foreign_checkpoint_message(path, names):  # another tool's valid zip
+                    raise CheckpointError(foreign)
                 raise CheckpointError(
                     f"{damaged}: members {sorted(names)} differ from the documented {sorted(MEMBERS)}."
                 )
@@ -195,10 +202,21 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         adapter, adapter_meta = _load_tensors(
             data["adapter.safetensors"], "adapter.safetensors", Path(scratch), path
         )
-        optimizer, _ = _load_tensors(
+        optimizer, optimizer_meta = _load_tensors(
             data["optimizer.safetensors"], "optimizer.safetensors", Path(scratch), path
         )
-    return Checkpoint(path, int(meta["step"]), adapter, adapter_meta, optimizer, iterator, loss, config, meta)
+    return Checkpoint(
+        path,
+        int(meta["step"]),
+        adapter,
+        adapter_meta,
+        optimizer,
+        iterator,
+        loss,
+        config,
+        meta,
+        optimizer_meta,
+    )
 
 
 def check_compatible(

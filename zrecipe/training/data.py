@@ -23,7 +23,9 @@ class Example:
 
     latents: (16, h, w) float32 in model space (after the VAE scale/shift); caption: (L, D) text embedding;
     bucket: the item's size (items of a batch share it); dataset: its dataset name; repeats and
-    caption_dropout come from that dataset; key: a content key (store key) used for the dataset fingerprint.
+    caption_dropout come from that dataset; key: a content key (store key) used for the dataset fingerprint;
+    loss_weight: its dataset's weight in the loss; mask: None or (h, w) float32 loss weights on the latent
+    grid (the objective takes the masked mean).
     """
 
     latents: Any
@@ -33,6 +35,8 @@ class Example:
     repeats: int = 1
     caption_dropout: float = 0.0
     key: str | None = None
+    loss_weight: float = 1.0
+    mask: Any = None
 
 
 @dataclass
@@ -114,23 +118,20 @@ class BatchIterator:
         self.epoch, self.position, self.batches = epoch, position, batches
 
 
-def collate(examples: Sequence[Example], indices: Sequence[int], drop: Sequence[bool], empty: Any):
-    """(latents (B,16,h,w) mx.array, [caption (L_i, D)]) with dropped captions replaced by `empty`."""
-    import mlx.core as mx
-
-    latents = mx.stack([mx.array(examples[i].latents, dtype=mx.float32) for i in indices])
-    captions = [mx.array(empty if d else examples[i].caption) for i, d in zip(indices, drop, strict=True)]
-    return latents, captions
-
-
 def dataset_fingerprint(examples: Sequence[Example]) -> str:
-    """A hash of everything about the examples that changes training (content, bucket, repeats, dropout)."""
+    """A hash of everything about the examples that changes training (content, bucket, repeats, dropout,
+    loss weight and mask; the last two only when set, so examples without them keep their fingerprint)."""
     import xxhash
 
     h = xxhash.xxh3_128()
     for example in examples:
         head = [example.dataset, list(example.bucket), int(example.repeats), float(example.caption_dropout)]
+        if example.loss_weight != 1.0:
+            head.append({"loss_weight": float(example.loss_weight)})
         h.update(json.dumps(head).encode())
+        if example.mask is not None:
+            mask = _as_numpy(example.mask)
+            h.update(b"mask" + repr(mask.shape).encode() + np.ascontiguousarray(mask).tobytes())
         if example.key is not None:
             h.update(example.key.encode())
         else:

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from zrecipe.errors import UserError
 from zrecipe.training.progress import Progress
@@ -256,16 +256,33 @@ def note_world_change(saved: int, now: int) -> None:
         )
 
 
-def rank_part(indices: list[int], drop: list[bool], w: World) -> tuple[list[int], list[bool], tuple]:
-    """This rank's examples of a global batch and its layout (start, n_global, weight) for loss_fn.
+class Share(NamedTuple):
+    """This rank's rows `start:stop` of a global batch of `n_global` items and its loss weight (its share
+    of the batch: the ranks' weighted gradients sum to the global batch mean's gradient). A plain tuple
+    underneath, so `mx.compile` takes it as a constant."""
 
-    A rank left without items (a short last batch of a bucket) computes on a stand-in item with weight 0:
-    it must still take part in every collective."""
-    n = len(indices)
-    start, stop = local_slice(n, w)
+    start: int
+    stop: int
+    n_global: int
+    weight: float
+
+    @property
+    def items(self) -> int:
+        """Real items this rank trains on (0 for the weight-0 stand-in)."""
+        return self.stop - self.start if self.weight else 0
+
+
+def batch_share(n_global: int, w: World) -> Share | None:
+    """This rank's share of a global batch of `n_global` items; None on a single process (all of it).
+
+    A rank left without items (a short last batch of a bucket) computes on a stand-in, the batch's first
+    item with weight 0: it must still take part in every collective."""
+    if not w.distributed:
+        return None
+    start, stop = local_slice(n_global, w)
     if stop == start:
-        return indices[:1], drop[:1], (0, n, 0.0)
-    return indices[start:stop], drop[start:stop], (start, n, (stop - start) / n)
+        return Share(0, 1, n_global, 0.0)
+    return Share(start, stop, n_global, (stop - start) / n_global)
 
 
 def step_stats(

@@ -1,15 +1,13 @@
-"""LoRA: a low-rank adapter wrapped around a (possibly quantised) Linear, swapped in by module path.
+"""LoRA in training: recipe targets → adapter layers swapped in by module path, and the adapter file.
 
-`LoRALinear.from_base(linear, rank, alpha)` keeps the base layer frozen inside the wrapper and adds
-`lora_a` (in, r) and `lora_b` (r, out) so that y = base(x) + (alpha / r) · (x @ A) @ B; ΔW is never
-materialised during training. B starts at zero, so step 0 is exactly the base model (mlx-examples' flux).
-The adapter file uses the PEFT orientation (A: (r, in), B: (out, r)) documented in docs/ARCHITECTURE.md.
+The layers themselves (`LoRALinear`, with `to_delta()` / `from_delta()`) are `zrecipe.lora.layers`; this
+module resolves the recipe's targets, swaps layers in with `update_modules`, and writes / reads zrecipe's
+`adapter.safetensors` through the same format code as every export (`zrecipe.export.lora_formats`), in the
+PEFT orientation (A: (r, in), B: (out, r)) documented in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,61 +17,9 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from zrecipe.errors import CheckpointError, RecipeError
+from zrecipe.lora.layers import TRAINABLE_KINDS, AdapterLayer, adapter_layers, linear_shapes
+from zrecipe.lora.layers import LoRALinear as LoRALinear  # training's public name for the trained layer
 from zrecipe.recipe.schema import BLOCK_TYPES  # one list of targetable layers
-
-
-class LoRALinear(nn.Module):
-    """A frozen base Linear (or QuantizedLinear) plus a trainable low-rank update."""
-
-    @staticmethod
-    def from_base(linear: nn.Module, rank: int = 8, alpha: float | None = None) -> LoRALinear:
-        """Wrap `linear`; A ~ U(±1/sqrt(in)) as in mlx-examples, B = 0, scale = alpha / rank."""
-        out_dims, in_dims = linear.weight.shape
-        if isinstance(linear, nn.QuantizedLinear):
-            in_dims = in_dims * 32 // linear.bits  # packed uint32 columns
-        lora = LoRALinear(in_dims, out_dims, rank, rank if alpha is None else alpha)
-        lora.linear = linear
-        return lora
-
-    def __init__(self, input_dims: int, output_dims: int, rank: int = 8, alpha: float = 8.0):
-        super().__init__()
-        if rank < 1:
-            raise RecipeError(f"LoRA rank must be at least 1 (got {rank}).")
-        self.linear = nn.Linear(input_dims, output_dims, bias=False)
-        self.rank = int(rank)
-        self.alpha = float(alpha)
-        bound = 1.0 / math.sqrt(input_dims)
-        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, rank))
-        self.lora_b = mx.zeros((rank, output_dims))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = self.linear(x)
-        # Low-rank path in the activation dtype (bf16 compute keeps the fp32 adapter as master copy).
-        z = (x @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
-        return y + (self.scale * z).astype(y.dtype)
-
-    def delta(self) -> mx.array:
-        """ΔW in the base layer's (out, in) orientation (only for fusing/export, never in training)."""
-        return self.scale * (self.lora_b.T @ self.lora_a.T)
-
-    def fuse(self) -> nn.Linear:
-        """A plain nn.Linear equal to base + ΔW (a quantised base is dequantised first: QLoRA)."""
-        base = self.linear
-        if isinstance(base, nn.QuantizedLinear):
-            weight = mx.dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits)
-        else:
-            weight = base.weight
-        has_bias = "bias" in base
-        out_dims, in_dims = weight.shape
-        fused = nn.Linear(in_dims, out_dims, bias=has_bias)
-        fused.weight = (weight.astype(mx.float32) + self.delta()).astype(weight.dtype)
-        if has_bias:
-            fused.bias = base.bias
-        return fused
 
 
 def _children(model: nn.Module) -> dict[str, nn.Module]:
@@ -87,14 +33,16 @@ def _block_count(modules: dict[str, nn.Module], block_type: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def resolve_targets(model: nn.Module, targets: Iterable[Any]) -> list[tuple[str, int, float]]:
-    """(module path, rank, alpha) for every target; raises one RecipeError listing targets matching nothing.
+def resolve_targets(model: nn.Module, targets: Iterable[Any]) -> list[tuple[str, Any]]:
+    """(module path, its target) for every targeted layer; raises one RecipeError listing targets that
+    match nothing.
 
     A target is any object with block_type, start, end (exclusive), layer_types, rank, alpha
-    (`zrecipe.recipe.LoraTarget`).
+    (`zrecipe.recipe.LoraTarget`) and optionally `kind` (an adapter kind of `TRAINABLE_KINDS`; "lora"),
+    `dropout` and the kind's `OPTIONS` (LoKr: factor, decompose_both, full_matrix).
     """
     modules = _children(model)
-    found: dict[str, tuple[str, int, float]] = {}
+    found: dict[str, tuple[str, Any]] = {}
     problems: list[str] = []
     for target in targets:
         count = _block_count(modules, target.block_type)
@@ -116,36 +64,56 @@ def resolve_targets(model: nn.Module, targets: Iterable[Any]) -> list[tuple[str,
                 for i in range(target.start, min(end, count))
                 if f"{target.block_type}.{i}.{layer_type}" in modules
             ]
-            usable = [p for p in paths if isinstance(modules[p], (nn.Linear, nn.QuantizedLinear, LoRALinear))]
+            usable = [
+                p for p in paths if isinstance(modules[p], (nn.Linear, nn.QuantizedLinear, AdapterLayer))
+            ]
             if not usable:
                 problems.append(
                     f"layer type {layer_type!r} matches nothing in {target.block_type}[{target.start}:{end}]"
                     + (" (context_refiner blocks have no adaLN_modulation)" if "adaLN" in layer_type else "")
                 )
             for path in usable:
-                found[path] = (path, int(target.rank), float(target.alpha))
+                found[path] = (path, target)
     if problems:
         raise RecipeError("LoRA targets that match nothing: " + "; ".join(problems), problems)
     return list(found.values())
 
 
 def apply_lora(model: nn.Module, targets: Iterable[Any]) -> list[str]:
-    """Freeze `model`, swap LoRALinear in at every target path; returns the wrapped module paths."""
+    """Freeze `model`, swap an adapter layer in at every target path; returns the wrapped module paths.
+
+    Layers get their `dropout_index` in path order, so their dropout masks do not depend on target order.
+    """
     resolved = resolve_targets(model, targets)
     modules = _children(model)
     model.freeze()
     updates = []
-    for path, rank, alpha in resolved:
+    dropout_index = {path: i for i, path in enumerate(sorted(path for path, _ in resolved))}
+    for path, target in resolved:  # in target order: the order the layers draw their initial values
+        kind = getattr(target, "kind", "lora")
+        if kind not in TRAINABLE_KINDS:
+            raise RecipeError(f"LoRA kind {kind!r} is not known (use one of {', '.join(TRAINABLE_KINDS)}).")
         base = modules[path]
-        if isinstance(base, LoRALinear):  # a later target overrides an earlier one on the same layer
-            base = base.linear
-        updates.append((path, LoRALinear.from_base(base, rank=rank, alpha=alpha)))
+        if isinstance(base, AdapterLayer):  # a later target overrides an earlier one on the same layer
+            base = base.base_layer()
+        cls = TRAINABLE_KINDS[kind]
+        options = {name: getattr(target, name) for name in cls.OPTIONS if hasattr(target, name)}
+        layer = cls.from_base(
+            base, rank=int(target.rank), alpha=float(target.alpha), dropout=float(getattr(target, "dropout", 0.0)),
+            **options,
+        )  # fmt: skip
+        layer.dropout_index = dropout_index[path]
+        updates.append((path, layer))
     model.update_modules(_unflatten_modules(updates))
     for _, layer in updates:
-        # Only A and B train; the base inside the wrapper stays frozen.
-        layer.freeze()
-        layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+        _train_only_adapter(layer)
     return [path for path, _ in updates]
+
+
+def _train_only_adapter(layer: AdapterLayer) -> None:
+    """Only the adapter's own parameters train; the base inside the wrapper stays frozen."""
+    layer.freeze()
+    layer.unfreeze(keys=list(layer.TRAINABLE), recurse=False)
 
 
 def _unflatten_modules(items: list[tuple[str, nn.Module]]) -> dict:
@@ -161,17 +129,23 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, AdapterLayer]:
+    """{module path: trainable adapter layer} of `model`."""
+    return adapter_layers(model)
+
+
+def adapter_deltas(model: nn.Module) -> dict:
+    """{module path: delta} of the model's trainable adapter layers, by path."""
+    return {p: m.to_delta() for p, m in sorted(lora_modules(model).items())}
 
 
 def lora_weights(model: nn.Module) -> dict[str, tuple[mx.array, mx.array, float]]:
-    """{module path: (A (r, in), B (out, r), alpha)} in the adapter-file orientation."""
-    return {p: (m.lora_a.T, m.lora_b.T, m.alpha) for p, m in sorted(lora_modules(model).items())}
+    """{module path: (A (r, in), B (out, r), alpha)} of the plain LoRA layers, adapter-file orientation."""
+    return {p: (d.A, d.B, d.alpha) for p, d in adapter_deltas(model).items() if d.KIND == "lora"}
 
 
 def fuse_lora(model: nn.Module) -> list[str]:
-    """Replace every LoRALinear by its fused Linear; returns the fused paths."""
+    """Replace every adapter layer by its fused Linear; returns the fused paths."""
     fused = [(p, m.fuse()) for p, m in lora_modules(model).items()]
     if fused:
         model.update_modules(_unflatten_modules(fused))
@@ -180,31 +154,16 @@ def fuse_lora(model: nn.Module) -> list[str]:
 
 def adapter_tensors(model: nn.Module) -> dict[str, mx.array]:
     """The adapter.safetensors tensors: `<path>.lora_A.weight`, `<path>.lora_B.weight`, `<path>.alpha`."""
-    tensors: dict[str, mx.array] = {}
-    for path, (a, b, alpha) in lora_weights(model).items():
-        tensors[f"{path}.lora_A.weight"] = a
-        tensors[f"{path}.lora_B.weight"] = b
-        tensors[f"{path}.alpha"] = mx.array(alpha, dtype=mx.float32)
-    return tensors
+    from zrecipe.export.lora_formats import export_tensors
+
+    return export_tensors(adapter_deltas(model), "zrecipe", "float32")
 
 
 def adapter_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, str]:
     """Self-describing safetensors metadata (format, rank, alpha, targets + caller's fields)."""
-    from zrecipe import __version__
+    from zrecipe.export.lora_formats import adapter_file_metadata
 
-    mods = lora_modules(model)
-    ranks = sorted({m.rank for m in mods.values()})
-    alphas = sorted({m.alpha for m in mods.values()})
-    meta = {
-        "format": "zrecipe",
-        "rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
-        "alpha": str(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
-        "targets": json.dumps({p: {"rank": m.rank, "alpha": m.alpha} for p, m in sorted(mods.items())}),
-        "zrecipe_version": __version__,
-    }
-    for key, value in (extra or {}).items():
-        meta[key] = value if isinstance(value, str) else json.dumps(value)
-    return meta
+    return adapter_file_metadata(adapter_deltas(model), extra)
 
 
 def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -220,45 +179,36 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, mx.array], where: str) -> None:
-    """Apply adapter tensors to a model (wrapping layers as needed); every mismatch reported at once."""
-    groups: dict[str, dict[str, mx.array]] = {}
-    problems: list[str] = []
-    for key, value in tensors.items():
-        for suffix in (".lora_A.weight", ".lora_B.weight", ".alpha"):
-            if key.endswith(suffix):
-                groups.setdefault(key.removesuffix(suffix), {})[suffix] = value
-                break
-        else:
-            problems.append(f"unexpected key {key}")
+    """Apply adapter tensors to a model (wrapping layers as needed); every mismatch reported at once.
+
+    The tensors are read by the one LoRA reader (`zrecipe.export.lora_formats`); a layer that already
+    holds an adapter of the same kind and rank is updated in place (the optimiser state refers to it).
+    """
+    from zrecipe.export.lora_formats import parse_deltas
+
+    deltas, unmatched = parse_deltas(
+        tensors, {}, where, linear_shapes(model), "adapter does not fit this model"
+    )
+    if unmatched:
+        raise CheckpointError(
+            f"{where}: adapter does not fit this model: no such layer for "
+            + ", ".join(unmatched[:20])
+            + (f" and {len(unmatched) - 20} more" if len(unmatched) > 20 else "")
+        )
     modules = _children(model)
     updates = []
-    for path, parts in sorted(groups.items()):
-        if set(parts) != {".lora_A.weight", ".lora_B.weight", ".alpha"}:
-            problems.append(f"{path}: incomplete (has {sorted(parts)})")
-            continue
-        base = modules.get(path)
-        if base is None:
-            problems.append(f"{path}: no such layer in the model")
-            continue
-        a, b = parts[".lora_A.weight"], parts[".lora_B.weight"]
-        alpha = parts[".alpha"].item()
-        if isinstance(base, LoRALinear) and base.rank == a.shape[0]:
-            layer = base  # update in place: keeps the module tree the optimiser state refers to
-            if float(mx.array(layer.alpha, dtype=mx.float32).item()) != alpha:
-                layer.alpha = float(alpha)  # (the file stores float32: keep the exact Python value if equal)
+    for path, delta in sorted(deltas.items()):
+        current = modules[path]
+        kind = TRAINABLE_KINDS.get(delta.KIND)
+        if kind is None:
+            raise CheckpointError(f"{where}: {path}: a {delta.KIND} adapter cannot be trained here.")
+        if isinstance(current, kind) and current.set_delta(delta):
+            layer = current
         else:
-            base = base.linear if isinstance(base, LoRALinear) else base
-            layer = LoRALinear.from_base(base, rank=a.shape[0], alpha=alpha)
-            layer.freeze()
-            layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
-        if tuple(a.shape) != tuple(layer.lora_a.T.shape) or tuple(b.shape) != tuple(layer.lora_b.T.shape):
-            problems.append(f"{path}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the layer")
-            continue
-        layer.lora_a = a.T.astype(mx.float32)
-        layer.lora_b = b.T.astype(mx.float32)
+            base = current.base_layer() if isinstance(current, AdapterLayer) else current
+            layer = kind.from_delta(base, delta)
+            _train_only_adapter(layer)
         updates.append((path, layer))
-    if problems:
-        raise CheckpointError(f"{where}: adapter does not fit this model: " + "; ".join(problems[:20]))
     model.update_modules(_unflatten_modules(updates))
 
 

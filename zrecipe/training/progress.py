@@ -71,7 +71,8 @@ def write_loss_log(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def plot_loss(path: Path, history: list[dict[str, Any]], size: tuple[int, int] = (800, 400)) -> None:
-    """Raw loss (light) and its moving average (dark) against the step, as a PNG."""
+    """Raw loss (light) and its moving average (dark) against the step, as a PNG; the validation loss
+    (orange, dots at the steps it was measured) on the same axes when the history has one."""
     from PIL import Image, ImageDraw
 
     from zrecipe.training.checkpoint import atomic_path
@@ -82,10 +83,12 @@ def plot_loss(path: Path, history: list[dict[str, Any]], size: tuple[int, int] =
     draw = ImageDraw.Draw(image)
     draw.rectangle([margin, 10, width - 10, height - margin], outline="black")
     points = [(float(h["step"]), float(h["loss"])) for h in history if math.isfinite(float(h["loss"]))]
+    validation = [(float(h["step"]), float(h["val_loss"])) for h in history
+                  if "val_loss" in h and math.isfinite(float(h["val_loss"]))]  # fmt: skip
     if points:
         steps = [p[0] for p in points]
         losses = [p[1] for p in points]
-        lo, hi = min(losses), max(losses)
+        lo, hi = min(losses + [v for _, v in validation]), max(losses + [v for _, v in validation])
         hi = hi if hi > lo else lo + 1.0
         s0, s1 = min(steps), max(steps)
         s1 = s1 if s1 > s0 else s0 + 1.0
@@ -105,12 +108,19 @@ def plot_loss(path: Path, history: list[dict[str, Any]], size: tuple[int, int] =
             for i in range(len(points))
         ]
         draw.line([xy(s, v) for s, v in smooth], fill=(20, 60, 160), width=2)
+        if validation:
+            if len(validation) > 1:
+                draw.line([xy(s, v) for s, v in validation], fill=(230, 120, 20), width=2)
+            for s, v in validation:
+                x, y = xy(s, v)
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(230, 120, 20))
         draw.text((margin, height - margin + 8), f"step {int(s0)}", fill="black")
         draw.text((width - 90, height - margin + 8), f"step {int(s1)}", fill="black")
         draw.text((4, 10), f"{hi:.3g}", fill="black")
         draw.text((4, height - margin - 12), f"{lo:.3g}", fill="black")
+    legend = "training loss (light: per step, dark: moving average)"
     draw.text(
-        (margin + 10, height - 22), "training loss (light: per step, dark: moving average)", fill="black"
+        (margin + 10, height - 22), legend + ("; orange: validation" if validation else ""), fill="black"
     )
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")

@@ -1,124 +1,102 @@
-"""One standalone training run from a recipe (what `zrecipe train` does): resolve the model, encode the
-datasets, load the transformer, size the batch, train. The build's train step calls `train()` directly
-with examples from its store instead."""
+"""What the build's train step needs around the loop: the transformer and settings for its parameters, the
+recipe inside a checkpoint (for `zrecipe train --train-checkpoint`), and the peak memory to report.
+
+`zrecipe train` is the build graph up to `train` (zrecipe.pipeline.train_recipe): there is no second path.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zrecipe.errors import RecipeError
-from zrecipe.training.loop import TrainResult, train
+from zrecipe.errors import DatasetError, ModelError
 
 
-def model_identity(folder: str | Path, cache_dir: str | Path | None = None) -> str:
-    """xxh128 over the model's weight and config files (relative path + content hash, stat-cached)."""
-    import xxhash
-
-    from zrecipe.engine.statcache import StatCache
-    from zrecipe.models.z_image.resolve import default_cache_dir, model_weight_files
-
-    folder = Path(folder)
-    files = model_weight_files(folder)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    with StatCache(cache / "stat.sqlite") as stat_cache:  # the same stat cache as the build
-        hashes = stat_cache.hash_files(files)
-    h = xxhash.xxh3_128()
-    for f in files:
-        h.update(f"{f.relative_to(folder).as_posix()}\0{hashes[str(f)]}\n".encode())
-    return h.hexdigest()
-
-
-def prepare_training(recipe: Any, model_path: str | Path, examples: list, log: Callable[[str], None] = print):
-    """Load the transformer for `recipe` and resolve its TrainSettings (batch size `auto` and micro-batching
-    from the memory optimiser, sized for the largest bucket and longest caption of `examples`)."""
+def load_for_training(
+    params: dict[str, Any],
+    model_path: str | Path,
+    examples: list,
+    log: Callable[[str], None] = print,
+    assistant: tuple[str | Path, str] | None = None,
+):
+    """(transformer, TrainSettings) for the train node's `params`: the transformer loaded as they say
+    (with `assistant` = (LoRA file, its identity) fused into it: see training/assistant.py), the batch
+    (`auto`, or micro-batches when the requested batch does not fit) resolved by the memory optimiser for
+    the largest bucket and longest caption of `examples`."""
     import mlx.core as mx
 
     from zrecipe.models.z_image.sampler import read_scheduler_shift
-    from zrecipe.models.z_image.transformer import load_transformer
+    from zrecipe.models.z_image.transformer import load_transformer, quantize_transformer, stored_bits
     from zrecipe.training.memory import resolve_batch_size
-    from zrecipe.training.settings import TrainSettings
+    from zrecipe.training.settings import TrainSettings, lora_targets
 
-    loop = recipe.training_loop
-    dtype = None if loop.compute_dtype == "auto" else loop.compute_dtype
-    transformer = load_transformer(model_path, dtype=dtype, quantize=loop.quantize)
+    if not examples:
+        raise DatasetError("training has no examples: every dataset is empty or all its items were skipped.")
+    loop = params["training_loop"]
+    dtype = None if loop["compute_dtype"] == "auto" else loop["compute_dtype"]
+    if assistant is None:
+        transformer = load_transformer(model_path, dtype=dtype, quantize=loop["quantize"])
+    else:
+        from zrecipe.training.assistant import fuse_assistant
+
+        # Fused before quantising, so the quantised base is quantise(W + ΔW), one rounding; weights stored
+        # quantised are dequantised, updated and re-quantised per layer.
+        transformer = load_transformer(model_path, dtype=dtype)
+        stored = stored_bits(transformer)
+        if stored and loop["quantize"] and {loop["quantize"]} != stored:
+            raise ModelError(
+                f"{model_path}: the transformer is stored quantised to {sorted(stored)} bits; quantize: "
+                f"{loop['quantize']} cannot requantise it. Remove `quantize` or set it to the stored bits."
+            )
+        paths = fuse_assistant(transformer, *assistant)
+        if loop["quantize"] and not stored:
+            quantize_transformer(transformer, loop["quantize"])
+            mx.eval(transformer.parameters())
+        log(f"train: assistant LoRA {Path(assistant[0]).name} fused into {len(paths)} layers of the base")
     largest = max(examples, key=lambda e: e.bucket[0] * e.bucket[1])
     micro, accum, note = resolve_batch_size(
-        loop.batch_size,
-        loop.gradient_accumulation_steps,
+        loop["batch_size"],
+        loop["gradient_accumulation_steps"],
         transformer.config,
-        recipe.mode,
+        params["mode"],
         width=largest.bucket[1] * 8,
         height=largest.bucket[0] * 8,
         caption_tokens=max(e.caption.shape[0] for e in examples),
         dtype="bfloat16" if transformer.dtype == mx.bfloat16 else "float32",
-        quantize=loop.quantize,
-        lora_targets=recipe.lora.targets if recipe.lora else None,
-        gradient_checkpointing=loop.gradient_checkpointing,
+        quantize=loop["quantize"],
+        lora_targets=lora_targets(params) or None,
+        gradient_checkpointing=loop["gradient_checkpointing"],
     )
     if note:
         log(note)
-    settings = TrainSettings.from_recipe(recipe, read_scheduler_shift(model_path), batch_size=micro)
-    return transformer, dataclasses.replace(settings, gradient_accumulation_steps=accum)
+    return transformer, TrainSettings.from_params(params, read_scheduler_shift(model_path), micro, accum)
 
 
 def recipe_from_checkpoint(path: str | Path) -> tuple[Any, Any]:
     """(Recipe, verified Checkpoint) for `--train-checkpoint`: the zip's config.json is the resolved recipe."""
     from zrecipe.recipe import Recipe
     from zrecipe.training.checkpoint import read_checkpoint
+    from zrecipe.training.optim import check_rule
 
     checkpoint = read_checkpoint(path)
     source = checkpoint.meta.get("recipe_source")
-    return Recipe.from_dict(checkpoint.config, source=source), checkpoint
+    recipe = Recipe.from_dict(checkpoint.config, source=source)
+    # Refused now rather than after encoding the datasets (train() checks it again).
+    check_rule(checkpoint.optimizer_metadata, recipe.optimizer, f"{checkpoint.path}: optimizer.safetensors")
+    return recipe, checkpoint
 
 
-def run_recipe(
-    recipe: Any,
-    *,
-    resume_from: str | Path | None = None,
-    low_ram: bool = False,
-    battery_limit: int | None = None,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    log: Callable[[str], None] = print,
-) -> TrainResult:
-    """Train `recipe` end to end, resuming from `resume_from` when given."""
+def peak_memory(result: Any) -> str:
+    """The run's peak memory in words: MLX's device peak on a GPU (Metal, CUDA); on the CPU backend the
+    process's peak resident set size, since MLX counts only its own buffers there, not the whole process."""
+    import mlx.core as mx
 
-    from zrecipe.models.z_image.resolve import resolve_model
-    from zrecipe.recipe import recipe_hash
-    from zrecipe.training.encode import encode_recipe_datasets
+    if mx.default_device() != mx.cpu:
+        return f"{result.peak_memory_bytes / 2**30:.2f} GB"
+    import resource
+    import sys
 
-    loop = recipe.training_loop
-    if recipe.mode == "full" and loop.quantize:
-        raise RecipeError(
-            f"{recipe.source}: training_loop.quantize applies to LoRA only; full fine-tuning needs unquantised "
-            "weights. Remove `quantize` or use mode: lora."
-        )
-    cache_dir = cache_dir or recipe.cache
-    folder = resolve_model(recipe.model, cache_dir)
-    identity = model_identity(folder, cache_dir)
-    low_ram = low_ram or loop.low_ram
-    log(f"encoding {len(recipe.datasets)} dataset(s) with {folder.name}")
-    examples, empty = encode_recipe_datasets(recipe, folder, low_ram=low_ram, log=log)
-    transformer, settings = prepare_training(recipe, folder, examples, log)
-    settings = dataclasses.replace(settings, low_ram=low_ram)
-    meta = {"base_model": recipe.model, "recipe_hash": recipe_hash(recipe)}
-    result = train(
-        transformer,
-        examples,
-        empty,
-        settings,
-        recipe.save.output_path,
-        config=recipe.to_dict(),
-        model_identity=identity,
-        train_step_key=meta["recipe_hash"],
-        resume_from=resume_from,
-        force=force,
-        battery_limit=battery_limit,
-        adapter_metadata_extra=meta,
-        checkpoint_meta={"recipe_source": str(recipe.source)},
-    )
-    return result
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return f"{rss / 2**30:.2f} GB (peak RSS)"

@@ -1,7 +1,9 @@
 """Stopping well: SIGINT / SIGTERM and a battery limit turn into "checkpoint now, then stop cleanly".
 
-The loop asks `StopMonitor.reason()` once per step; signal handlers only set a flag (never raise inside
-MLX code), so the step in flight finishes and the checkpoint written after it is consistent.
+`StopMonitor` is a training callback: the loop asks it once per step (`stop_reason`); signal handlers only
+set a flag (never raise inside MLX code), so the step in flight finishes and the checkpoint written after it
+is consistent. Its handlers are installed for the run (`on_train_begin`) and the previous ones restored
+after it (`on_train_end`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from zrecipe.training.callbacks import TrainingCallback
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,11 @@ def read_battery() -> BatteryStatus | None:
     return _read_macos_battery() if sys.platform == "darwin" else _read_linux_battery()
 
 
-class StopMonitor:
+class StopMonitor(TrainingCallback):
     """Collects reasons to stop: a caught signal, or the battery at/below `battery_limit` while discharging.
 
-    Use as a context manager so the previous signal handlers come back afterwards.
+    As a callback it watches one training run; outside one, use it as a context manager so the previous
+    signal handlers come back afterwards.
     """
 
     def __init__(self, battery_limit: int | None = None, battery_reader=read_battery, check_every: int = 1):
@@ -89,13 +94,19 @@ class StopMonitor:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def on_train_begin(self, state) -> None:
+        self.__enter__()
+
+    def on_train_end(self, state) -> None:
+        self.__exit__(None, None, None)
+
+    def stop_reason(self, state) -> str | None:
+        return self.reason()
+
     def _handle(self, signum, frame) -> None:
         if self._signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
         self._signal = signal.Signals(signum).name
-
-    def request_stop(self, reason: str) -> None:
-        self._signal = reason
 
     def reason(self) -> str | None:
         """Why training should stop now, or None."""

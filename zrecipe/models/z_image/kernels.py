@@ -3,9 +3,12 @@
 MLX's x86 CPU kernels evaluate exp one element at a time (measured: ~20 ns per element against ~0.4 ns
 for a multiply), which made softmax and SiLU over a third of a DiT forward. On the CPU backend exp is
 therefore computed as 2^n · p(r) from multiply/add/floor/shift only — ops the compiled kernels vectorise —
-(max relative error ~2e-7, far inside the 1e-4 parity tolerance). GPUs keep the native kernels
+(max relative error ~1e-7, far inside the 1e-4 parity tolerance). GPUs keep the native kernels
 (`mx.fast.scaled_dot_product_attention`, `nn.silu`, `mx.exp`). Elementwise chains are wrapped in
 `mx.compile` so each is one fused pass over memory; inside the training step's own `mx.compile` they inline.
+Where zrecipe's compiled kernels are loaded (`zrecipe.native`: vectorised exp / SiLU / softmax primitives),
+the CPU paths use them instead of the polynomial (same results within float32 rounding; one pass instead
+of the polynomial's chain of fused kernels); the polynomial stays as the fallback.
 
 Attention (`attention`) has three implementations, chosen per call (see its docstring):
 - `mx.fast.scaled_dot_product_attention`, on a GPU wherever it is fused — for training only where MLX has a
@@ -24,6 +27,8 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 from mlx import nn
+
+from zrecipe import native
 
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 split so that n·LN2_HI is exact
@@ -51,25 +56,20 @@ def exp_poly(x: mx.array) -> mx.array:
     x = n·ln2 + r with |r| ≤ ln2/2 (Cody–Waite reduction), e^r by its degree-7 Taylor polynomial in
     Estrin's form (a shallow graph: MLX fuses at most 11 dependent ops into one kernel, and every kernel
     boundary is a tensor-sized temporary), 2^n by writing n + 127 into the exponent bits; max relative error
-    ~2e-7 (float32 rounding). Below −87 the result is 0, as float32 exp underflows there anyway: a tiny
-    non-zero value (masked attention scores gave e^−87 ≈ 1.6e-38) turns into denormals after the softmax
-    division, and x86 arithmetic on denormals is ~100× slower (measured: a masked text-encoder attention
-    took 7× as long as an unmasked one).
+    8.4e-8 over [−87, 88] (float32 rounding). Below −87 the result is 0, as float32 exp underflows there
+    anyway: a tiny non-zero value (masked attention scores gave e^−87 ≈ 1.6e-38) turns into denormals after
+    the softmax division, and x86 arithmetic on denormals is ~100× slower (measured: a masked text-encoder
+    attention took 7× as long as an unmasked one).
     """
     x = x.astype(mx.float32)
     xc = mx.clip(x, -87.0, 88.0)
     n = mx.floor(xc * _LOG2E + 0.5)
     r = (xc - n * _LN2_HI) - n * _LN2_LO
     c, r2 = _EXP_COEFFS, r * r
-    p = ((c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)) + (r2 * r2) * (
-        (c[4] + c[5] * r) + r2 * (c[6] + c[7] * r)
-    )
+    # The 1 is added last: the sum of the small terms (≤ 0.42) is rounded once before it, which keeps the
+    # error at 8e-8 (adding (1 + r) to the rest rounds twice at full magnitude: 1.7e-7).
+    p = c[0] + (r + (r2 * (c[2] + c[3] * r) + (r2 * r2) * ((c[4] + c[5] * r) + r2 * (c[6] + c[7] * r))))
     return mx.where(x < -87.0, 0.0, p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32))
-
-
-def fast_exp(x: mx.array) -> mx.array:
-    """exp in float32: the polynomial on the CPU, MLX's own kernel elsewhere."""
-    return exp_poly(x) if on_cpu() else mx.exp(x.astype(mx.float32))
 
 
 def _first(a):
@@ -103,9 +103,10 @@ def _softmax_poly_vjp(primals, cotangent, outputs):
     return (p * (g - (g * p).sum(axis=-1, keepdims=True)),)
 
 
-def silu(x: mx.array) -> mx.array:
-    """SiLU; the polynomial-exp version (with an exact-formula gradient) on the CPU."""
-    return _silu_poly(x) if on_cpu() else nn.silu(x)
+# SiLU and softmax (float32, last axis) dispatch in zrecipe.native: its compiled kernels on the CPU where
+# loaded, the polynomial-exp versions above otherwise, MLX's own on a GPU; each with its exact gradient.
+silu = native.silu
+softmax = native.softmax
 
 
 _swiglu = mx.compile(lambda a, b: silu(a) * b)
@@ -131,7 +132,7 @@ def _attention_math(q, k, v, scale, mask):
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    out = _softmax_poly(scores.astype(mx.float32)).astype(v.dtype) @ v
+    out = softmax(scores).astype(v.dtype) @ v
     return out.reshape(B, H, L, D)
 
 
@@ -140,7 +141,7 @@ _attention_masked = mx.compile(_attention_math)
 
 
 def full_matrix_attention(q, k, v, scale: float, mask: mx.array | None = None) -> mx.array:
-    """Softmax attention as one (B, H, L, S) score matrix with the polynomial-exp softmax (CPU inference)."""
+    """Softmax attention as one (B, H, L, S) score matrix with the CPU softmax (`softmax`; inference)."""
     if mask is None:
         return _attention_nomask(q, k, v, scale)
     return _attention_masked(q, k, v, scale, mask)
@@ -195,14 +196,24 @@ def _row_slice(x: mx.array, start: int, stop: int, axis: int = 2) -> mx.array:
     return x[tuple(index)]
 
 
+def _exp_kernel() -> str:
+    """Which exp the blockwise attention uses now: `native`, `poly` (CPU fallback) or `mlx` (GPU)."""
+    if native.in_use():
+        return "native"
+    return "poly" if on_cpu() else "mlx"
+
+
+_EXPS = {"native": native.exp, "poly": exp_poly, "mlx": lambda x: mx.exp(x)}
+
+
 @functools.cache
-def _blockwise_function(scale: float, rows: int, masked: bool, cpu: bool):
-    """The custom-VJP blockwise attention for one (scale, block height, mask presence, device kind).
+def _blockwise_function(scale: float, rows: int, masked: bool, kernel: str):
+    """The custom-VJP blockwise attention for one (scale, block height, mask presence, exp kernel).
 
     Blocks are chained with `mx.depends` (block i+1 starts after block i's results exist): without it MLX's
     scheduler may compute every block's scores before reducing any, which is the O(N²) memory this avoids.
     """
-    exp = exp_poly if cpu else (lambda x: mx.exp(x))
+    exp = _EXPS[kernel]  # no gradient rule needed: the VJP below differentiates by hand
     fwd = mx.compile(functools.partial(_forward_block, scale=scale, exp=exp))
     bwd = mx.compile(functools.partial(_backward_block, scale=scale, exp=exp))
 
@@ -274,7 +285,7 @@ def blockwise_attention(
             mask = mx.repeat(mask, H // mask.shape[1], axis=1)
     else:
         mask = mx.zeros((1,), mx.bool_)  # custom functions take arrays only; unused
-    return _blockwise_function(float(scale), int(rows), masked, on_cpu())(q, k, v, mask)[0]
+    return _blockwise_function(float(scale), int(rows), masked, _exp_kernel())(q, k, v, mask)[0]
 
 
 def fused_backward_available(q: mx.array, k: mx.array) -> bool:

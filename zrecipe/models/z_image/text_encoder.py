@@ -17,10 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from zrecipe.backend import resolve_dtype
 from zrecipe.errors import ModelError
 from zrecipe.models.z_image.kernels import attention, swiglu
-from zrecipe.models.z_image.weights import load_strict, read_config, read_weights
+from zrecipe.models.z_image.weights import load_component
 
 
 @dataclass(frozen=True)
@@ -186,18 +185,21 @@ class Qwen3TextEncoder(nn.Module):
 
     @staticmethod
     def sanitize(weights: dict) -> dict:
-        """Checkpoint → module keys: drop the tied `lm_head`; prefix `model.` where a bare Qwen3Model has none."""
-        return {
-            (key if key.startswith("model.") else "model." + key): value
-            for key, value in weights.items()
-            if not key.startswith("lm_head.")
-        }
+        """Checkpoint → module keys: drop what the encoder does not use (the tied `lm_head`, mflux-save's
+        RoPE table `rotary_emb.inv_freq`); prefix `model.` where a bare Qwen3Model or mflux-save has none.
+
+        Accepts transformers' Qwen3ForCausalLM layout (the diffusers `text_encoder/` folder and ComfyUI's
+        `qwen_3_4b.safetensors`, which uses the same names) and mflux-save's `text_encoder/`."""
+        out = {}
+        for key, value in weights.items():
+            if key.startswith(_UNUSED_PREFIXES) or key.removeprefix("model.").startswith(_UNUSED_PREFIXES):
+                continue
+            out[key if key.startswith("model.") else "model." + key] = value
+        return out
 
 
-def component_folder(path: str | Path, name: str) -> Path:
-    """`path/name` when `path` is a whole model folder, else `path` itself (a component folder)."""
-    path = Path(path).expanduser()
-    return path / name if (path / name).is_dir() else path
+# Checkpoint tensors the encoder does not use: the tied LM head, and mflux-save's precomputed RoPE frequencies.
+_UNUSED_PREFIXES = ("lm_head.", "rotary_emb.")
 
 
 def load_text_encoder(path: str | Path, dtype=None) -> Qwen3TextEncoder:
@@ -206,16 +208,11 @@ def load_text_encoder(path: str | Path, dtype=None) -> Qwen3TextEncoder:
     `dtype`: an mx dtype or its name; default float32 on the CPU, bfloat16 on a GPU. Weights stay lazy
     (memory-mapped) until first used, so the skipped last layer is never materialised.
     """
-    if dtype is None or isinstance(dtype, str):
-        try:
-            dtype = resolve_dtype(dtype)
-        except KeyError as exc:
-            raise ModelError(f"unknown text encoder dtype {dtype!r}; use float32 or bfloat16.") from exc
-    folder = component_folder(path, "text_encoder")
-    config = Qwen3Config.from_dict(read_config(folder), source=folder / "config.json")
-    model = Qwen3TextEncoder(config)
-    weights = Qwen3TextEncoder.sanitize(read_weights(folder))
-    load_strict(model, weights, folder, dtype=dtype)
+
+    def build(config: dict, source: Path) -> Qwen3TextEncoder:
+        return Qwen3TextEncoder(Qwen3Config.from_dict(config, source=source))
+
+    model = load_component(path, "text_encoder", build, dtype)
     model.eval()
     return model
 

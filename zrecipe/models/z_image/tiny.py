@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from zrecipe.errors import ModelError
@@ -131,7 +132,8 @@ def create_tiny_model(path: str | Path, seed: int = 0, dtype: str = "float32") -
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ModelError(f"{path}: already exists and is not empty; pass a new folder for the tiny model.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    # Unique per writer (process and thread): concurrent creators never share a temporary folder.
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_json(tmp / "model_index.json", MODEL_INDEX)
@@ -153,17 +155,25 @@ def create_tiny_model(path: str | Path, seed: int = 0, dtype: str = "float32") -
     return path
 
 
-def write_tokenizer(folder: Path) -> dict:
+def write_tokenizer(
+    folder: Path,
+    special: list[str] = SPECIAL_TOKENS,
+    added: list[str] = THINK_TOKENS,
+    chat_template: str | None = None,
+) -> dict:
     """Train the byte-level BPE on the built-in corpus; write tokenizer.json, vocab/merges, config.
 
     Returns {token: id} including the added tokens. Same pre-tokenizer, normalizer and decoder as
     transformers' Qwen2Tokenizer, so AutoTokenizer and the `tokenizers` library agree on every id.
+    `special` / `added` are the special and the plain added tokens, `chat_template` the config's template
+    (default: Qwen3's); the defaults are the Z-Image text encoder's (the tiny VLM passes Qwen2-VL's).
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers.trainers import BpeTrainer
 
     from zrecipe.models.z_image.tokenizer import QWEN3_CHAT_TEMPLATE
 
+    special, added = list(special), list(added)
     # Qwen2's pre-tokenizer split, as in transformers' Qwen2Tokenizer.
     split = (
         r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
@@ -194,8 +204,8 @@ def write_tokenizer(folder: Path) -> dict:
     )
     # The trainer is deterministic for a fixed corpus (ties are broken by token ids), checked by the tests.
     tokenizer.train_from_iterator(CORPUS.strip().splitlines(), trainer=trainer)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer.model.save(str(folder))  # vocab.json + merges.txt, as in the real tokenizer folder
@@ -207,9 +217,9 @@ def write_tokenizer(folder: Path) -> dict:
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": t in SPECIAL_TOKENS,
+            "special": t in special,
         }
-        for t in SPECIAL_TOKENS + THINK_TOKENS
+        for t in special + added
     }
     _write_json(
         folder / "tokenizer_config.json",
@@ -217,9 +227,9 @@ def write_tokenizer(folder: Path) -> dict:
             "add_bos_token": False,
             "add_prefix_space": False,
             "added_tokens_decoder": added,
-            "additional_special_tokens": SPECIAL_TOKENS[1:],
+            "additional_special_tokens": special[1:],
             "bos_token": None,
-            "chat_template": QWEN3_CHAT_TEMPLATE,
+            "chat_template": QWEN3_CHAT_TEMPLATE if chat_template is None else chat_template,
             "clean_up_tokenization_spaces": False,
             "eos_token": "<|im_end|>",
             "errors": "replace",

@@ -19,7 +19,6 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from zrecipe.backend import resolve_dtype
 from zrecipe.errors import ModelError
 from zrecipe.models.z_image.transformer_blocks import (
     ADALN_EMBED_DIM,
@@ -28,7 +27,7 @@ from zrecipe.models.z_image.transformer_blocks import (
     TimestepEmbedder,
     TransformerBlock,
 )
-from zrecipe.models.z_image.weights import load_strict, read_config, read_weights
+from zrecipe.models.z_image.weights import component_folder, load_component
 
 SEQ_MULTIPLE = 32  # token runs are padded to a multiple of this with learned pad tokens
 QUANT_GROUP_SIZE = 64
@@ -100,15 +99,26 @@ class TransformerConfig:
         return min(self.dim, ADALN_EMBED_DIM)
 
 
-# Original (non-diffusers) Z-Image naming → diffusers naming. Prefix renames apply at the start of a key,
-# infix renames anywhere; `{patch}` is the config's first "<patch>-<f_patch>" key.
+# Other checkpoint layouts → diffusers naming. The original Z-Image / ComfyUI naming (`z_image_bf16.safetensors`:
+# fused `attention.qkv`, `attention.out`, `x_embedder`, `final_layer`, optionally behind
+# `model.diffusion_model.`) and mflux-save's naming (`t_embedder.linear1`, the final layer's modulation at
+# index 0) differ from diffusers in disjoint key parts, so one table serves all of them, key by key.
+# Prefix renames apply at the start of a key, infix renames anywhere; `{patch}` is the config's first
+# "<patch>-<f_patch>" key. Renames act on module paths, so quantised triplets (.weight/.scales/.biases) follow.
 _ORIGINAL_PREFIX = "model.diffusion_model."
-_PREFIX_RENAMES = {"x_embedder.": "all_x_embedder.{patch}.", "final_layer.": "all_final_layer.{patch}."}
+_PREFIX_RENAMES = {
+    "x_embedder.": "all_x_embedder.{patch}.",
+    "final_layer.": "all_final_layer.{patch}.",
+    "t_embedder.linear1.": "t_embedder.mlp.0.",  # mflux
+    "t_embedder.linear2.": "t_embedder.mlp.2.",  # mflux
+}
 _INFIX_RENAMES = {
     ".attention.out.": ".attention.to_out.0.",
     ".attention.q_norm.": ".attention.norm_q.",
     ".attention.k_norm.": ".attention.norm_k.",
 }
+# mflux keeps the final layer's modulation Linear at index 0; diffusers (after a SiLU at 0) at index 1.
+_FINAL_LAYER_RENAMES = {".adaLN_modulation.0.": ".adaLN_modulation.1."}
 _FUSED_QKV = ".attention.qkv."
 _DROPPED_KEYS = {"norm_final.weight"}  # an unused weight some original checkpoints carry (diffusers drops it)
 
@@ -249,7 +259,7 @@ class ZImageTransformer(nn.Module):
         return self.rope(img_pos), self.rope(cap_pos)
 
     def sanitize(self, weights: dict) -> dict:
-        """Rename original-naming keys to diffusers names and split fused qkv; diffusers keys pass through."""
+        """Rename original / mflux keys to diffusers names and split fused qkv; diffusers keys pass through."""
         patch = f"{self.config.all_patch_size[0]}-{self.config.all_f_patch_size[0]}"
         out = {}
         for key, value in weights.items():
@@ -261,6 +271,9 @@ class ZImageTransformer(nn.Module):
                     key = new.format(patch=patch) + key.removeprefix(old)
             for old, new in _INFIX_RENAMES.items():
                 key = key.replace(old, new)
+            if key.startswith("all_final_layer."):
+                for old, new in _FINAL_LAYER_RENAMES.items():
+                    key = key.replace(old, new)
             if _FUSED_QKV in key:
                 head, tail = key.split(_FUSED_QKV)
                 for name, part in zip(("to_q", "to_k", "to_v"), mx.split(value, 3, axis=0), strict=True):
@@ -285,18 +298,6 @@ def export_weights(model: ZImageTransformer) -> dict:
     return dict(tree_flatten(model.parameters()))
 
 
-def _resolve_dtype(dtype) -> mx.Dtype:
-    """An mx dtype, or a name / None resolved by the one place that holds the per-device default."""
-    if dtype is None or isinstance(dtype, str):
-        try:
-            return resolve_dtype(dtype)
-        except KeyError as exc:
-            raise ModelError(
-                f"unknown transformer dtype {dtype!r}; use float32, bfloat16 or float16."
-            ) from exc
-    return dtype
-
-
 def quantize_transformer(model: ZImageTransformer, bits: int) -> None:
     """Quantise the Linear layers in place (4 or 8 bits), skipping layers that cannot or should not be."""
     if bits not in (4, 8):
@@ -316,17 +317,28 @@ def load_transformer(path: str | Path, dtype=None, quantize: int | None = None) 
     """Load the transformer from a model folder (with `transformer/`) or the transformer folder itself.
 
     `dtype`: mx dtype or its name; default float32 on the CPU backend, bfloat16 on a GPU.
-    `quantize`: None, 4 or 8 — quantise the Linear layers after loading.
+    `quantize`: None, 4 or 8 — quantise the Linear layers after loading. Weights stored quantised (an
+    `mflux-save -q` folder) load quantised as they are; `quantize` must then be None or their bit width.
     """
-    folder = Path(path).expanduser()
-    if (folder / "transformer").is_dir():
-        folder = folder / "transformer"
-    config = TransformerConfig.from_dict(read_config(folder), source=folder / "config.json")
-    model = ZImageTransformer(config)
-    weights = model.sanitize(read_weights(folder))
-    load_strict(model, weights, folder, dtype=_resolve_dtype(dtype))
-    del weights  # drop the file-dtype arrays so only the model's copy is materialised
-    if quantize:
+
+    def build(config: dict, source: Path) -> ZImageTransformer:
+        return ZImageTransformer(TransformerConfig.from_dict(config, source=source))
+
+    model = load_component(path, "transformer", build, dtype)
+    stored = stored_bits(model)
+    if stored:
+        if quantize and {quantize} != stored:
+            raise ModelError(
+                f"{component_folder(path, 'transformer')}: the weights are stored quantised to "
+                f"{'/'.join(map(str, sorted(stored)))} bits; quantize: {quantize} cannot requantise them. "
+                "Remove `quantize` (or set it to the stored bits), or use an unquantised model."
+            )
+    elif quantize:
         quantize_transformer(model, quantize)
     mx.eval(model.parameters())
     return model
+
+
+def stored_bits(model: nn.Module) -> set[int]:
+    """The bit widths of the model's quantised layers (empty when nothing is quantised)."""
+    return {m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}

@@ -15,10 +15,9 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from zrecipe.backend import resolve_dtype
 from zrecipe.errors import ModelError
 from zrecipe.models.z_image.vae_blocks import Decoder, Encoder
-from zrecipe.models.z_image.weights import load_strict, read_config, read_weights
+from zrecipe.models.z_image.weights import component_folder, load_component
 
 # diffusers' DiagonalGaussianDistribution clamps the log-variance to this range.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -137,8 +136,8 @@ class AutoencoderKL(nn.Module):
         return self._decode(latents)
 
     def sanitize(self, weights: dict) -> dict:
-        """Checkpoint tensors (diffusers names, PyTorch layout) → this module's names and layout."""
-        return sanitize(weights)
+        """Checkpoint tensors (diffusers, original or mflux-save layout) → this module's names and layout."""
+        return sanitize(weights, levels=len(self.config.block_out_channels))
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -237,16 +236,52 @@ _LEGACY_RE = re.compile(
     r"^(.*\.attentions\.\d+\.)(" + "|".join(LEGACY_ATTENTION_NAMES) + r")\.(weight|bias)$"
 )
 _ATTENTION_PROJ_RE = re.compile(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+# The original (BFL / ComfyUI `ae.safetensors`, LDM) naming → diffusers. `{up}` is the decoder level counted
+# the diffusers way: the original numbers decoder levels from the output end, diffusers from the latent end.
+_ORIGINAL_PREFIXES = ("first_stage_model.", "vae.")
+_ORIGINAL_RENAMES = [
+    (re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\."), "encoder.down_blocks.{0}.resnets.{1}."),
+    (
+        re.compile(r"^encoder\.down\.(\d+)\.downsample\.conv\."),
+        "encoder.down_blocks.{0}.downsamplers.0.conv.",
+    ),
+    (re.compile(r"^decoder\.up\.(\d+)\.block\.(\d+)\."), "decoder.up_blocks.{up}.resnets.{1}."),
+    (re.compile(r"^decoder\.up\.(\d+)\.upsample\.conv\."), "decoder.up_blocks.{up}.upsamplers.0.conv."),
+    (re.compile(r"^(encoder|decoder)\.mid\.block_1\."), "{0}.mid_block.resnets.0."),
+    (re.compile(r"^(encoder|decoder)\.mid\.block_2\."), "{0}.mid_block.resnets.1."),
+    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.norm\."), "{0}.mid_block.attentions.0.group_norm."),
+    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.([qkv])\."), "{0}.mid_block.attentions.0.to_{1}."),
+    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.proj_out\."), "{0}.mid_block.attentions.0.to_out.0."),
+    (re.compile(r"^(encoder|decoder)\.norm_out\."), "{0}.conv_norm_out."),
+    (re.compile(r"\.nin_shortcut\."), ".conv_shortcut."),
+]
+_ORIGINAL_UP = re.compile(r"^(?:first_stage_model\.|vae\.)?decoder\.up\.(\d+)\.")
+# mflux-save names a few convs and norms one module deeper, and stores convs already in MLX's OHWI layout.
+_MFLUX_RENAMES = {
+    "encoder.conv_in.conv2d.": "encoder.conv_in.",
+    "encoder.conv_out.conv2d.": "encoder.conv_out.",
+    "encoder.conv_norm_out.norm.": "encoder.conv_norm_out.",
+    "decoder.conv_in.conv.": "decoder.conv_in.",
+    "decoder.conv_out.conv.": "decoder.conv_out.",
+    "decoder.conv_norm_out.norm.": "decoder.conv_norm_out.",
+}
 
 
-def sanitize(weights: dict) -> dict:
-    """Rename legacy attention keys; 1×1-conv attention weights → Linear; conv OIHW → OHWI. Nothing else."""
+def sanitize(weights: dict, levels: int | None = None) -> dict:
+    """Checkpoint tensors → this module's names and layout; renames and reshapes only.
+
+    Accepts diffusers naming (also its legacy attention names), the original BFL naming of the FLUX
+    `ae.safetensors` and mflux-save's naming. PyTorch layouts get conv OIHW → OHWI and 1×1-conv attention
+    weights → Linear; mflux-save already stores MLX layouts. `levels` (the config's number of blocks)
+    maps the original decoder numbering; None counts the levels in the keys.
+    """
+    mflux = any(key.startswith(tuple(_MFLUX_RENAMES)) for key in weights)
+    if levels is None:
+        levels = 1 + max((int(m.group(1)) for k in weights if (m := _ORIGINAL_UP.match(k))), default=0)
     out = {}
     for key, value in weights.items():
-        m = _LEGACY_RE.match(key)
-        if m:
-            key = f"{m.group(1)}{LEGACY_ATTENTION_NAMES[m.group(2)]}.{m.group(3)}"
-        if value.ndim == 4:
+        key = _diffusers_key(key, levels)
+        if value.ndim == 4 and not mflux:
             if _ATTENTION_PROJ_RE.search(key):
                 value = value.reshape(value.shape[0], value.shape[1])
             else:
@@ -255,36 +290,42 @@ def sanitize(weights: dict) -> dict:
     return out
 
 
+def _diffusers_key(key: str, levels: int) -> str:
+    for prefix in _ORIGINAL_PREFIXES:
+        key = key.removeprefix(prefix)
+    for pattern, replacement in _ORIGINAL_RENAMES:
+        m = pattern.search(key)
+        if m:
+            up = levels - 1 - int(m.group(1)) if "{up}" in replacement else None
+            key = key[: m.start()] + replacement.format(*m.groups(), up=up) + key[m.end() :]
+    for old, new in _MFLUX_RENAMES.items():
+        if key.startswith(old):
+            key = new + key.removeprefix(old)
+    m = _LEGACY_RE.match(key)
+    if m:
+        key = f"{m.group(1)}{LEGACY_ATTENTION_NAMES[m.group(2)]}.{m.group(3)}"
+    return key
+
+
 def export_weights(model: AutoencoderKL) -> dict:
     """The model's parameters as a diffusers checkpoint dict (diffusers names, conv weights OIHW)."""
     return {k: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for k, v in tree_flatten(model.parameters())}
 
 
-def _as_dtype(dtype) -> mx.Dtype:
-    """An mx dtype, or a name / None resolved by `backend.resolve_dtype` (fp32 on CPU, bf16 on GPU)."""
-    if dtype is None or isinstance(dtype, str):
-        try:
-            return resolve_dtype(dtype)
-        except KeyError as exc:
-            raise ModelError(f"unknown VAE dtype {dtype!r}; use float32, bfloat16 or float16.") from exc
-    return dtype
-
-
 def vae_folder(path: str | Path) -> Path:
     """The VAE component folder: `path/vae` for a model folder, else `path` itself."""
-    path = Path(path)
-    return path / "vae" if (path / "vae" / "config.json").is_file() else path
+    return component_folder(path, "vae")
 
 
 def load_vae(path: str | Path, dtype=None) -> AutoencoderKL:
-    """Load the VAE of a diffusers-layout model folder (or of its `vae/` folder) strictly.
+    """Load the VAE of a model folder (or of its `vae/` folder) strictly.
 
     `dtype` (mx dtype or "float32"/"bfloat16"/"float16"): default float32 on CPU, bfloat16 on GPU.
     """
-    folder = vae_folder(path)
-    config = VAEConfig.from_dict(read_config(folder), source=str(folder / "config.json"))
-    model = AutoencoderKL(config)
-    weights = sanitize(read_weights(folder))
-    load_strict(model, weights, folder, dtype=_as_dtype(dtype))
+
+    def build(config: dict, source: Path) -> AutoencoderKL:
+        return AutoencoderKL(VAEConfig.from_dict(config, source=str(source)))
+
+    model = load_component(path, "vae", build, dtype)
     model.eval()
     return model

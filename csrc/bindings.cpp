@@ -1,0 +1,40 @@
+// zrecipe._native: the Python face of the primitives (zrecipe/native.py is the only caller).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "kernels.h"
+#include "mlx/version.h"
+#include "primitives.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+#define ZR_STR2(x) #x
+#define ZR_STR(x) ZR_STR2(x)
+
+NB_MODULE(_native, m) {
+  m.doc() = "zrecipe's vectorised float32 CPU kernels as MLX primitives (exp, SiLU, last-axis softmax).";
+
+  // The MLX headers this module was compiled against, and the libmlx it runs with: they must agree.
+  m.attr("build_mlx_version") =
+      ZR_STR(MLX_VERSION_MAJOR) "." ZR_STR(MLX_VERSION_MINOR) "." ZR_STR(MLX_VERSION_PATCH);
+  m.def("runtime_mlx_version", [] { return std::string(mlx::core::version()); });
+
+  m.def("exp", &zrecipe_native::exp, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "e^x in float32: exactly 0 below -87, e^88 above 88.");
+  m.def("silu", &zrecipe_native::silu, "x"_a, nb::kw_only(), "stream"_a = nb::none(), "x * sigmoid(x) in float32.");
+  m.def("silu_grad", &zrecipe_native::silu_grad, "x"_a, "g"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "g * silu'(x): SiLU's vector-Jacobian product.");
+  m.def("softmax", &zrecipe_native::softmax, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Softmax over the last axis in float32.");
+  m.def("softmax_grad", &zrecipe_native::softmax_grad, "p"_a, "g"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "p * (g - sum(g * p, -1)): softmax's vector-Jacobian product from its output p.");
+
+  m.def("supported_isas", &zrecipe_native::kernels::supported_isas, "Instruction sets usable on this CPU, best first.");
+  m.def("isa", &zrecipe_native::kernels::active_isa, "The instruction set the kernels use now.");
+  m.def("set_isa", &zrecipe_native::kernels::select_isa, "name"_a, "Use another supported instruction set.");
+  m.def("threads", &zrecipe_native::kernels::threads, "Threads one kernel call may use.");
+  m.def("set_threads", &zrecipe_native::kernels::set_threads, "n"_a, "Set the threads one kernel call may use.");
+}

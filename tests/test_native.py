@@ -1,0 +1,379 @@
+"""zrecipe.native: the compiled exp / SiLU / softmax primitives and their pure-MLX fallback.
+
+Every numerical test runs on each path this machine has: the compiled module with each instruction set
+the CPU supports ("native-avx512", "native-avx2", "native-sse2", ...), and the fallback ("mlx") — the same
+contract for both. References are float64 numpy. With ZRECIPE_NATIVE=off (or no compiled module) only the
+fallback runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx import nn
+from mlx.utils import tree_flatten
+
+from zrecipe import native
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = native._load()[0]
+PATHS = ["mlx"] + [f"native-{isa}" for isa in (MODULE.supported_isas() if MODULE else [])]
+needs_module = pytest.mark.skipif(MODULE is None, reason=f"native kernels {native.status()}")
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Route zrecipe.native through one path for the test."""
+    if request.param == "mlx":
+        monkeypatch.setattr(native, "_module", lambda: None)
+    else:
+        previous = MODULE.isa()
+        MODULE.set_isa(request.param.removeprefix("native-"))
+        request.addfinalizer(lambda: MODULE.set_isa(previous))
+    return request.param
+
+
+def f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def softmax64(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# -- forward accuracy --------------------------------------------------------------------------------
+
+
+def test_exp_relative_error_against_float64(path):
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [np.linspace(-87, 88, 2_000_001, dtype=np.float32), rng.uniform(-87, 88, 500_000).astype(np.float32)]
+    )
+    y = native.exp(mx.array(x))
+    assert y.dtype == mx.float32
+    exact = np.exp(x.astype(np.float64))
+    # Measured over every float32 in [-87, 88] (benchmarks/bench_native.py --exhaustive): 7.9e-8 with FMA
+    # (AVX2, AVX-512), 1.0e-7 without (SSE2, the pure-MLX exp_poly).
+    assert np.max(np.abs(f64(y) - exact) / exact) < 1.5e-7
+
+
+def test_exp_edges(path):
+    x = mx.array([-87.0001, -88.0, -1e4, -np.inf, 88.0, 88.5, 1e4, np.inf, np.nan, 0.0, -0.0])
+    y = np.array(native.exp(x))
+    assert (y[:4] == 0).all(), "exactly 0 below -87 (no denormals)"
+    top = np.float32(np.exp(np.float64(88.0)))
+    assert np.allclose(y[4:8], top, rtol=1e-6) and np.isfinite(y[4:8]).all(), "clamped at 88, never inf"
+    assert np.isnan(y[8])
+    assert (y[9:] == 1.0).all()
+
+
+def test_silu_against_float64(path):
+    x = np.concatenate([np.linspace(-90, 90, 200_001), [-1e4, 1e4, 0.0]]).astype(np.float32)
+    y = native.silu(mx.array(x))
+    xd = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        exact = xd / (1 + np.exp(-xd))
+    err = np.abs(f64(y) - exact)
+    assert np.all(err <= 1e-6 * np.abs(exact) + 1e-30)
+
+
+def test_silu_keeps_the_input_dtype(path):
+    x = mx.array(np.linspace(-6, 6, 101, dtype=np.float32)).astype(mx.bfloat16)
+    y = native.silu(x)
+    assert y.dtype == mx.bfloat16
+    ref = nn.silu(x.astype(mx.float32)).astype(mx.bfloat16)
+    assert mx.array_equal(y, ref)
+
+
+def test_softmax_against_float64(path):
+    rng = np.random.default_rng(1)
+    for shape in [(3, 5, 320), (2, 77), (4, 1), (1, 3, 1000)]:  # 77 and 1000: not multiples of any width
+        x = (rng.standard_normal(shape) * 8).astype(np.float32)
+        y = native.softmax(mx.array(x))
+        assert y.dtype == mx.float32 and y.shape == shape
+        exact = softmax64(x.astype(np.float64))
+        err = np.abs(f64(y) - exact)
+        # MLX's own float32 softmax (precise=True) measures up to 1.4e-6 / 6.3e-6 on these inputs.
+        assert err.max() < 2e-6 and (err / exact).max() < 1e-5
+
+
+def test_softmax_masked_entries_are_exactly_zero(path):
+    x = np.zeros((2, 4, 37), np.float32)
+    x[:, :, 20:] = np.finfo(np.float32).min  # the attention mask's fill value
+    x[1, :, 3] = -np.inf
+    y = np.array(native.softmax(mx.array(x)))
+    assert (y[:, :, 20:] == 0).all() and (y[1, :, 3] == 0).all()
+    assert np.allclose(y[0, :, :20], 1 / 20, rtol=1e-6)
+    assert np.allclose(y[1, :, :20].sum(-1), 1.0, rtol=1e-6)
+
+
+def test_strided_and_broadcast_inputs(path):
+    rng = np.random.default_rng(2)
+    base = mx.array(rng.standard_normal((6, 8, 40)).astype(np.float32))
+    for x in [base.transpose(2, 0, 1), base[:, ::2, 3:33], mx.broadcast_to(base[:1], (5, 8, 40))]:
+        xd = f64(x)
+        assert np.allclose(f64(native.exp(x)), np.exp(xd), rtol=2e-7, atol=0)
+        assert np.allclose(f64(native.silu(x)), xd / (1 + np.exp(-xd)), rtol=1e-6, atol=1e-7)
+        assert np.max(np.abs(f64(native.softmax(x)) - softmax64(xd))) < 2e-6
+
+
+def test_empty_arrays(path):
+    assert native.softmax(mx.zeros((0, 5))).shape == (0, 5)
+    assert native.exp(mx.zeros((3, 0))).shape == (3, 0)
+
+
+# -- gradients ---------------------------------------------------------------------------------------
+
+
+def test_softmax_vjp_against_float64(path):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 6, 50)) * 4).astype(np.float32)
+    w = rng.standard_normal((4, 6, 50)).astype(np.float32)
+    grad = mx.grad(lambda a: (native.softmax(a) * mx.array(w)).sum())(mx.array(x))
+    p = softmax64(x.astype(np.float64))
+    exact = p * (w - (w * p).sum(-1, keepdims=True))
+    assert np.max(np.abs(f64(grad) - exact)) < 1e-6
+
+
+def test_silu_and_exp_vjp_against_float64(path):
+    x = np.linspace(-20, 20, 4001, dtype=np.float32)
+    xd = x.astype(np.float64)
+    s = 1 / (1 + np.exp(-xd))
+    grad = mx.grad(lambda a: native.silu(a).sum())(mx.array(x))
+    assert np.allclose(f64(grad), s * (1 + xd * (1 - s)), rtol=1e-6, atol=1e-7)
+    grad = mx.grad(lambda a: (native.exp(a) * 0.5).sum())(mx.array(x))
+    assert np.allclose(f64(grad), 0.5 * np.exp(xd), rtol=2e-7, atol=0)
+
+
+class _Tiny(nn.Module):
+    """Linear → SiLU → Linear → softmax attention-like weighting: each op of zrecipe.native once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(32, 24)
+
+    def __call__(self, x, exp, silu, softmax):
+        h = self.b(silu(self.a(x)))
+        return softmax(h) * exp(h * 0.1)
+
+
+def test_compiled_value_and_grad_matches_mlx(path):
+    mx.random.seed(0)
+    model = _Tiny()
+    mx.eval(model.parameters())
+    x = mx.random.normal((3, 10, 16))
+
+    def loss(model, x, ops):
+        return (model(x, *ops) ** 2).mean()
+
+    reference_ops = (mx.exp, nn.silu, lambda h: mx.softmax(h, axis=-1, precise=True))
+    ref_loss, ref_grads = nn.value_and_grad(model, lambda m, x: loss(m, x, reference_ops))(model, x)
+    ours_ops = (native.exp, native.silu, native.softmax)
+    value_and_grad = nn.value_and_grad(model, lambda m, x: loss(m, x, ours_ops))
+    step = mx.compile(lambda x: value_and_grad(model, x), inputs=model.state, outputs=model.state)
+    for _ in range(2):  # the second call runs the cached compiled graph
+        our_loss, our_grads = step(x)
+    assert abs(our_loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+    if path == "mlx":
+        return  # exp_poly's bit cast (`view`) cannot infer shapes, so the fallback cannot compile shapeless
+    shapeless = mx.compile(lambda h: native.softmax(h) * native.silu(h) + native.exp(h), shapeless=True)
+    for shape in [(3, 5), (2, 7, 9)]:  # a second shape reuses the graph through output_shapes
+        h = mx.random.normal(shape)
+        ref = mx.softmax(h, axis=-1, precise=True) * nn.silu(h) + mx.exp(h)
+        assert mx.allclose(shapeless(h), ref, rtol=1e-6, atol=1e-6)
+    flat_ref, flat_ours = dict(tree_flatten(ref_grads)), dict(tree_flatten(our_grads))
+    assert flat_ref.keys() == flat_ours.keys()
+    for key, g in flat_ref.items():
+        scale = mx.abs(g).max().item()
+        assert mx.abs(flat_ours[key] - g).max().item() <= 1e-5 * scale, key
+
+
+@needs_module
+def test_second_derivatives_and_jvp_match_mlx(path):
+    if path == "mlx":
+        pytest.skip("the fallback's custom_function has no second derivative")
+    rng = np.random.default_rng(4)
+    x = mx.array((rng.standard_normal((3, 17)) * 3).astype(np.float32))
+    w = mx.array(rng.standard_normal((3, 17)).astype(np.float32))
+    pairs = [
+        (native.silu, nn.silu),
+        (native.softmax, lambda a: mx.softmax(a, axis=-1, precise=True)),
+        (native.exp, mx.exp),
+    ]
+    for ours, theirs in pairs:
+
+        def second(f):
+            return mx.grad(lambda a: (mx.grad(lambda b: (f(b) * w).sum())(a) * w).sum())(x)
+
+        assert mx.allclose(second(ours), second(theirs), rtol=1e-4, atol=1e-5)
+        (jo,), (jt,) = mx.jvp(ours, [x], [w])[1], mx.jvp(theirs, [x], [w])[1]
+        assert mx.allclose(jo, jt, rtol=1e-5, atol=1e-6)
+
+
+@needs_module
+def test_vmap_over_a_leading_and_the_last_axis(path):
+    x = mx.random.normal((5, 7, 9))
+    for axis in (0, 2):
+        ours = mx.vmap(native.softmax, in_axes=axis)(x)
+        ref = mx.softmax(mx.moveaxis(x, axis, 0), axis=-1, precise=True)
+        assert mx.allclose(ours, ref, atol=2e-7)
+    g = mx.random.normal((7, 9))
+    silu_vjp = mx.vmap(lambda a: mx.vjp(native.silu, [a], [g])[1][0])(x)
+    assert mx.allclose(silu_vjp, mx.vmap(lambda a: mx.vjp(nn.silu, [a], [g])[1][0])(x), rtol=1e-5, atol=1e-6)
+
+
+# -- the compiled module itself -------------------------------------------------------------------------
+
+
+@needs_module
+def test_thread_count_does_not_change_results():
+    x = mx.random.normal((4, 6, 300, 300)) * 5  # over the per-thread grain, so several threads run
+    previous = MODULE.threads()
+    try:
+        MODULE.set_threads(1)
+        one = [MODULE.exp(x), MODULE.silu(x), MODULE.softmax(x)]
+        mx.eval(one)
+        MODULE.set_threads(4)
+        four = [MODULE.exp(x), MODULE.silu(x), MODULE.softmax(x)]
+        mx.eval(four)
+    finally:
+        MODULE.set_threads(previous)
+    assert all(mx.array_equal(a, b) for a, b in zip(one, four, strict=True))
+
+
+@needs_module
+def test_module_rejects_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="float32"):
+        MODULE.exp(mx.zeros((3,), mx.float16))
+    with pytest.raises(ValueError, match="at least one axis"):
+        MODULE.softmax(mx.array(1.0))
+    with pytest.raises(ValueError, match="not supported"):
+        MODULE.set_isa("no-such-isa")
+
+
+@needs_module
+def test_module_records_the_mlx_it_was_built_against():
+    record = json.loads(native.BUILD_RECORD.read_text())
+    assert record["built"] and record["mlx_version"] == mx.__version__
+    assert MODULE.build_mlx_version == MODULE.runtime_mlx_version() == mx.__version__
+    assert native.status() == f"loaded ({MODULE.isa()})"
+
+
+def test_in_use_on_the_cpu_exactly_when_loaded():
+    assert mx.default_device() == mx.cpu
+    assert native.in_use() == native.available()
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="only CI is sure to have a compiler and CMake")
+def test_ci_builds_the_native_kernels():
+    if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64"):
+        assert native.available(), native.status()
+
+
+# -- fallback and refusal -------------------------------------------------------------------------------
+
+
+def _status_with_record(monkeypatch, tmp_path, record, name="_native_build.json") -> tuple[bool, str]:
+    path = tmp_path / name
+    if record is not None:
+        path.write_text(record if isinstance(record, str) else json.dumps(record))
+    monkeypatch.setattr(native, "BUILD_RECORD", path)
+    monkeypatch.delenv("ZRECIPE_NATIVE", raising=False)
+    module, status = native._load.__wrapped__()
+    return module is not None, status
+
+
+def test_refuses_a_module_built_for_another_mlx(monkeypatch, tmp_path):
+    loaded, status = _status_with_record(monkeypatch, tmp_path, {"built": True, "mlx_version": "0.0.1"})
+    assert not loaded
+    assert (
+        status
+        == f"not loaded: built against mlx 0.0.1, running mlx {mx.__version__} (reinstall zrecipe to rebuild it)"
+    )
+
+
+def test_reports_why_it_was_not_built(monkeypatch, tmp_path):
+    reason = "no C++ compiler found at install time (install g++ or clang++, then reinstall zrecipe)"
+    assert _status_with_record(monkeypatch, tmp_path, {"built": False, "reason": reason}) == (
+        False,
+        f"not built: {reason}",
+    )
+    loaded, status = _status_with_record(monkeypatch, tmp_path, None, name="missing.json")
+    assert not loaded and status.startswith("not built: this installation has no native build")
+    loaded, status = _status_with_record(monkeypatch, tmp_path, "{not json", name="bad.json")
+    assert not loaded and status.startswith("not loaded: unreadable build record")
+
+
+def test_off_switch_and_doctor_line():
+    code = "from zrecipe import native; print(native.available(), native.status())"
+    env = {**os.environ, "ZRECIPE_NATIVE": "off"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.stdout.strip() == "False off (ZRECIPE_NATIVE=off)", run.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "zrecipe.cli.main", "doctor"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "native kernels: off (ZRECIPE_NATIVE=off)" in run.stdout.splitlines()
+
+
+# -- the build ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def native_backend():
+    """csrc/native_backend.py, the build backend (csrc/ is not a package; it needs setuptools)."""
+    pytest.importorskip("setuptools")
+    sys.path.insert(0, str(ROOT / "csrc"))
+    try:
+        import native_backend
+    finally:
+        sys.path.remove(str(ROOT / "csrc"))
+    return native_backend
+
+
+def test_backend_adds_build_requirements_only_where_it_compiles(monkeypatch, native_backend):
+    monkeypatch.setenv("ZRECIPE_NATIVE_BUILD", "0")
+    assert native_backend.native_requirements() == []
+    monkeypatch.delenv("ZRECIPE_NATIVE_BUILD")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert "no C++ compiler" in native_backend.skip_reason()
+    assert native_backend.native_requirements() == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the module is built on Linux only")
+def test_backend_pins_the_mlx_of_the_target_environment(monkeypatch, native_backend):
+    if native_backend.compiler() is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.delenv("ZRECIPE_NATIVE_BUILD", raising=False)
+    assert native_backend.target_mlx_version() == mx.__version__  # this interpreter's environment
+    requirements = native_backend.native_requirements()
+    assert requirements[:2] == [f"mlx[cpu]=={mx.__version__}", native_backend.NANOBIND]
+
+
+def test_install_without_a_compiler_records_why_and_succeeds(tmp_path, native_backend):
+    """setup.py's build step with no C++ compiler: no module, a build record with the reason, exit 0."""
+    env = {**os.environ, "CXX": "/nonexistent/c++"}
+    build_lib, build_temp = tmp_path / "lib", tmp_path / "temp"
+    run = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", f"--build-lib={build_lib}", f"--build-temp={build_temp}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "WARNING: zrecipe: native CPU kernels not built: no C++ compiler found" in run.stderr
+    assert not list((build_lib / "zrecipe").glob("_native*.so"))
+    record = json.loads((build_lib / "zrecipe" / "_native_build.json").read_text())
+    assert record["built"] is False and record["reason"].startswith("no C++ compiler found at install time")

@@ -1,0 +1,129 @@
+"""Fast float32 exp, SiLU and softmax on the CPU: zrecipe's compiled kernels, or the pure-MLX path.
+
+MLX's x86 CPU backend evaluates `exp` one float at a time (~25 ns per element against ~0.5 ns for a
+multiply), which made softmax and SiLU a large share of a CPU training step. `zrecipe._native` (built from
+csrc/ at install time) provides them as MLX primitives with vectorised kernels (AVX-512 / AVX2+FMA chosen
+at run time, SSE2 or NEON otherwise) and VJPs of their own, usable under `mx.compile`, `mx.grad` and
+`mx.vmap` like any MLX op. Where the module is missing, cannot be loaded, or is switched off
+(`ZRECIPE_NATIVE=off`), the same functions use the pure-MLX kernels (`exp_poly` & co.); both paths meet
+the same numerical contract (relative error ~1e-7 against float64), and `status()` says which is in use
+(`zrecipe doctor` prints it). On Metal/CUDA they are MLX's own `exp` / `silu` / `softmax`.
+
+Loading is refused, with the reason in `status()`, when the module was built against another mlx version
+than the one running (libmlx's C++ interface is not stable across versions): reinstalling zrecipe
+rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+
+BUILD_RECORD = Path(__file__).with_name("_native_build.json")  # written by setup.py next to the module
+_OFF = ("0", "off", "false", "no")
+
+
+@cache
+def _load() -> tuple[ModuleType | None, str]:
+    """(the loaded module or None, one line saying what happened)."""
+    if os.environ.get("ZRECIPE_NATIVE", "").strip().lower() in _OFF:
+        return None, "off (ZRECIPE_NATIVE=off)"
+    try:
+        record = json.loads(BUILD_RECORD.read_text())
+    except FileNotFoundError:
+        return None, "not built: this installation has no native build (reinstall zrecipe to build it)"
+    except (OSError, ValueError) as error:
+        return None, f"not loaded: unreadable build record {BUILD_RECORD}: {error}"
+    if not record.get("built"):
+        return None, f"not built: {record.get('reason', 'no reason recorded')}"
+    built_for = record.get("mlx_version")
+    if built_for != mx.__version__:
+        return None, (
+            f"not loaded: built against mlx {built_for}, running mlx {mx.__version__} "
+            "(reinstall zrecipe to rebuild it)"
+        )
+    try:
+        from zrecipe import _native
+    except ImportError as error:
+        return None, f"not loaded: {error}"
+    try:  # mx.array must cross into the module (same nanobind ABI as mlx.core) and the kernels must run
+        probe = _native.exp(mx.array([0.0, 1.0], dtype=mx.float32))
+        mx.eval(probe)
+        ok = abs(probe[0].item() - 1.0) < 1e-6 and abs(probe[1].item() - 2.7182817) < 1e-5
+    except (TypeError, ValueError, RuntimeError) as error:
+        return None, f"not loaded: self-test failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+    if not ok:
+        return None, "not loaded: self-test gave wrong values"
+    return _native, f"loaded ({_native.isa()})"
+
+
+def available() -> bool:
+    """Whether the compiled kernels are loaded (and so used on the CPU)."""
+    return _load()[0] is not None
+
+
+def status() -> str:
+    """`loaded (avx2)`, `off (...)`, `not built: <why>` or `not loaded: <why>`."""
+    return _load()[1]
+
+
+def in_use() -> bool:
+    """Whether calls made now go to the compiled kernels: loaded, and MLX computing on the CPU."""
+    return _module() is not None
+
+
+def _module() -> ModuleType | None:
+    """The compiled module when it should handle this call: loaded, and MLX computing on the CPU."""
+    module = _load()[0]
+    return module if module is not None and mx.default_device() == mx.cpu else None
+
+
+def exp(x: mx.array) -> mx.array:
+    """e^x in float32: exactly 0 below −87, e^88 (not inf) above 88 on the CPU."""
+    module = _module()
+    if module is not None:
+        return module.exp(x.astype(mx.float32))
+    from zrecipe.models.z_image.kernels import on_cpu
+
+    return _exp_poly(x.astype(mx.float32)) if on_cpu() else mx.exp(x.astype(mx.float32))
+
+
+@mx.custom_function
+def _exp_poly(x: mx.array) -> mx.array:
+    # exp_poly builds 2^n with a bit cast, which MLX cannot differentiate; e^x is its own derivative.
+    from zrecipe.models.z_image.kernels import exp_poly
+
+    return exp_poly(x)
+
+
+@_exp_poly.vjp
+def _exp_poly_vjp(primals, cotangent, outputs):
+    return (cotangent * outputs,)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x · sigmoid(x), computed in float32, returned in x's dtype."""
+    module = _module()
+    if module is not None:
+        return module.silu(x.astype(mx.float32)).astype(x.dtype)
+    from mlx import nn
+
+    from zrecipe.models.z_image.kernels import _silu_poly, on_cpu
+
+    return _silu_poly(x) if on_cpu() else nn.silu(x)
+
+
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis, in float32."""
+    module = _module()
+    if module is not None:
+        return module.softmax(x.astype(mx.float32))
+    from zrecipe.models.z_image.kernels import _softmax_poly, on_cpu
+
+    x = x.astype(mx.float32)
+    return _softmax_poly(x) if on_cpu() else mx.softmax(x, axis=-1, precise=True)
