@@ -4,8 +4,8 @@ The estimate adds up, for a transformer config (tiny or real), what MLX holds at
 - weights: parameter count × bytes per dtype, or packed 4/8-bit Linears (+ a bf16 scale and bias per group
   of 64) with the small precision-sensitive layers kept in the compute dtype;
 - training state: the trainable parameters' own copy (LoRA: fp32 adapters), their gradients, an
-  accumulation buffer when gradients are accumulated, and the optimiser's state (`optimizer_state_bytes`
-  per trainable parameter; AdamW: m and v in the parameters' dtype);
+  accumulation buffer when gradients are accumulated, the optimiser's state (`training.optim.
+  optimizer_state_bytes`: each optimiser's own `state_bytes`) and an EMA shadow when one is kept;
 - activations kept for the backward pass: per token and block whose backward runs (LoRA: the main layers
   from the first adapted one up; full: every block), in units of `dim` (`Calibration.saved_*`); with
   gradient checkpointing only each block's inputs stay (`checkpointed`), plus one block's activations
@@ -15,13 +15,14 @@ The estimate adds up, for a transformer config (tiny or real), what MLX holds at
 - full fine-tuning peaks either there or in the optimiser update, where the new parameters and moments are
   computed while the old ones are still held (`Calibration.update`).
 `process_gb` adds what the process holds beyond MLX's own count: MLX's buffer cache (freed buffers kept
-for reuse, `Calibration.cache`) and the interpreter with its libraries and compiled kernels.
-The constants are fitted to peaks measured by `benchmarks/bench_memory.py` (LoRA and full, three
-resolutions, batch 1 and 2, with and without checkpointing); RESULTS.md "Memory model" has the table.
+for reuse, `Calibration.cache`, `cache_tokens`) and the libraries' allocations and compiled kernels; it
+is what must fit (`MemoryOptimizer.fits`). The constants are fitted to peaks measured by
+`benchmarks/bench_memory.py` (`CALIBRATION`); RESULTS.md "Memory model" has the validation table.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,14 +46,17 @@ DEFAULT_LORA_TARGET = (
     ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"),
     32,
 )
+# `zrecipe memory`'s tables: these batch sizes, and the largest batch on Macs of these memory sizes (the
+# seed's table was for 512 GB).
+TABLE_BATCHES = (1, 2, 4, 8, 16, 32)
+MAC_MEMORY_GB = (32, 64, 96, 128, 192, 512)
 ADAPTER_BYTES = 4  # LoRA adapters are trained in float32 (their master copy) whatever the compute dtype
-ADAMW_MOMENTS = 2  # AdamW keeps m and v per parameter, in the parameter's dtype
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fitted constants of the activation and update terms (see the module docstring); widths are in
-    units of `dim` values per token, in the compute dtype."""
+    """Fitted constants of the activation, update and process terms (see the module docstring). Widths are
+    in `dim` values per token, in the compute dtype."""
 
     saved_lora: float  # kept per token by a block whose backward runs, LoRA (frozen Linears keep less)
     saved_full: float  # the same in full fine-tuning (every Linear's input is kept for its weight gradient)
@@ -60,14 +64,23 @@ class Calibration:
     working: float  # transient per token of the block being differentiated
     attention_tiles: float  # blockwise-attention score tiles alive at once
     update: float  # full fine-tuning: parameter-sized copies alive during the optimiser update
-    fixed_mb: float  # small arrays: RoPE tables, embedder inputs, the loss
-    cache: float  # process memory beyond MLX's peak: buffer cache, as a fraction of the peak
-    process_mb: float  # ... and the interpreter, libraries and compiled kernels
+    cache: float  # process memory beyond MLX's peak: freed activation buffers in MLX's cache (fraction)
+    cache_tiles: float  # ... and freed blockwise-attention score tiles (in tiles)
+    process_mb: float  # ... and the libraries' own allocations and compiled kernels
 
 
+# Fitted by `benchmarks/bench_memory.py --calibrate` (24 measured runs: dim 256, 1 and 3 main layers, LoRA
+# and full, 256² and 512², batch 1 and 2, checkpointing off and on; minimax relative error over MLX's
+# peak and the RSS growth together) and checked on a model the fit never saw (2 layers, up to 768²:
+# RESULTS.md "Memory model"). What the numbers say: a LoRA block keeps ~19 `dim`-widths per token for
+# its backward (q, k, v, the attention output, norms, gates, the SwiGLU's three 8/3·dim-wide tensors) and
+# a fully trained one ~33 (every Linear's input too); the block being differentiated needs ~24 more; a
+# checkpointed block keeps ~11 (its input, output and what mx.checkpoint holds to replay it); ~2.5 score
+# tiles are alive at once; the full update holds ~2.4 parameter-sized temporaries; the process holds
+# ~14% of the activations again in MLX's buffer cache plus ~31 widths per token of one item.
 CALIBRATION = Calibration(
-    saved_lora=20.0, saved_full=27.0, checkpointed=2.0, working=30.0, attention_tiles=8.0, update=2.5,
-    fixed_mb=0.0, cache=0.25, process_mb=40.0,
+    saved_lora=16.534, saved_full=28.408, checkpointed=9.746, working=31.554, attention_tiles=2.062,
+    update=2.421, cache=0.187, cache_tiles=7.744, process_mb=13.25,
 )  # fmt: skip
 
 
@@ -154,11 +167,12 @@ def _targets(targets: Iterable[Any] | None) -> list[tuple[str, tuple[str, ...], 
     return out
 
 
-def lora_parameter_count(config: Any, targets: Iterable[Any] | None = None) -> int:
-    """Trainable LoRA parameters: rank·(in + out) per adapted Linear. `targets`: recipe LoraTargets or
-    (block_type, layer_types, rank) tuples over all blocks; None = the seed's default (layers, attention, 32)."""
+def adapter_shapes(config: Any, targets: Iterable[Any] | None = None) -> list[tuple[int, int]]:
+    """Shapes of the LoRA adapters' tensors: (in, rank) and (rank, out) per adapted Linear. `targets`:
+    recipe LoraTargets or (block_type, layer_types, rank) tuples over all blocks; None = the seed's default
+    (layers, attention, 32)."""
     shapes = linear_shapes(config)
-    total = 0
+    out = []
     for block, types, rank, start, end in _targets(targets):
         for path, (i, o) in shapes.items():
             group, index, layer = path.split(".", 2)
@@ -168,8 +182,21 @@ def lora_parameter_count(config: Any, targets: Iterable[Any] | None = None) -> i
                 and int(index) >= start
                 and (end is None or int(index) < end)
             ):
-                total += rank * (i + o)
-    return total
+                out += [(i, rank), (rank, o)]
+    return out
+
+
+def lora_parameter_count(config: Any, targets: Iterable[Any] | None = None) -> int:
+    """Trainable LoRA parameters: rank·(in + out) per adapted Linear (`adapter_shapes`)."""
+    return sum(a * b for a, b in adapter_shapes(config, targets))
+
+
+def full_parameter_shapes(config: Any) -> list[tuple[int, ...]]:
+    """Shapes the optimiser sees in full fine-tuning: every block Linear's (out, in) weight, the rest as one
+    vector (norms, biases, embedders: too small for the factored or 8-bit states to matter)."""
+    linear, other = parameter_count(config)
+    weights = [(o, i) for i, o in linear_shapes(config).values()]
+    return [*weights, (linear + other - sum(o * i for o, i in weights),)]
 
 
 def tokens_per_item(config: Any, width: int, height: int, caption_tokens: int) -> int:
@@ -213,15 +240,21 @@ def estimate_memory(
     quantize: int | None = None,
     lora_targets: Iterable[Any] | None = None,
     gradient_checkpointing: bool = False,
-    optimizer_state_bytes: float | None = None,
+    optimizer: Any = None,
+    ema: bool = False,
     gradient_accumulation: int = 1,
     calibration: Calibration = CALIBRATION,
 ) -> MemoryEstimate:
     """Peak training memory for one configuration (GiB). `config`: a TransformerConfig (None = real size).
 
-    `optimizer_state_bytes`: the optimiser's state per trainable parameter in bytes (None: AdamW, two
-    moments in the trainable parameters' dtype); `gradient_accumulation` > 1 adds an accumulation buffer.
+    `optimizer`: the recipe's `zrecipe.recipe.Optimizer` (None: AdamW), whose state is counted by
+    `training.optim.optimizer_state_bytes`; `ema`: an EMA shadow of the trainable parameters is kept
+    (`training.ema.SHADOW_BYTES_PER_PARAMETER`); `gradient_accumulation` > 1 adds an accumulation buffer.
     """
+    from zrecipe.recipe import Optimizer
+    from zrecipe.training.ema import SHADOW_BYTES_PER_PARAMETER
+    from zrecipe.training.optim import optimizer_state_bytes
+
     c = _cfg(config)
     size = DTYPE_BYTES[dtype]
     k = calibration
@@ -233,14 +266,19 @@ def estimate_memory(
     else:
         weights = (linear + other) * size
     if mode == "lora":
-        trainable, param_bytes = lora_parameter_count(c, lora_targets), ADAPTER_BYTES
+        shapes, param_bytes = adapter_shapes(c, lora_targets), ADAPTER_BYTES
     elif mode == "full":
-        trainable, param_bytes = linear + other, size
+        shapes, param_bytes = full_parameter_shapes(c), size
     else:
         raise ValueError(f"mode {mode!r}: use lora or full")
-    moments = ADAMW_MOMENTS * param_bytes if optimizer_state_bytes is None else optimizer_state_bytes
-    gradients = trainable * param_bytes * (2 if gradient_accumulation > 1 else 1)
-    state = trainable * moments + gradients + (trainable * param_bytes if mode == "lora" else 0)
+    trainable = sum(math.prod(shape) for shape in shapes)
+    # The adapters themselves (full: the parameters are the weights), their gradients (twice with an
+    # accumulation buffer), the optimiser's state and the EMA shadow.
+    state = (
+        trainable * param_bytes * ((1 if mode == "lora" else 0) + (2 if gradient_accumulation > 1 else 1))
+        + optimizer_state_bytes(optimizer or Optimizer(), shapes, param_bytes)
+        + (trainable * SHADOW_BYTES_PER_PARAMETER if ema else 0)
+    )
 
     n_tok = tokens_per_item(c, width, height, caption_tokens)
     n_cap = caption_tokens + (-caption_tokens % SEQ_MULTIPLE)
@@ -254,12 +292,11 @@ def estimate_memory(
     acts = batch_size * widths * c.dim * size
     if blocks:
         acts += k.attention_tiles * attention_tile_bytes(c, batch_size, n_tok)
-    total = weights + state + acts + k.fixed_mb * MB
-    if (
-        mode == "full"
-    ):  # the optimiser update: new parameters and moments beside the old ones and the gradients
-        total = max(total, weights + state + k.update * trainable * param_bytes + k.fixed_mb * MB)
-    process = total * (1 + k.cache) + k.process_mb * MB
+    total = weights + state + acts
+    if mode == "full":  # the optimiser update: new parameters and moments beside the old ones and gradients
+        total = max(total, weights + state + k.update * trainable * param_bytes)
+    tile = attention_tile_bytes(c, batch_size, n_tok) if blocks else 0
+    process = total + k.cache * acts + k.cache_tiles * tile + k.process_mb * MB
     return MemoryEstimate(
         mode=mode, batch_size=batch_size, tokens_per_item=n_tok, parameters=linear + other,
         trainable_parameters=trainable, weights_gb=weights / GB, training_state_gb=state / GB,
@@ -317,6 +354,19 @@ class MemoryOptimizer:
         return best, estimate
 
     @staticmethod
+    def batch_per_memory(
+        mode: str = "lora", quantize: int | None = None, config: Any = None, **estimate_args: Any
+    ) -> list[tuple[float, int, int]]:
+        """(memory GB, largest batch without, with gradient checkpointing) for each of MAC_MEMORY_GB (0 when
+        none fits): the seed's 512 GB table recomputed, and the smaller Macs."""
+        rest = {k: v for k, v in estimate_args.items() if k != "gradient_checkpointing"}
+        return [
+            (gb, *(MemoryOptimizer.calculate_optimal_batch_size(
+                mode, gb, quantize, config, gradient_checkpointing=ckpt, **rest)[0] for ckpt in (False, True)))
+            for gb in MAC_MEMORY_GB
+        ]  # fmt: skip
+
+    @staticmethod
     def print_recommendations(
         mode: str = "lora",
         available_memory_gb: float | None = None,
@@ -335,10 +385,13 @@ class MemoryOptimizer:
                      f"trainable parameters {est.trainable_parameters:,}")  # fmt: skip
         lines.append("  batch  estimate (GB)   with gradient checkpointing (GB)")
         rest = {k: v for k, v in estimate_args.items() if k != "gradient_checkpointing"}
-        for b in (1, 2, 4, 8, 16, 32):
+        for b in TABLE_BATCHES:
             plain = estimate_memory(config, mode, b, quantize=quantize, gradient_checkpointing=False, **rest)
             ckpt = estimate_memory(config, mode, b, quantize=quantize, gradient_checkpointing=True, **rest)
             lines.append(f"  {b:5d}  {plain.process_gb:13.1f}   {ckpt.process_gb:13.1f}")
+        lines.append("  memory  largest batch   with gradient checkpointing")
+        for gb, plain_batch, ckpt_batch in MemoryOptimizer.batch_per_memory(mode, quantize, config, **rest):
+            lines.append(f"  {gb:3.0f} GB  {plain_batch or '–':>13}   {ckpt_batch or '–':>13}")
         if batch:
             lines.append(f"Recommended batch size: {batch} (estimated peak {est.process_gb:.1f} GB).")
         else:
