@@ -61,7 +61,8 @@ class Calibration:
     saved_lora: float  # kept per token by a block whose backward runs, LoRA (frozen Linears keep less)
     saved_full: float  # the same in full fine-tuning (every Linear's input is kept for its weight gradient)
     checkpointed: float  # kept per token by a checkpointed block
-    working: float  # transient per token of the block being differentiated
+    working_lora: float  # transient per token of the block being differentiated, LoRA
+    working_full: float  # the same in full fine-tuning (its Linears' weight gradients are formed there too)
     attention_tiles: float  # blockwise-attention score tiles alive at once
     update: float  # full fine-tuning: parameter-sized copies alive during the optimiser update
     cache: float  # process memory beyond MLX's peak: freed activation buffers in MLX's cache (fraction)
@@ -69,18 +70,19 @@ class Calibration:
     process_mb: float  # ... and the libraries' own allocations and compiled kernels
 
 
-# Fitted by `benchmarks/bench_memory.py --calibrate` (24 measured runs: dim 256, 1 and 3 main layers, LoRA
-# and full, 256² and 512², batch 1 and 2, checkpointing off and on; minimax relative error over MLX's
-# peak and the RSS growth together) and checked on a model the fit never saw (2 layers, up to 768²:
-# RESULTS.md "Memory model"). What the numbers say: a LoRA block keeps ~19 `dim`-widths per token for
-# its backward (q, k, v, the attention output, norms, gates, the SwiGLU's three 8/3·dim-wide tensors) and
-# a fully trained one ~33 (every Linear's input too); the block being differentiated needs ~24 more; a
-# checkpointed block keeps ~11 (its input, output and what mx.checkpoint holds to replay it); ~2.5 score
-# tiles are alive at once; the full update holds ~2.4 parameter-sized temporaries; the process holds
-# ~14% of the activations again in MLX's buffer cache plus ~31 widths per token of one item.
+# Fitted by `benchmarks/bench_memory.py --calibrate` to 48 measured training runs (dim 256 with 1, 2 and 3
+# main layers; LoRA and full; 256², 512², 768² (2 layers only); batch 1 and 2; checkpointing off and on),
+# minimising the largest relative error over MLX's peak and the RSS growth together (RESULTS.md "Memory
+# model"). What the numbers say: a block whose backward runs keeps ~21 `dim`-widths per token (q, k, v, the
+# attention output, norms, gates, the SwiGLU's 8/3·dim-wide tensors), LoRA or full alike; the block being
+# differentiated needs ~28 more with LoRA and ~60 in full fine-tuning (the weight gradients' inputs and
+# outputs of every Linear, formed there); a checkpointed block keeps ~8.5 (its input, output and what
+# mx.checkpoint holds to replay it); about half a score tile is alive beyond them; the full update holds
+# ~2.4 parameter-sized temporaries (new parameters and moments beside the old); the process holds ~25% of
+# the activations again in MLX's buffer cache, ~2 freed score tiles and ~22 MB of its own.
 CALIBRATION = Calibration(
-    saved_lora=16.534, saved_full=28.408, checkpointed=9.746, working=31.554, attention_tiles=2.062,
-    update=2.421, cache=0.187, cache_tiles=7.744, process_mb=13.25,
+    saved_lora=21.688, saved_full=21.393, checkpointed=8.535, working_lora=27.841, working_full=60.099,
+    attention_tiles=0.524, update=2.445, cache=0.245, cache_tiles=2.162, process_mb=22.132,
 )  # fmt: skip
 
 
@@ -284,11 +286,11 @@ def estimate_memory(
     n_cap = caption_tokens + (-caption_tokens % SEQ_MULTIPLE)
     blocks = backward_block_tokens(c, mode, n_tok - n_cap, n_cap, lora_targets)
     top = max(blocks, default=0)
-    saved = k.saved_lora if mode == "lora" else k.saved_full
+    saved, working = (k.saved_lora, k.working_lora) if mode == "lora" else (k.saved_full, k.working_full)
     if gradient_checkpointing:  # block inputs, plus one block's activations while it is recomputed
-        widths = k.checkpointed * sum(blocks) + (saved + k.working) * top
+        widths = k.checkpointed * sum(blocks) + (saved + working) * top
     else:
-        widths = saved * sum(blocks) + k.working * top
+        widths = saved * sum(blocks) + working * top
     acts = batch_size * widths * c.dim * size
     if blocks:
         acts += k.attention_tiles * attention_tile_bytes(c, batch_size, n_tok)
