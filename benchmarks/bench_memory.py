@@ -324,7 +324,7 @@ def main() -> None:
             *machine_lines(machine_info()),
             f"Model: {MODEL}, caption {CAPTION_TOKENS} tokens, LoRA rank {RANK} on the main layers' attention, "
             f"AdamW, fp32, {args.steps} steps per case, each case in its own process (the constants were fitted "
-            "on the same model with 1 and 3 main layers: `--calibrate`).",
+            "to these runs and the same model with 1 and 3 main layers: `--calibrate`).",
             "", *lines, "", f"Largest |error|: {peak:.1%} against MLX's peak, {rss:.1%} against the RSS "
             "growth (target ±10%).",
         ])  # fmt: skip
