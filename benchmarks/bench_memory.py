@@ -9,6 +9,8 @@
                                                        #   model with 1 and 3 main layers) into FILE (JSON
                                                        #   lines; runs already there are kept), fit, print
     python benchmarks/bench_memory.py --fit FILE       # fit `memory.CALIBRATION` to measurements in FILE
+                                                       #   (benchmarks/memory_runs.jsonl: the 48 runs of
+                                                       #   the current constants, 2026-12-02)
 
 Each case trains `MODEL` (random weights, fp32, CPU) for `--steps` steps through `zrecipe.training.loop.
 train` in its own fresh process, and records, over the steps (the final checkpoint write excluded): MLX's
