@@ -36,7 +36,7 @@ def variants():
     from mlx import nn
 
     from zrecipe import native
-    from zrecipe.models.z_image.transformer_blocks import _silu_poly, _softmax_poly, exp_poly
+    from zrecipe.models.z_image.kernels import _silu_poly, _softmax_poly, exp_poly
 
     def vjp(f):
         return lambda x: mx.vjp(f, [x], [x])[1][0]  # the cotangent's values do not matter for timing
@@ -69,7 +69,7 @@ def exhaustive_exp_error(module) -> list[tuple[str, float, float]]:
     import mlx.core as mx
     import numpy as np
 
-    from zrecipe.models.z_image.transformer_blocks import exp_poly
+    from zrecipe.models.z_image.kernels import exp_poly
 
     ranges = [(0x00000000, int(np.float32(88.0).view(np.uint32))),
               (0x80000000, int(np.float32(-87.0).view(np.uint32)))]  # fmt: skip

@@ -9,6 +9,7 @@ import pytest
 from mlx import nn
 from mlx.utils import tree_flatten
 
+from zrecipe.models.z_image import kernels
 from zrecipe.models.z_image import transformer_blocks as tb
 from zrecipe.models.z_image.vae_blocks import GroupNorm
 
@@ -20,36 +21,38 @@ def rel(a: mx.array, b: mx.array) -> float:
 
 def test_exp_poly_matches_exp_elementwise():
     x = mx.linspace(-80.0, 80.0, 100_001)
-    got, want = np.asarray(tb.exp_poly(x), np.float64), np.exp(np.asarray(x, np.float64))
+    got, want = np.asarray(kernels.exp_poly(x), np.float64), np.exp(np.asarray(x, np.float64))
     assert np.max(np.abs(got - want) / want) < 2e-6
-    extreme = tb.exp_poly(mx.array([-1e30, -200.0, 200.0, 1e30]))
+    extreme = kernels.exp_poly(mx.array([-1e30, -200.0, 200.0, 1e30]))
     assert np.all(np.isfinite(np.asarray(extreme)))  # clamped: no inf or NaN reaches a softmax
 
 
 def test_exp_poly_underflows_to_exact_zero_not_to_denormal_sized_values():
     # Masked scores (the lowest float) must give probabilities of exactly 0: e^-87-sized values became
     # denormals after the softmax division and made masked attention 7x slower on x86.
-    got = np.asarray(tb.exp_poly(mx.array([float(np.finfo(np.float32).min), -1e4, -88.0, -86.0])), np.float64)
+    got = np.asarray(
+        kernels.exp_poly(mx.array([float(np.finfo(np.float32).min), -1e4, -88.0, -86.0])), np.float64
+    )
     assert got[0] == got[1] == got[2] == 0.0
     assert abs(got[3] / np.exp(-86.0) - 1) < 2e-6
     scores = mx.array([[0.0, -1.0, float(np.finfo(np.float32).min)]])
-    probs = np.asarray(tb._softmax_poly(scores))
+    probs = np.asarray(kernels._softmax_poly(scores))
     assert probs[0, 2] == 0.0 and abs(probs.sum() - 1) < 1e-6
 
 
 def test_silu_and_its_gradient_match_nn_silu():
     x = mx.random.normal((4, 333), key=mx.random.key(0)) * 6
-    assert rel(tb.silu(x), nn.silu(x)) < 1e-6
+    assert rel(kernels.silu(x), nn.silu(x)) < 1e-6
     g = mx.random.normal(x.shape, key=mx.random.key(1))
-    ours = mx.grad(lambda v: (tb.silu(v) * g).sum())(x)
+    ours = mx.grad(lambda v: (kernels.silu(v) * g).sum())(x)
     want = mx.grad(lambda v: (nn.silu(v) * g).sum())(x)
     assert rel(ours, want) < 1e-5
-    assert rel(tb.swiglu(x, g), nn.silu(x) * g) < 1e-6
+    assert rel(kernels.swiglu(x, g), nn.silu(x) * g) < 1e-6
 
 
 def test_silu_keeps_bfloat16():
     x = mx.random.normal((8, 16), key=mx.random.key(2)).astype(mx.bfloat16)
-    assert tb.silu(x).dtype == mx.bfloat16
+    assert kernels.silu(x).dtype == mx.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -67,12 +70,12 @@ def test_attention_matches_fused_sdpa_forward_and_backward(heads, kv_heads, mask
         keep = mx.array([[1] * L, [1] * (L - 10) + [0] * 10]).astype(mx.bool_)
         mask = mx.logical_and((pos[:, None] >= pos[None])[None, None], keep[:, None, None, :])
     scale = D**-0.5
-    ours = tb.attention(q, k, v, scale, mask)
+    ours = kernels.attention(q, k, v, scale, mask)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     assert ours.shape == want.shape
     assert rel(ours, want) < 1e-5
     w = mx.random.normal(want.shape, key=k3)
-    g_ours = mx.grad(lambda *a: (tb.attention(*a, scale, mask) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    g_ours = mx.grad(lambda *a: (kernels.attention(*a, scale, mask) * w).sum(), argnums=(0, 1, 2))(q, k, v)
     g_want = mx.grad(
         lambda *a: (mx.fast.scaled_dot_product_attention(*a, scale=scale, mask=mask) * w).sum(),
         argnums=(0, 1, 2),

@@ -88,7 +88,7 @@ def exp(x: mx.array) -> mx.array:
     module = _module()
     if module is not None:
         return module.exp(x.astype(mx.float32))
-    from zrecipe.models.z_image.transformer_blocks import on_cpu
+    from zrecipe.models.z_image.kernels import on_cpu
 
     return _exp_poly(x.astype(mx.float32)) if on_cpu() else mx.exp(x.astype(mx.float32))
 
@@ -96,7 +96,7 @@ def exp(x: mx.array) -> mx.array:
 @mx.custom_function
 def _exp_poly(x: mx.array) -> mx.array:
     # exp_poly builds 2^n with a bit cast, which MLX cannot differentiate; e^x is its own derivative.
-    from zrecipe.models.z_image.transformer_blocks import exp_poly
+    from zrecipe.models.z_image.kernels import exp_poly
 
     return exp_poly(x)
 
@@ -113,7 +113,7 @@ def silu(x: mx.array) -> mx.array:
         return module.silu(x.astype(mx.float32)).astype(x.dtype)
     from mlx import nn
 
-    from zrecipe.models.z_image.transformer_blocks import _silu_poly, on_cpu
+    from zrecipe.models.z_image.kernels import _silu_poly, on_cpu
 
     return _silu_poly(x) if on_cpu() else nn.silu(x)
 
@@ -123,6 +123,7 @@ def softmax(x: mx.array) -> mx.array:
     module = _module()
     if module is not None:
         return module.softmax(x.astype(mx.float32))
-    from zrecipe.models.z_image.transformer_blocks import _softmax_poly, on_cpu
+    from zrecipe.models.z_image.kernels import _softmax_poly, on_cpu
 
-    return _softmax_poly(x) if on_cpu() else mx.softmax(x.astype(mx.float32), axis=-1, precise=True)
+    x = x.astype(mx.float32)
+    return _softmax_poly(x) if on_cpu() else mx.softmax(x, axis=-1, precise=True)

@@ -1,28 +1,39 @@
 """Training memory estimate and the seed's `MemoryOptimizer` API.
 
-The estimate adds up, for a transformer config (tiny or real):
+The estimate adds up, for a transformer config (tiny or real), what MLX holds at the step's peak:
 - weights: parameter count × bytes per dtype, or packed 4/8-bit Linears (+ a bf16 scale and bias per group
   of 64) with the small precision-sensitive layers kept in the compute dtype;
-- training state: LoRA (fp32 A/B + gradients + AdamW m, v) or full (gradients, an accumulation buffer
-  and AdamW m, v, all in the parameter dtype);
-- activations kept for the backward pass, per token and block (`ACT_WIDTHS_*`, counted from the block's
-  saved tensors and calibrated against `mx.get_peak_memory()`), plus the attention matrices MLX's
-  attention backward rebuilds for one block at a time (a few heads × N² buffers, transient: the fused
-  forward saves only q, k, v); with gradient checkpointing only the block inputs stay alive, plus one
-  block's full activations during its recomputation.
-Validated against measured peaks on tiny and small configs in tests/test_memory.py and benchmarks/RESULTS.md.
+- training state: the trainable parameters' own copy (LoRA: fp32 adapters), their gradients, an
+  accumulation buffer when gradients are accumulated, the optimiser's state (`training.optim.
+  optimizer_state_bytes`: each optimiser's own `state_bytes`) and an EMA shadow when one is kept;
+- activations kept for the backward pass: per token and block whose backward runs (LoRA: the main layers
+  from the first adapted one up; full: every block), in units of `dim` (`Calibration.saved_*`); with
+  gradient checkpointing only each block's inputs stay (`checkpointed`), plus one block's activations
+  while it is recomputed; then the working set of the block being differentiated (its gradients and MLX's
+  run-ahead: the CPU backend allocates up to ten operations' outputs before they run), and the score tiles
+  of the blockwise attention (`kernels.block_rows`) alive at once;
+- full fine-tuning peaks either there or in the optimiser update, where the new parameters and moments are
+  computed while the old ones are still held (`Calibration.update`).
+`process_gb` adds what the process holds beyond MLX's own count: MLX's buffer cache (freed buffers kept
+for reuse, `Calibration.cache`, `cache_tokens`) and the libraries' allocations and compiled kernels; it
+is what must fit (`MemoryOptimizer.fits`). The constants are fitted to peaks measured by
+`benchmarks/bench_memory.py` (`CALIBRATION`); RESULTS.md "Memory model" has the validation table.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 GB = 1024**3
+MB = 1024**2
 SEQ_MULTIPLE = 32
 QUANT_GROUP = 64
 VAE_FACTOR = 8
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SCORE_BYTES = 4  # the blockwise attention's score tiles are float32 whatever the compute dtype
 # The published Z-Image transformer config (diffusers defaults), used only when no model folder is given.
 Z_IMAGE_CONFIG = {
     "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 3840, "n_layers": 30,
@@ -35,17 +46,50 @@ DEFAULT_LORA_TARGET = (
     ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"),
     32,
 )
-# Activation widths per token and block kept for the backward pass, in units of `dim` and of the FFN
-# hidden width (see module docstring). Calibrated once on a small config; validated on others.
-ACT_DIM_WIDTHS = 20.0
-ACT_HIDDEN_WIDTHS = 4.0
-ATTN_TRANSIENT = 4.0  # (heads, N, N) buffers alive at once in one block's attention backward
-FIXED_OVERHEAD_GB = 0.0
+# `zrecipe memory`'s tables: these batch sizes, and the largest batch on Macs of these memory sizes (the
+# seed's table was for 512 GB).
+TABLE_BATCHES = (1, 2, 4, 8, 16, 32)
+MAC_MEMORY_GB = (32, 64, 96, 128, 192, 512)
+ADAPTER_BYTES = 4  # LoRA adapters are trained in float32 (their master copy) whatever the compute dtype
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Fitted constants of the activation, update and process terms (see the module docstring). Widths are
+    in `dim` values per token, in the compute dtype."""
+
+    saved_lora: float  # kept per token by a block whose backward runs, LoRA (frozen Linears keep less)
+    saved_full: float  # the same in full fine-tuning (every Linear's input is kept for its weight gradient)
+    checkpointed: float  # kept per token by a checkpointed block
+    working_lora: float  # transient per token of the block being differentiated, LoRA
+    working_full: float  # the same in full fine-tuning (its Linears' weight gradients are formed there too)
+    attention_tiles: float  # blockwise-attention score tiles alive at once
+    update: float  # full fine-tuning: parameter-sized copies alive during the optimiser update
+    cache: float  # process memory beyond MLX's peak: freed activation buffers in MLX's cache (fraction)
+    cache_tiles: float  # ... and freed blockwise-attention score tiles (in tiles)
+    process_mb: float  # ... and the libraries' own allocations and compiled kernels
+
+
+# Fitted by `benchmarks/bench_memory.py --calibrate` to 48 measured training runs (dim 256 with 1, 2 and 3
+# main layers; LoRA and full; 256², 512², 768² (2 layers only); batch 1 and 2; checkpointing off and on),
+# minimising the largest relative error over MLX's peak and the RSS growth together (RESULTS.md "Memory
+# model"). What the numbers say: a block whose backward runs keeps ~21 `dim`-widths per token (q, k, v, the
+# attention output, norms, gates, the SwiGLU's 8/3·dim-wide tensors), LoRA or full alike; the block being
+# differentiated needs ~28 more with LoRA and ~60 in full fine-tuning (the weight gradients' inputs and
+# outputs of every Linear, formed there); a checkpointed block keeps ~8.5 (its input, output and what
+# mx.checkpoint holds to replay it); about half a score tile is alive beyond them; the full update holds
+# ~2.4 parameter-sized temporaries (new parameters and moments beside the old); the process holds ~25% of
+# the activations again in MLX's buffer cache, ~2 freed score tiles and ~22 MB of its own.
+CALIBRATION = Calibration(
+    saved_lora=21.688, saved_full=21.393, checkpointed=8.535, working_lora=27.841, working_full=60.099,
+    attention_tiles=0.524, update=2.445, cache=0.245, cache_tiles=2.162, process_mb=22.132,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """A training-memory estimate in GiB, by component."""
+    """A training-memory estimate in GiB, by component; `total_gb` is MLX's peak, `process_gb` the
+    process's (what must fit in the machine's memory)."""
 
     mode: str
     batch_size: int
@@ -56,6 +100,7 @@ class MemoryEstimate:
     training_state_gb: float
     activations_gb: float
     total_gb: float
+    process_gb: float
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,18 +157,25 @@ def parameter_count(config: Any) -> tuple[int, int]:
     return linear, other
 
 
-def lora_parameter_count(config: Any, targets: Iterable[Any] | None = None) -> int:
-    """Trainable LoRA parameters: rank·(in + out) per adapted Linear. `targets`: recipe LoraTargets or
-    (block_type, layer_types, rank) tuples over all blocks; None = the seed's default (layers, attention, 32)."""
-    shapes = linear_shapes(config)
-    total = 0
+def _targets(targets: Iterable[Any] | None) -> list[tuple[str, tuple[str, ...], int, int, int | None]]:
+    """(block_type, layer_types, rank, start, end) of recipe LoraTargets or (block, types, rank) tuples."""
+    out = []
     for target in targets if targets is not None else [DEFAULT_LORA_TARGET]:
         if isinstance(target, tuple):
             block, types, rank = target
-            start, end = 0, None
+            out.append((block, tuple(types), rank, 0, None))
         else:
-            block, types, rank, start, end = (target.block_type, target.layer_types, target.rank,
-                                              target.start, target.end)  # fmt: skip
+            out.append((target.block_type, tuple(target.layer_types), target.rank, target.start, target.end))
+    return out
+
+
+def adapter_shapes(config: Any, targets: Iterable[Any] | None = None) -> list[tuple[int, int]]:
+    """Shapes of the LoRA adapters' tensors: (in, rank) and (rank, out) per adapted Linear. `targets`:
+    recipe LoraTargets or (block_type, layer_types, rank) tuples over all blocks; None = the seed's default
+    (layers, attention, 32)."""
+    shapes = linear_shapes(config)
+    out = []
+    for block, types, rank, start, end in _targets(targets):
         for path, (i, o) in shapes.items():
             group, index, layer = path.split(".", 2)
             if (
@@ -132,8 +184,21 @@ def lora_parameter_count(config: Any, targets: Iterable[Any] | None = None) -> i
                 and int(index) >= start
                 and (end is None or int(index) < end)
             ):
-                total += rank * (i + o)
-    return total
+                out += [(i, rank), (rank, o)]
+    return out
+
+
+def lora_parameter_count(config: Any, targets: Iterable[Any] | None = None) -> int:
+    """Trainable LoRA parameters: rank·(in + out) per adapted Linear (`adapter_shapes`)."""
+    return sum(a * b for a, b in adapter_shapes(config, targets))
+
+
+def full_parameter_shapes(config: Any) -> list[tuple[int, ...]]:
+    """Shapes the optimiser sees in full fine-tuning: every block Linear's (out, in) weight, the rest as one
+    vector (norms, biases, embedders: too small for the factored or 8-bit states to matter)."""
+    linear, other = parameter_count(config)
+    weights = [(o, i) for i, o in linear_shapes(config).values()]
+    return [*weights, (linear + other - sum(o * i for o, i in weights),)]
 
 
 def tokens_per_item(config: Any, width: int, height: int, caption_tokens: int) -> int:
@@ -142,6 +207,28 @@ def tokens_per_item(config: Any, width: int, height: int, caption_tokens: int) -
     patch = c.all_patch_size[0] * VAE_FACTOR
     img = (height // patch) * (width // patch)
     return img + (-img % SEQ_MULTIPLE) + caption_tokens + (-caption_tokens % SEQ_MULTIPLE)
+
+
+def backward_block_tokens(config: Any, mode: str, n_img: int, n_cap: int, targets=None) -> list[int]:
+    """Tokens per item of every block whose backward pass runs (and so keeps activations): all blocks in
+    full fine-tuning; with LoRA, the blocks from the lowest adapted one up (gradients flow no further)."""
+    c = _cfg(config)
+    refiners = [n_img] * c.n_refiner_layers + [n_cap] * c.n_refiner_layers
+    if mode == "full":
+        return refiners + [n_img + n_cap] * c.n_layers
+    spans = _targets(targets)
+    if any(block != "layers" for block, *_ in spans):  # a refiner is adapted: everything above it runs
+        return refiners + [n_img + n_cap] * c.n_layers
+    first = min((start for *_, start, _ in spans), default=c.n_layers)
+    return [n_img + n_cap] * max(0, c.n_layers - first)
+
+
+def attention_tile_bytes(config: Any, batch: int, tokens: int) -> int:
+    """Bytes of one blockwise-attention score tile for the joint sequence (kernels.block_rows)."""
+    from zrecipe.models.z_image.kernels import block_rows
+
+    c = _cfg(config)
+    return batch * c.n_heads * block_rows(batch, c.n_heads, tokens, tokens) * tokens * SCORE_BYTES
 
 
 def estimate_memory(
@@ -155,10 +242,24 @@ def estimate_memory(
     quantize: int | None = None,
     lora_targets: Iterable[Any] | None = None,
     gradient_checkpointing: bool = False,
+    optimizer: Any = None,
+    ema: bool = False,
+    gradient_accumulation: int = 1,
+    calibration: Calibration = CALIBRATION,
 ) -> MemoryEstimate:
-    """Peak training memory for one configuration (GiB). `config`: a TransformerConfig (None = real size)."""
+    """Peak training memory for one configuration (GiB). `config`: a TransformerConfig (None = real size).
+
+    `optimizer`: the recipe's `zrecipe.recipe.Optimizer` (None: AdamW), whose state is counted by
+    `training.optim.optimizer_state_bytes`; `ema`: an EMA shadow of the trainable parameters is kept
+    (`training.ema.SHADOW_BYTES_PER_PARAMETER`); `gradient_accumulation` > 1 adds an accumulation buffer.
+    """
+    from zrecipe.recipe import Optimizer
+    from zrecipe.training.ema import SHADOW_BYTES_PER_PARAMETER
+    from zrecipe.training.optim import optimizer_state_bytes
+
     c = _cfg(config)
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    size = DTYPE_BYTES[dtype]
+    k = calibration
     linear, other = parameter_count(c)
     if quantize:
         if mode == "full":
@@ -167,30 +268,41 @@ def estimate_memory(
     else:
         weights = (linear + other) * size
     if mode == "lora":
-        trainable = lora_parameter_count(c, lora_targets)
-        state = trainable * 4 * 4  # fp32 adapter copy's gradient, its accumulation, AdamW m and v
+        shapes, param_bytes = adapter_shapes(c, lora_targets), ADAPTER_BYTES
+    elif mode == "full":
+        shapes, param_bytes = full_parameter_shapes(c), size
     else:
-        trainable = linear + other
-        state = trainable * size * 4  # gradient, accumulation buffer, AdamW m and v in the param dtype
+        raise ValueError(f"mode {mode!r}: use lora or full")
+    trainable = sum(math.prod(shape) for shape in shapes)
+    # The adapters themselves (full: the parameters are the weights), their gradients (twice with an
+    # accumulation buffer), the optimiser's state and the EMA shadow.
+    state = (
+        trainable * param_bytes * ((1 if mode == "lora" else 0) + (2 if gradient_accumulation > 1 else 1))
+        + optimizer_state_bytes(optimizer or Optimizer(), shapes, param_bytes)
+        + (trainable * SHADOW_BYTES_PER_PARAMETER if ema else 0)
+    )
+
     n_tok = tokens_per_item(c, width, height, caption_tokens)
-    cap_tok = caption_tokens + (-caption_tokens % SEQ_MULTIPLE)
-    img_tok = n_tok - cap_tok
-    per_token = (ACT_DIM_WIDTHS * c.dim + ACT_HIDDEN_WIDTHS * _hidden(c.dim)) * size
-    # Tokens through each block kind: joint sequence (layers), image run (noise refiner), caption run.
-    block_tokens = c.n_layers * n_tok + c.n_refiner_layers * (img_tok + cap_tok)
-    # The attention backward recomputes the (heads, N, N) matrices of one block at a time (transient).
-    attention = ATTN_TRANSIENT * c.n_heads * n_tok**2 * size
-    if gradient_checkpointing:
-        # Only block inputs stay alive; one block's activations are rebuilt during its backward pass.
-        acts = block_tokens * c.dim * size + n_tok * per_token + attention
+    n_cap = caption_tokens + (-caption_tokens % SEQ_MULTIPLE)
+    blocks = backward_block_tokens(c, mode, n_tok - n_cap, n_cap, lora_targets)
+    top = max(blocks, default=0)
+    saved, working = (k.saved_lora, k.working_lora) if mode == "lora" else (k.saved_full, k.working_full)
+    if gradient_checkpointing:  # block inputs, plus one block's activations while it is recomputed
+        widths = k.checkpointed * sum(blocks) + (saved + working) * top
     else:
-        acts = block_tokens * per_token + attention
-    acts *= batch_size
-    total = weights + state + acts + FIXED_OVERHEAD_GB * GB
+        widths = saved * sum(blocks) + working * top
+    acts = batch_size * widths * c.dim * size
+    if blocks:
+        acts += k.attention_tiles * attention_tile_bytes(c, batch_size, n_tok)
+    total = weights + state + acts
+    if mode == "full":  # the optimiser update: new parameters and moments beside the old ones and gradients
+        total = max(total, weights + state + k.update * trainable * param_bytes)
+    tile = attention_tile_bytes(c, batch_size, n_tok) if blocks else 0
+    process = total + k.cache * acts + k.cache_tiles * tile + k.process_mb * MB
     return MemoryEstimate(
         mode=mode, batch_size=batch_size, tokens_per_item=n_tok, parameters=linear + other,
         trainable_parameters=trainable, weights_gb=weights / GB, training_state_gb=state / GB,
-        activations_gb=acts / GB, total_gb=total / GB,
+        activations_gb=acts / GB, total_gb=total / GB, process_gb=process / GB,
     )  # fmt: skip
 
 
@@ -209,9 +321,18 @@ def system_memory_gb() -> float:
 
 
 class MemoryOptimizer:
-    """The seed's API: batch-size recommendations from the memory estimate (real Z-Image config by default)."""
+    """The seed's API: batch-size recommendations from the memory estimate (real Z-Image config by default).
 
-    HEADROOM = 0.85  # leave 15% for the OS, MLX's allocator cache and fragmentation
+    A batch fits when the estimated process peak (`MemoryEstimate.process_gb`) is within HEADROOM × the
+    available memory.
+    """
+
+    HEADROOM = 0.85  # leave 15% for the OS and other programs
+
+    @staticmethod
+    def fits(estimate: MemoryEstimate, available_memory_gb: float) -> bool:
+        """Whether `estimate` fits in `available_memory_gb` with the headroom left free."""
+        return estimate.process_gb <= available_memory_gb * MemoryOptimizer.HEADROOM
 
     @staticmethod
     def calculate_optimal_batch_size(
@@ -224,17 +345,28 @@ class MemoryOptimizer:
     ) -> tuple[int, MemoryEstimate]:
         """The largest batch (≤ max_batch_size) whose estimate fits in HEADROOM × available memory, and its
         estimate; batch 0 when even batch 1 does not fit (then the estimate is batch 1's)."""
-        budget = (
-            available_memory_gb if available_memory_gb is not None else system_memory_gb()
-        ) * MemoryOptimizer.HEADROOM
+        memory = available_memory_gb if available_memory_gb is not None else system_memory_gb()
         best = 0
         estimate = estimate_memory(config, mode, 1, quantize=quantize, **estimate_args)
         for batch in range(1, max_batch_size + 1):
             candidate = estimate_memory(config, mode, batch, quantize=quantize, **estimate_args)
-            if candidate.total_gb > budget:
+            if not MemoryOptimizer.fits(candidate, memory):
                 break
             best, estimate = batch, candidate
         return best, estimate
+
+    @staticmethod
+    def batch_per_memory(
+        mode: str = "lora", quantize: int | None = None, config: Any = None, **estimate_args: Any
+    ) -> list[tuple[float, int, int]]:
+        """(memory GB, largest batch without, with gradient checkpointing) for each of MAC_MEMORY_GB (0 when
+        none fits): the seed's 512 GB table recomputed, and the smaller Macs."""
+        rest = {k: v for k, v in estimate_args.items() if k != "gradient_checkpointing"}
+        return [
+            (gb, *(MemoryOptimizer.calculate_optimal_batch_size(
+                mode, gb, quantize, config, gradient_checkpointing=ckpt, **rest)[0] for ckpt in (False, True)))
+            for gb in MAC_MEMORY_GB
+        ]  # fmt: skip
 
     @staticmethod
     def print_recommendations(
@@ -255,12 +387,15 @@ class MemoryOptimizer:
                      f"trainable parameters {est.trainable_parameters:,}")  # fmt: skip
         lines.append("  batch  estimate (GB)   with gradient checkpointing (GB)")
         rest = {k: v for k, v in estimate_args.items() if k != "gradient_checkpointing"}
-        for b in (1, 2, 4, 8, 16, 32):
+        for b in TABLE_BATCHES:
             plain = estimate_memory(config, mode, b, quantize=quantize, gradient_checkpointing=False, **rest)
             ckpt = estimate_memory(config, mode, b, quantize=quantize, gradient_checkpointing=True, **rest)
-            lines.append(f"  {b:5d}  {plain.total_gb:13.1f}   {ckpt.total_gb:13.1f}")
+            lines.append(f"  {b:5d}  {plain.process_gb:13.1f}   {ckpt.process_gb:13.1f}")
+        lines.append("  memory  largest batch   with gradient checkpointing")
+        for gb, plain_batch, ckpt_batch in MemoryOptimizer.batch_per_memory(mode, quantize, config, **rest):
+            lines.append(f"  {gb:3.0f} GB  {plain_batch or '–':>13}   {ckpt_batch or '–':>13}")
         if batch:
-            lines.append(f"Recommended batch size: {batch} (estimated peak {est.total_gb:.1f} GB).")
+            lines.append(f"Recommended batch size: {batch} (estimated peak {est.process_gb:.1f} GB).")
         else:
             lines.append(
                 "Even batch size 1 does not fit: enable gradient checkpointing, quantize the base "
@@ -277,25 +412,23 @@ def resolve_batch_size(
     """(micro batch, gradient accumulation, note). `auto` picks the largest batch that fits. A requested
     batch that will not fit is split into micro-batches with more accumulation (same effective batch)."""
     memory = system_memory_gb()
+
+    def fits(batch: int, accum: int) -> bool:
+        estimate = estimate_memory(config, mode, batch, gradient_accumulation=accum, **estimate_args)
+        return MemoryOptimizer.fits(estimate, memory)
+
     if requested == "auto":
         batch, est = MemoryOptimizer.calculate_optimal_batch_size(
-            mode, memory, config=config, **estimate_args
+            mode, memory, config=config, gradient_accumulation=accumulation, **estimate_args
         )
         batch = max(1, batch)
-        return batch, accumulation, f"batch_size auto → {batch} (estimated peak {est.total_gb:.2f} GB)"
+        return batch, accumulation, f"batch_size auto → {batch} (estimated peak {est.process_gb:.2f} GB)"
     requested = int(requested)
-    if (
-        estimate_memory(config, mode, requested, **estimate_args).total_gb
-        <= memory * MemoryOptimizer.HEADROOM
-    ):
+    if fits(requested, accumulation):
         return requested, accumulation, None
     for micro in range(requested - 1, 0, -1):
-        fits = (
-            estimate_memory(config, mode, micro, **estimate_args).total_gb
-            <= memory * MemoryOptimizer.HEADROOM
-        )
-        if requested % micro == 0 and fits:
-            factor = requested // micro
+        factor = requested // micro
+        if requested % micro == 0 and fits(micro, accumulation * factor):
             return (
                 micro,
                 accumulation * factor,

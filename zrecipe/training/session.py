@@ -7,6 +7,7 @@ recipe inside a checkpoint (for `zrecipe train --train-checkpoint`), and the pea
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def load_for_training(
             mx.eval(transformer.parameters())
         log(f"train: assistant LoRA {Path(assistant[0]).name} fused into {len(paths)} layers of the base")
     largest = max(examples, key=lambda e: e.bucket[0] * e.bucket[1])
+    settings = TrainSettings.from_params(params, read_scheduler_shift(model_path), 1, 1)  # batch: below
     micro, accum, note = resolve_batch_size(
         loop["batch_size"],
         loop["gradient_accumulation_steps"],
@@ -67,10 +69,12 @@ def load_for_training(
         quantize=loop["quantize"],
         lora_targets=lora_targets(params) or None,
         gradient_checkpointing=loop["gradient_checkpointing"],
+        optimizer=settings.optimizer,
+        ema=settings.ema is not None,
     )
     if note:
         log(note)
-    return transformer, TrainSettings.from_params(params, read_scheduler_shift(model_path), micro, accum)
+    return transformer, replace(settings, batch_size=micro, gradient_accumulation_steps=accum)
 
 
 def recipe_from_checkpoint(path: str | Path) -> tuple[Any, Any]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from zrecipe.backend import blas_threads, cpu_lanes, lane_blas_threads, lane_bounds, lane_streams
 from zrecipe.errors import ModelError
+from zrecipe.models.z_image.kernels import inference
 
 # The schedulers' training horizon; ZImagePipeline hard-codes 1000 in its time conversion too.
 _NUM_TRAIN_TIMESTEPS = 1000
@@ -232,7 +233,7 @@ def denoise(
     # On the CPU, split each call's batch over two streams (elementwise work is one thread per stream), with
     # the BLAS threads shared out between them for the whole loop (each step evaluates inside it).
     lanes = cpu_lanes(batch * (2 if cfg else 1))
-    with blas_threads(lane_blas_threads(lanes)):
+    with blas_threads(lane_blas_threads(lanes)), inference(transformer):
         for i in range(steps):
             g = 0.0 if truncate and float(times[i]) > float(cfg_truncation) else float(guidance)
             t = mx.array(np.full((batch,), times[i], np.float32))

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from zrecipe.errors import ModelError
-from zrecipe.models.z_image.transformer_blocks import attention, swiglu
+from zrecipe.models.z_image.kernels import attention, swiglu
 from zrecipe.models.z_image.weights import load_component
 
 

@@ -13,6 +13,8 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from zrecipe.models.z_image.kernels import attention, swiglu
+
 # Fixed by the diffusers reference (not config keys): the timestep sinusoid width, its MLP's hidden width and
 # the cap on the adaLN conditioning width (`min(dim, 256)`).
 FREQ_EMBED_DIM = 256
@@ -20,119 +22,6 @@ T_EMBED_HIDDEN = 1024
 ADALN_EMBED_DIM = 256
 QK_NORM_EPS = 1e-5  # diffusers builds the q/k RMSNorms with eps 1e-5 regardless of `norm_eps`
 FINAL_NORM_EPS = 1e-6
-
-# -- fast paths ------------------------------------------------------------------------------------------
-# MLX's x86 CPU kernels evaluate exp one element at a time (measured: ~20 ns per element against ~0.4 ns
-# for a multiply), which made softmax and SiLU over a third of a DiT forward. On the CPU backend exp is
-# therefore computed as 2^n · p(r) from multiply/add/floor/shift only — ops the compiled kernels vectorise —
-# (max relative error ~2e-7, far inside the 1e-4 parity tolerance). GPUs keep the native kernels (mx.fast.scaled_dot_product_attention, nn.silu). The elementwise
-# glue between matmuls is wrapped in mx.compile so each chain is one fused pass over memory; nested inside
-# the training step's own mx.compile these simply inline.
-_LOG2E = 1.4426950408889634
-_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 split so that n·LN2_HI is exact
-_EXP_COEFFS = tuple(1.0 / math.factorial(i) for i in range(8))  # e^r for |r| ≤ ln2/2: error < 1e-8
-
-
-def on_cpu() -> bool:
-    """Whether MLX computes on the CPU (where the polynomial exp and manual attention pay off)."""
-    return mx.default_device() == mx.cpu
-
-
-def exp_poly(x: mx.array) -> mx.array:
-    """exp(x) in float32 from vectorisable ops only: exactly 0 below −87, clamped at 88 (no inf).
-
-    x = n·ln2 + r with |r| ≤ ln2/2 (Cody–Waite reduction), e^r by its degree-7 Taylor polynomial, 2^n by
-    writing n + 127 into the exponent bits; max relative error ~2e-7 (float32 rounding). Below −87 the
-    result is 0, as float32 exp underflows there anyway: a tiny non-zero value (masked attention scores gave
-    e^−87 ≈ 1.6e-38) turns into denormals after the softmax division, and x86 arithmetic on denormals is
-    ~100× slower (measured: a masked text-encoder attention took 7× as long as an unmasked one).
-    """
-    x = x.astype(mx.float32)
-    xc = mx.clip(x, -87.0, 88.0)
-    n = mx.floor(xc * _LOG2E + 0.5)
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
-    p = _EXP_COEFFS[-1]
-    for c in reversed(_EXP_COEFFS[:-1]):
-        p = p * r + c
-    return mx.where(x < -87.0, 0.0, p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32))
-
-
-def _first(a):
-    # custom_function passes a lone primal / output / cotangent as the array itself, several as a tuple.
-    return a[0] if isinstance(a, (list, tuple)) else a
-
-
-@mx.custom_function
-def _silu_poly(x: mx.array) -> mx.array:
-    xf = x.astype(mx.float32)
-    return (xf / (1.0 + exp_poly(-xf))).astype(x.dtype)
-
-
-@_silu_poly.vjp
-def _silu_poly_vjp(primals, cotangent, outputs):
-    x0 = _first(primals)
-    x = x0.astype(mx.float32)
-    s = 1.0 / (1.0 + exp_poly(-x))
-    return ((_first(cotangent).astype(mx.float32) * s * (1.0 + x * (1.0 - s))).astype(x0.dtype),)
-
-
-@mx.custom_function
-def _softmax_poly(s: mx.array) -> mx.array:
-    e = exp_poly(s - s.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-@_softmax_poly.vjp
-def _softmax_poly_vjp(primals, cotangent, outputs):
-    p, g = _first(outputs), _first(cotangent).astype(mx.float32)
-    return (p * (g - (g * p).sum(axis=-1, keepdims=True)),)
-
-
-def silu(x: mx.array) -> mx.array:
-    """SiLU; the polynomial-exp version (with an exact-formula gradient) on the CPU."""
-    return _silu_poly(x) if on_cpu() else nn.silu(x)
-
-
-_swiglu = mx.compile(lambda a, b: silu(a) * b)
-
-
-def swiglu(a: mx.array, b: mx.array) -> mx.array:
-    """silu(a) · b as one fused pass."""
-    return _swiglu(a, b)
-
-
-def _attention_math(q, k, v, scale, mask):
-    B, H, L, D = q.shape
-    rep = H // k.shape[1]
-    if rep > 1:  # GQA: query heads j·rep … j·rep+rep−1 share kv head j (transformers' repeat_kv order)
-        q, k, v = q.reshape(B, k.shape[1], rep, L, D), k[:, :, None], v[:, :, None]
-        if mask is not None:
-            mask = (
-                mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(B, k.shape[1], rep, *mask.shape[2:])
-            )
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    if mask is not None:
-        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    out = _softmax_poly(scores.astype(mx.float32)).astype(v.dtype) @ v
-    return out.reshape(B, H, L, D)
-
-
-_attention_nomask = mx.compile(lambda q, k, v, scale: _attention_math(q, k, v, scale, None))
-_attention_masked = mx.compile(_attention_math)
-
-
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
-    """Softmax attention; q (B,H,L,D), k/v (B,Hkv,S,D) with H a multiple of Hkv, boolean mask (True =
-    attend) broadcastable to (B,H,L,S). Same contract as mx.fast.scaled_dot_product_attention, which GPUs use;
-    on the CPU the fused kernel falls back to unvectorised exp, so the math is spelled out with the fast exp.
-    """
-    if not on_cpu():
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    if mask is None:
-        return _attention_nomask(q, k, v, scale)
-    while mask.ndim < 4:
-        mask = mask[None]
-    return _attention_masked(q, k, v, scale, mask)
 
 
 class TimestepEmbedder(nn.Module):
@@ -246,13 +135,9 @@ class Attention(nn.Module):
             q, k = _norm_rope(q, self.norm_q.weight, *rope), _norm_rope(k, self.norm_k.weight, *rope)
         else:
             q, k = _rope_t(q, *rope), _rope_t(k, *rope)
-        # MLX's own attention even on the CPU: the transformer is trained, and the spelled-out CPU attention
-        # keeps each block's (heads, N, N) probabilities for the backward pass (measured: peak training memory
-        # +65% at 1056 tokens; ~2 GB per block at 1024² in fp32). The VAE and text encoder, never trained,
-        # use the faster CPU path.
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v.transpose(0, 2, 1, 3), scale=self.head_dim**-0.5, mask=mask
-        )
+        # `training` (nn.Module's flag, on unless `.eval()`): attention whose memory stays O(N) under
+        # differentiation (kernels.attention); the transformer is the one network zrecipe trains.
+        out = attention(q, k, v.transpose(0, 2, 1, 3), self.head_dim**-0.5, mask, training=self.training)
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(B, N, -1))
 
 

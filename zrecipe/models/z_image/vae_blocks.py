@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx import nn
 
-from zrecipe.models.z_image.transformer_blocks import attention, silu
+from zrecipe.models.z_image.kernels import attention, silu
 
 
 def _group_norm_math(x, weight, bias, groups: int, eps: float, act: bool):
