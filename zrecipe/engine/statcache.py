@@ -350,8 +350,8 @@ class StatCache:
 
     def _write_batch(self, digest: str, table: str, recorded_ns: int, data: bytes) -> None:
         """Record a batch, keeping the newest BATCHES_KEPT of its table."""
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
+
+        def write() -> None:
             self._db.execute(
                 "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?)", (digest, table, recorded_ns, data)
             )
@@ -360,28 +360,30 @@ class StatCache:
                 "(SELECT digest FROM batches WHERE tbl = ? ORDER BY recorded_ns DESC LIMIT ?)",
                 (table, table, BATCHES_KEPT),
             )
-            self._db.execute("COMMIT")
-        except BaseException as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            if not isinstance(exc, sqlite3.OperationalError):
-                raise
-            # Only speed is lost: the next call takes the per-file path again.
-            warnings.warn(f"stat cache {self.db_path}: could not save hashes ({exc})", RuntimeWarning, 3)
+
+        self._save(write)
 
     def _write(self, updates: list[tuple], table: str = "files") -> None:
+        self._save(
+            lambda: self._db.executemany(
+                f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?)", updates
+            )
+        )
+
+    def _save(self, write) -> None:
+        """Run `write` in one immediate transaction. Whatever happens (a path SQLite cannot encode, Ctrl-C)
+        the transaction is never left open; a cache that cannot be written (read-only medium, lock held too
+        long) only costs speed: a warning, and the next call takes the per-file path again."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?)", updates)
+            write()
             self._db.execute("COMMIT")
         except BaseException as exc:
-            # Whatever happened (a path SQLite cannot encode, Ctrl-C), never leave the transaction open.
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             if not isinstance(exc, sqlite3.OperationalError):
                 raise
-            # A cache that cannot be written (read-only medium, lock held too long) only costs speed.
-            warnings.warn(f"stat cache {self.db_path}: could not save hashes ({exc})", RuntimeWarning, 3)
+            warnings.warn(f"stat cache {self.db_path}: could not save hashes ({exc})", RuntimeWarning, 4)
 
     def lookup(self, paths: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
         """Content hash of each existing path, like `hash_files`, but with one indexed query per few
