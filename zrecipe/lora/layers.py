@@ -79,6 +79,21 @@ class AdapterLayer(nn.Module):
         """A layer of this kind around `base` holding `delta`."""
         raise NotImplementedError
 
+    @classmethod
+    def _around(cls, linear: nn.Module, kind: str, rank: int, alpha: float | None, dropout: float):
+        """An empty layer of this kind around `linear` with its rank, alpha (default: the rank) and
+        dropout set; the subclass's `from_base` adds its own weights."""
+        if rank < 1:
+            raise RecipeError(f"{kind} rank must be at least 1 (got {rank}).")
+        layer = cls()
+        layer.linear = linear
+        layer.rank, layer.alpha, layer.dropout = (
+            int(rank),
+            float(rank if alpha is None else alpha),
+            float(dropout),
+        )
+        return layer
+
     def fuse(self, requantize: bool = False) -> nn.Module:
         """The base layer with the update added into its weights (see `fuse_linear`)."""
         base = self.base_layer()

@@ -121,17 +121,9 @@ class LoKrLinear(AdapterLayer):
         cls, linear: nn.Module, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
         factor: int = -1, decompose_both: bool = False, full_matrix: bool = False,
     ) -> LoKrLinear:  # fmt: skip
-        if rank < 1:
-            raise RecipeError(f"LoKr rank must be at least 1 (got {rank}).")
+        layer = cls._around(linear, "LoKr", rank, alpha, dropout)  # checks the rank first
         out_dims, in_dims = linear_dims(linear)
         shape = LokrShape.of(out_dims, in_dims, rank, factor, decompose_both, full_matrix)
-        layer = cls()
-        layer.linear = linear
-        layer.rank, layer.alpha, layer.dropout = (
-            int(rank),
-            float(rank if alpha is None else alpha),
-            float(dropout),
-        )
         (out_l, in_m), (out_k, in_n) = shape.w1, shape.w2
         if shape.w1_pair:
             layer.lokr_w1_a = _kaiming_uniform((out_l, rank))
@@ -214,16 +206,8 @@ class LoHaLinear(AdapterLayer):
     def from_base(
         cls, linear: nn.Module, rank: int = 8, alpha: float | None = None, dropout: float = 0.0
     ) -> LoHaLinear:
-        if rank < 1:
-            raise RecipeError(f"LoHa rank must be at least 1 (got {rank}).")
         out_dims, in_dims = linear_dims(linear)
-        layer = cls()
-        layer.linear = linear
-        layer.rank, layer.alpha, layer.dropout = (
-            int(rank),
-            float(rank if alpha is None else alpha),
-            float(dropout),
-        )
+        layer = cls._around(linear, "LoHa", rank, alpha, dropout)
         layer.hada_w1_a = 0.1 * mx.random.normal((out_dims, rank))
         layer.hada_w1_b = mx.random.normal((rank, in_dims))
         layer.hada_w2_a = mx.zeros((out_dims, rank))
