@@ -47,6 +47,7 @@ def run_mlx(variant: str, batch: int, runs: int, budget: int | None) -> dict:
         kernels.BLOCK_ELEMENTS = 1 << budget
     attend = {
         "blockwise": lambda q, k, v: kernels.blockwise_attention(q, k, v, HEAD_DIM**-0.5),
+        "flash": lambda q, k, v: kernels.flash_attention(q, k, v, HEAD_DIM**-0.5),
         "sdpa": lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM**-0.5),
         "full": lambda q, k, v: kernels.full_matrix_attention(q, k, v, HEAD_DIM**-0.5),
     }[variant]
@@ -125,7 +126,7 @@ def main() -> None:
         print(json.dumps({**result, "info": info}))
         return
     runs = 1 if args.memory else args.runs
-    variants = [("zrecipe", "blockwise", 0)]
+    variants = [("zrecipe", "flash", 0), ("zrecipe", "blockwise", 0)]
     variants += [("zrecipe", "blockwise", int(b)) for b in args.budgets.split(",") if b]
     variants += [("zrecipe", "sdpa", 0), ("zrecipe", "full", 0), ("torch", "torch", 0)]
     rows = []
@@ -146,7 +147,7 @@ def main() -> None:
             print(f"batch {batch} {variant} {budget or ''}: {r}", flush=True)
         torch_rss = results[("torch", 0)]["rss_growth_mib"]
         for (variant, budget), r in results.items():
-            label = {"blockwise": "zrecipe blockwise", "sdpa": "mx.fast.sdpa", "full": "zrecipe full-matrix",
+            label = {"flash": "zrecipe flash (compiled)", "blockwise": "zrecipe blockwise (pure MLX)", "sdpa": "mx.fast.sdpa", "full": "zrecipe full-matrix",
                      "torch": "PyTorch SDPA"}[variant]  # fmt: skip
             if variant == "blockwise":
                 label += f" ({r['rows']} rows" + (f", budget 2^{budget})" if budget else ")")

@@ -1,9 +1,11 @@
 // zrecipe._native: the Python face of the primitives (zrecipe/native.py is the only caller).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "flash_attention.h"
 #include "kernels.h"
 #include "mlx/version.h"
 #include "primitives.h"
@@ -31,6 +33,12 @@ NB_MODULE(_native, m) {
         "Softmax over the last axis in float32.");
   m.def("softmax_grad", &zrecipe_native::softmax_grad, "p"_a, "g"_a, nb::kw_only(), "stream"_a = nb::none(),
         "p * (g - sum(g * p, -1)): softmax's vector-Jacobian product from its output p.");
+
+  m.def("flash_attention", &zrecipe_native::flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a,
+        "mask"_a = nb::none(), nb::kw_only(), "rows"_a = 0, "stream"_a = nb::none(),
+        "Softmax attention with O(N) memory: (output, per-row log-sum-exp); float32 (B, H, L, D) q and\n"
+        "(B, H, S, D) k, v; an optional boolean mask with four axes (True = attend); rows: query rows per tile\n"
+        "(0: chosen from the key count).");
 
   m.def("supported_isas", &zrecipe_native::kernels::supported_isas, "Instruction sets usable on this CPU, best first.");
   m.def("isa", &zrecipe_native::kernels::active_isa, "The instruction set the kernels use now.");

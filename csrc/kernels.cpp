@@ -28,6 +28,9 @@ struct KernelSet {
   void (*silu_grad)(const float*, const float*, float*, size_t);
   void (*softmax)(const float*, float*, size_t, size_t);
   void (*softmax_grad)(const float*, const float*, float*, size_t, size_t);
+  void (*exp_rows_max)(float*, size_t, size_t, float*, float*);
+  void (*exp_rows_shift)(float*, const float*, size_t, size_t);
+  void (*softmax_grad_rows_given)(const float*, float*, const float*, size_t, size_t);
 };
 
 // One kernel set: entry points compiled for the instruction set named by ATTR, W floats per vector.
@@ -47,8 +50,25 @@ struct KernelSet {
   ATTR void NAME##_softmax_grad(const float* p, const float* g, float* o, size_t rows, size_t cols) { \
     softmax_grad_rows<W>(p, g, o, rows, cols);                                                       \
   }                                                                                                  \
-  const KernelSet NAME##_set = {#NAME,           NAME##_exp,     NAME##_silu,                        \
-                                NAME##_silu_grad, NAME##_softmax, NAME##_softmax_grad};
+  ATTR void NAME##_exp_rows_max(float* x, size_t rows, size_t cols, float* m, float* l) {            \
+    zrecipe_native::exp_rows_max<W>(x, rows, cols, m, l);                                                      \
+  }                                                                                                  \
+  ATTR void NAME##_exp_rows_shift(float* x, const float* shift, size_t rows, size_t cols) {          \
+    zrecipe_native::exp_rows_shift<W>(x, shift, rows, cols);                                                   \
+  }                                                                                                  \
+  ATTR void NAME##_softmax_grad_rows_given(const float* p, float* d, const float* t, size_t rows,     \
+                                           size_t cols) {                                            \
+    zrecipe_native::softmax_grad_rows_given<W>(p, d, t, rows, cols);                                           \
+  }                                                                                                  \
+  const KernelSet NAME##_set = {#NAME,                                                               \
+                                NAME##_exp,                                                          \
+                                NAME##_silu,                                                         \
+                                NAME##_silu_grad,                                                    \
+                                NAME##_softmax,                                                      \
+                                NAME##_softmax_grad,                                                 \
+                                NAME##_exp_rows_max,                                                 \
+                                NAME##_exp_rows_shift,                                               \
+                                NAME##_softmax_grad_rows_given};
 
 #if defined(ZR_X86_64)
 ZR_KERNEL_SET(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), 16)
@@ -131,8 +151,8 @@ struct FlushDenormals {
 // thread takes the first chunk. Results do not depend on the split (every element and every row is
 // computed by the same code whatever chunk it falls in).
 template <class Body>
-void parallel_for(size_t n, size_t grain, const Body& body) {
-  size_t chunks = std::min<size_t>(static_cast<size_t>(g_threads.load()), (n + grain - 1) / grain);
+void parallel_for(size_t n, size_t grain, const Body& body, int max_threads = g_threads.load()) {
+  size_t chunks = std::min<size_t>(static_cast<size_t>(std::max(max_threads, 1)), (n + grain - 1) / grain);
   if (chunks <= 1) {
     FlushDenormals guard;
     body(size_t{0}, n);
@@ -216,6 +236,30 @@ void softmax_grad(const float* p, const float* g, float* out, size_t rows, size_
   parallel_for(rows, row_grain(cols), [&](size_t b, size_t e) {
     k->softmax_grad(p + b * cols, g + b * cols, out + b * cols, e - b, cols);
   });
+}
+
+void exp_rows_max(float* x, size_t rows, size_t cols, float* row_max, float* row_sum) {
+  g_set.load()->exp_rows_max(x, rows, cols, row_max, row_sum);
+}
+
+void exp_rows_shift(float* x, const float* shift, size_t rows, size_t cols) {
+  g_set.load()->exp_rows_shift(x, shift, rows, cols);
+}
+
+void softmax_grad_rows_given(const float* p, float* d, const float* term, size_t rows, size_t cols) {
+  g_set.load()->softmax_grad_rows_given(p, d, term, rows, cols);
+}
+
+int compute_threads() {
+  if (const char* env = std::getenv("ZRECIPE_NATIVE_THREADS")) {
+    int n = std::atoi(env);
+    if (n >= 1) return n;
+  }
+  return cpu_count();
+}
+
+void parallel(size_t n, size_t grain, int max_threads, const std::function<void(size_t, size_t)>& body) {
+  parallel_for(n, grain, body, max_threads);
 }
 
 }  // namespace zrecipe_native::kernels

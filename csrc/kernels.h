@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -26,5 +27,21 @@ void silu(const float* x, float* out, size_t n);
 void silu_grad(const float* x, const float* g, float* out, size_t n);
 void softmax(const float* x, float* out, size_t rows, size_t cols);
 void softmax_grad(const float* p, const float* g, float* out, size_t rows, size_t cols);
+
+// Row kernels for code already running on a thread of its own (flash_attention.cpp): one thread each.
+// exp_rows_max: in place x ← exp(x − row max), with each row's max and sum of exponentials.
+void exp_rows_max(float* x, size_t rows, size_t cols, float* row_max, float* row_sum);
+// exp_rows_shift: in place x ← exp(x − shift[row]).
+void exp_rows_shift(float* x, const float* shift, size_t rows, size_t cols);
+// softmax_grad_rows_given: in place d ← p · (d − term[row]).
+void softmax_grad_rows_given(const float* p, float* d, const float* term, size_t rows, size_t cols);
+
+// Threads for compute-bound kernels (attention): ZRECIPE_NATIVE_THREADS, else every CPU this process may
+// run on (the elementwise kernels stop at 4: memory bandwidth bounds them).
+int compute_threads();
+
+// body(begin, end) over [0, n) in up to `max_threads` contiguous chunks of at least `grain` items, with
+// denormals flushed to zero while it runs.
+void parallel(size_t n, size_t grain, int max_threads, const std::function<void(size_t, size_t)>& body);
 
 }  // namespace zrecipe_native::kernels

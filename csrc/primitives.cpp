@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "layout.h"
 #include "mlx/backend/common/utils.h"
 #include "mlx/backend/cpu/encoder.h"
 
@@ -34,7 +35,8 @@ size_t element_count(const mx::Shape& shape) {
   return n;
 }
 
-// Row-major copy of a strided (transposed, sliced or broadcast) float array into dst.
+}  // namespace
+
 void gather(const float* src, const mx::Shape& shape, const mx::Strides& strides, float* dst) {
   const int nd = static_cast<int>(shape.size());
   if (nd == 0) {
@@ -56,6 +58,8 @@ void gather(const float* src, const mx::Shape& shape, const mx::Strides& strides
     }
   }
 }
+
+namespace {
 
 // The row-major view the kernels read: the array's own buffer when it is row-contiguous, else a gathered
 // copy owned by `keep`. Called inside the dispatched task (the data exists only then).

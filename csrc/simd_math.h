@@ -210,4 +210,73 @@ ZR_INLINE void softmax_grad_rows(const float* p, const float* g, float* out, siz
   }
 }
 
+// -- rows of attention scores (flash_attention.cpp) -----------------------------------------------------
+
+// exp(x − shift) of a row's last `cols − body` floats, in place, through the vector exp on a copy padded
+// with −inf (whose exp is 0, so the padding adds nothing); returns the tail's sum.
+template <int W>
+ZR_INLINE float exp_tail(float* row, size_t body, size_t cols, typename Vec<W>::f shift) {
+  using F = typename Vec<W>::f;
+  if (body == cols) return 0.0f;
+  float b[W];
+  for (int k = 0; k < W; ++k) b[k] = -__builtin_inff();
+  std::memcpy(b, row + body, (cols - body) * 4);
+  F e = exp_vec<W>(load<W>(b) - shift);
+  std::memcpy(b, &e, sizeof(e));
+  std::memcpy(row + body, b, (cols - body) * 4);
+  return hsum<W>(e);
+}
+
+// In place, per row: m = max, x ← exp(x − m), l = Σ exp(x − m) (the unnormalised softmax, its max and sum).
+template <int W>
+ZR_INLINE void exp_rows_max(float* x, size_t rows, size_t cols, float* row_max, float* row_sum) {
+  using F = typename Vec<W>::f;
+  const size_t body = cols - cols % W;
+  for (size_t r = 0; r < rows; ++r) {
+    float* xr = x + r * cols;
+    float m = -__builtin_inff();
+    if (body) {
+      F mv = load<W>(xr);
+      for (size_t i = W; i < body; i += W) mv = max_vec<W>(mv, load<W>(xr + i));
+      m = hmax<W>(mv);
+    }
+    for (size_t i = body; i < cols; ++i) m = xr[i] > m ? xr[i] : m;
+    const F mv = splat<W>(m);
+    F sv = splat<W>(0.0f);
+    for (size_t i = 0; i < body; i += W) {
+      F e = exp_vec<W>(load<W>(xr + i) - mv);
+      store<W>(xr + i, e);
+      sv += e;
+    }
+    row_max[r] = m;
+    row_sum[r] = hsum<W>(sv) + exp_tail<W>(xr, body, cols, mv);
+  }
+}
+
+// In place, per row: x ← exp(x − shift[r]) (probabilities back from scores and the log-sum-exp).
+template <int W>
+ZR_INLINE void exp_rows_shift(float* x, const float* shift, size_t rows, size_t cols) {
+  const size_t body = cols - cols % W;
+  for (size_t r = 0; r < rows; ++r) {
+    float* xr = x + r * cols;
+    const auto sv = splat<W>(shift[r]);
+    for (size_t i = 0; i < body; i += W) store<W>(xr + i, exp_vec<W>(load<W>(xr + i) - sv));
+    exp_tail<W>(xr, body, cols, sv);
+  }
+}
+
+// In place, per row: d ← p·(d − term[r]) (the softmax VJP once Σ p·d is known: term = dO·O − d lse).
+template <int W>
+ZR_INLINE void softmax_grad_rows_given(const float* p, float* d, const float* term, size_t rows, size_t cols) {
+  const size_t body = cols - cols % W;
+  for (size_t r = 0; r < rows; ++r) {
+    const float* pr = p + r * cols;
+    float* dr = d + r * cols;
+    const float t = term[r];
+    const auto tv = splat<W>(t);
+    for (size_t i = 0; i < body; i += W) store<W>(dr + i, load<W>(pr + i) * (load<W>(dr + i) - tv));
+    for (size_t i = body; i < cols; ++i) dr[i] = pr[i] * (dr[i] - t);
+  }
+}
+
 }  // namespace zrecipe_native

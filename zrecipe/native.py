@@ -1,4 +1,4 @@
-"""Fast float32 exp, SiLU and softmax on the CPU: zrecipe's compiled kernels, or the pure-MLX path.
+"""Fast float32 exp, SiLU, softmax and attention on the CPU: zrecipe's compiled kernels, or the pure-MLX path.
 
 MLX's x86 CPU backend evaluates `exp` one float at a time (~25 ns per element against ~0.5 ns for a
 multiply), which made softmax and SiLU a large share of a CPU training step. `zrecipe._native` (built from
@@ -116,6 +116,24 @@ def silu(x: mx.array) -> mx.array:
     from zrecipe.models.z_image.kernels import _silu_poly, on_cpu
 
     return _silu_poly(x) if on_cpu() else nn.silu(x)
+
+
+def flash_attention_available(*arrays: mx.array) -> bool:
+    """Whether `flash_attention` runs now: compiled kernels loaded, MLX on the CPU, float32 arrays."""
+    return _module() is not None and all(a.dtype == mx.float32 for a in arrays)
+
+
+def flash_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None, rows: int = 0
+) -> mx.array:
+    """Softmax attention in one compiled primitive with O(N) memory, forward and backward (csrc/
+    flash_attention.h): q (B, H, L, D), k/v (B, H, S, D) float32, equal head counts; `mask` boolean with
+    four axes (True = attend) or None; `rows` query rows per tile (0: chosen from the key count). Only
+    where `flash_attention_available`."""
+    module = _module()
+    if module is None:
+        raise RuntimeError("zrecipe.native.flash_attention: the compiled kernels are not in use")
+    return module.flash_attention(q, k, v, scale, mask, rows=rows)[0]
 
 
 def softmax(x: mx.array) -> mx.array:

@@ -10,13 +10,16 @@ Where zrecipe's compiled kernels are loaded (`zrecipe.native`: vectorised exp / 
 the CPU paths use them instead of the polynomial (same results within float32 rounding; one pass instead
 of the polynomial's chain of fused kernels); the polynomial stays as the fallback.
 
-Attention (`attention`) has three implementations, chosen per call (see its docstring):
+Attention (`attention`) has four implementations, chosen per call (see its docstring):
 - `mx.fast.scaled_dot_product_attention`, on a GPU wherever it is fused — for training only where MLX has a
   fused backward too (CUDA/cuDNN), since its fallback backward keeps the (heads, N, N) probabilities;
-- the full-matrix softmax with the polynomial exp, for CPU inference on small problems;
-- `blockwise_attention`: query blocks against all keys, a custom VJP that recomputes each block's scores
-  from the saved output and per-row log-sum-exp (FlashAttention's recipe), so training memory is O(N):
-  at 1024² one (heads, N, N) fp32 matrix of the 12-head bench model is 0.86 GB per image and per block.
+- the compiled flash attention (`zrecipe.native.flash_attention`, csrc/flash_attention.h), on the CPU where
+  the compiled kernels are loaded: one primitive per call, forward and backward, O(N) memory;
+- the full-matrix softmax with the CPU softmax, for CPU inference on small problems;
+- `blockwise_attention`, the pure-MLX fallback of the flash attention (no compiled kernels, or a GPU
+  without a fused backward): query blocks against all keys, a custom VJP that recomputes each block's
+  scores from the saved output and per-row log-sum-exp (FlashAttention's recipe), so training memory is
+  O(N): at 1024² one (heads, N, N) fp32 matrix of the 12-head bench model is 0.86 GB per image and block.
 """
 
 from __future__ import annotations
@@ -264,28 +267,47 @@ def _blockwise_function(scale: float, rows: int, masked: bool, kernel: str):
     return attend
 
 
+def _equal_heads(q, k, v, mask):
+    """k, v and the mask with one head per query head (GQA's kv heads repeated: a (B, H, S, D) copy, not an
+    N² one); the mask with four axes."""
+    H = q.shape[1]
+    if k.shape[1] != H:
+        k, v = mx.repeat(k, H // k.shape[1], axis=1), mx.repeat(v, H // k.shape[1], axis=1)
+    if mask is not None:
+        while mask.ndim < 4:
+            mask = mask[None]
+        if mask.shape[1] not in (1, H):  # per-kv-head masks of a GQA call: one per query head
+            mask = mx.repeat(mask, H // mask.shape[1], axis=1)
+    return k, v, mask
+
+
 def blockwise_attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None, rows: int | None = None
 ) -> mx.array:
     """Softmax attention computed in query blocks, with O(N) training memory (see the module docstring).
 
     Same contract as `attention`. The forward keeps only the output and each row's log-sum-exp; the VJP
-    recomputes a block's scores to get its probabilities back. GQA repeats the kv heads first (a (B, H, S, D)
-    copy, not an N² one). `rows`: block height (default `block_rows`).
+    recomputes a block's scores to get its probabilities back. `rows`: block height (default `block_rows`).
     """
+    k, v, mask = _equal_heads(q, k, v, mask)
     B, H, L, _ = q.shape
-    if k.shape[1] != H:
-        k, v = mx.repeat(k, H // k.shape[1], axis=1), mx.repeat(v, H // k.shape[1], axis=1)
     rows = rows or block_rows(B, H, L, k.shape[2])
     masked = mask is not None
-    if masked:
-        while mask.ndim < 4:
-            mask = mask[None]
-        if mask.shape[1] not in (1, H):  # per-kv-head masks of a GQA call: one per query head
-            mask = mx.repeat(mask, H // mask.shape[1], axis=1)
-    else:
+    if not masked:
         mask = mx.zeros((1,), mx.bool_)  # custom functions take arrays only; unused
     return _blockwise_function(float(scale), int(rows), masked, _exp_kernel())(q, k, v, mask)[0]
+
+
+def flash_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None, rows: int | None = None
+) -> mx.array:
+    """The compiled flash attention (`zrecipe.native.flash_attention`; same contract as `attention`), where
+    `native.flash_attention_available`; otherwise `blockwise_attention`, its pure-MLX equivalent. `rows`:
+    query rows per tile (default: chosen by each implementation)."""
+    if not native.flash_attention_available(q, k, v):
+        return blockwise_attention(q, k, v, scale, mask, rows)
+    k, v, mask = _equal_heads(q, k, v, mask)
+    return native.flash_attention(q, k, v, float(scale), mask, rows or 0)
 
 
 def fused_backward_available(q: mx.array, k: mx.array) -> bool:
@@ -318,7 +340,8 @@ def attention(
     `training`: the result will be differentiated, so memory must stay O(N). Dispatch:
     - GPU: MLX's fused kernel, except in training where its backward would not be fused (see
       `fused_backward_available`): then `blockwise_attention`;
-    - CPU: `blockwise_attention` in training and for large problems; the full-matrix softmax otherwise.
+    - CPU: `flash_attention` (compiled, else blockwise) in training and for large problems; the
+      full-matrix softmax otherwise.
     """
     if not on_cpu():
         if not training or fused_backward_available(q, k):
@@ -329,7 +352,7 @@ def attention(
             mask = mask[None]
     B, H, L, _ = q.shape
     if training or B * H * L * k.shape[2] > FULL_MATRIX_ELEMENTS:
-        return blockwise_attention(q, k, v, scale, mask)
+        return flash_attention(q, k, v, scale, mask)
     return full_matrix_attention(q, k, v, scale, mask)
 
 
