@@ -147,20 +147,20 @@ struct SerialBlas {
 
 // Work of one (batch, head) pair per call of body(pair, scratch); pairs are dealt round-robin to up to
 // compute_threads() threads, each with its own `floats_per_thread` of scratch. The scratch comes from
-// MLX's allocator (taken in eval_cpu, before the task runs) so that MLX's memory counters include it.
+// MLX's allocator, so that MLX's memory counters include it, and is taken inside the task: tasks of a
+// stream run one after another, so two calls' scratch is never alive at once.
 class PairRunner {
  public:
   PairRunner(int64_t pairs, size_t floats_per_thread)
       : pairs_(pairs),
         threads_(static_cast<int>(std::min<int64_t>(kernels::compute_threads(), std::max<int64_t>(pairs, 1)))),
         per_thread_(floats_per_thread),
-        scratch_(std::make_shared<mx::allocator::Data>(
-            mx::allocator::malloc(sizeof(float) * std::max<size_t>(per_thread_ * threads_, 1)))) {}
+        scratch_(mx::allocator::malloc(sizeof(float) * std::max<size_t>(per_thread_ * threads_, 1))) {}
 
   template <class Body>
   void run(const Body& body) const {
     SerialBlas serial(threads_ > 1);
-    float* base = static_cast<float*>(scratch_->buffer().raw_ptr());
+    float* base = static_cast<float*>(scratch_.buffer().raw_ptr());
     kernels::parallel(threads_, 1, threads_, [&](size_t first, size_t last) {
       for (size_t t = first; t < last; ++t) {
         for (int64_t u = static_cast<int64_t>(t); u < pairs_; u += threads_) body(u, base + t * per_thread_);
@@ -172,7 +172,7 @@ class PairRunner {
   int64_t pairs_;
   int threads_;
   size_t per_thread_;
-  std::shared_ptr<mx::allocator::Data> scratch_;
+  mx::allocator::Data scratch_;
 };
 
 void sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
@@ -238,9 +238,9 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
   MaskView mask = masked_ ? MaskView(inputs[3]) : MaskView();
   const int64_t B = q.shape[0], H = q.shape[1], L = q.shape[2], D = q.shape[3], S = k.shape[2];
   const int64_t R = rows_ > 0 ? std::min<int64_t>(rows_, L) : static_cast<int64_t>(tile_rows(L, S));
-  PairRunner runner(B * H, R * S + 2 * R);  // a score tile, its row maxima and sums
   encoder.dispatch([=, masked = masked_, scale = scale_, o = outputs[0].data<float>(),
                     lse = outputs[1].data<float>()]() mutable {
+    PairRunner runner(B * H, R * S + 2 * R);  // a score tile, its row maxima and sums
     std::unique_ptr<float[]> keep[3];
     q.prepare(keep[0]);
     k.prepare(keep[1]);
@@ -317,9 +317,9 @@ void FlashAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vec
   MaskView mask = masked_ ? MaskView(inputs[3]) : MaskView();
   const int64_t B = q.shape[0], H = q.shape[1], L = q.shape[2], D = q.shape[3], S = k.shape[2];
   const int64_t R = rows_ > 0 ? std::min<int64_t>(rows_, L) : static_cast<int64_t>(tile_rows(L, S));
-  PairRunner runner(B * H, 2 * R * S + 2 * R);  // probabilities, their gradients, two per-row terms
   encoder.dispatch([=, masked = masked_, scale = scale_, d_q = outputs[0].data<float>(),
                     d_k = outputs[1].data<float>(), d_v = outputs[2].data<float>()]() mutable {
+    PairRunner runner(B * H, 2 * R * S + 2 * R);  // probabilities, their gradients, two per-row terms
     std::unique_ptr<float[]> keep[5];
     q.prepare(keep[0]);
     k.prepare(keep[1]);

@@ -15,7 +15,8 @@ Attention (`attention`) has four implementations, chosen per call (see its docst
   fused backward too (CUDA/cuDNN), since its fallback backward keeps the (heads, N, N) probabilities;
 - the compiled flash attention (`zrecipe.native.flash_attention`, csrc/flash_attention.h), on the CPU where
   the compiled kernels are loaded: one primitive per call, forward and backward, O(N) memory;
-- the full-matrix softmax with the CPU softmax, for CPU inference on small problems;
+- the full-matrix softmax with the CPU softmax, for CPU inference on small problems without the compiled
+  kernels;
 - `blockwise_attention`, the pure-MLX fallback of the flash attention (no compiled kernels, or a GPU
   without a fused backward): query blocks against all keys, a custom VJP that recomputes each block's
   scores from the saved output and per-row log-sum-exp (FlashAttention's recipe), so training memory is
@@ -340,8 +341,10 @@ def attention(
     `training`: the result will be differentiated, so memory must stay O(N). Dispatch:
     - GPU: MLX's fused kernel, except in training where its backward would not be fused (see
       `fused_backward_available`): then `blockwise_attention`;
-    - CPU: `flash_attention` (compiled, else blockwise) in training and for large problems; the
-      full-matrix softmax otherwise.
+    - CPU with the compiled kernels and float32 arrays: `flash_attention` (measured faster than the
+      full-matrix softmax at every size from 300 to 4,224 tokens, benchmarks/RESULTS.md);
+    - CPU otherwise: `blockwise_attention` in training and for large problems; the full-matrix softmax
+      for small inference.
     """
     if not on_cpu():
         if not training or fused_backward_available(q, k):
@@ -351,7 +354,7 @@ def attention(
         while mask.ndim < 4:
             mask = mask[None]
     B, H, L, _ = q.shape
-    if training or B * H * L * k.shape[2] > FULL_MATRIX_ELEMENTS:
+    if native.flash_attention_available(q, k, v) or training or B * H * L * k.shape[2] > FULL_MATRIX_ELEMENTS:
         return flash_attention(q, k, v, scale, mask)
     return full_matrix_attention(q, k, v, scale, mask)
 
