@@ -40,6 +40,9 @@ NB_MODULE(_native, m) {
         "(B, H, S, D) k, v; an optional boolean mask with four axes (True = attend); rows: query rows per tile\n"
         "(0: chosen from the key count).");
 
+  m.def("flash_attention_scratch_bytes", &zrecipe_native::flash_attention_scratch_bytes, "batch"_a, "heads"_a,
+        "queries"_a, "keys"_a, "backward"_a, "Bytes of scratch one flash_attention call (or its backward) takes.");
+
   m.def("supported_isas", &zrecipe_native::kernels::supported_isas, "Instruction sets usable on this CPU, best first.");
   m.def("isa", &zrecipe_native::kernels::active_isa, "The instruction set the kernels use now.");
   m.def("set_isa", &zrecipe_native::kernels::select_isa, "name"_a, "Use another supported instruction set.");

@@ -36,6 +36,20 @@ size_t tile_rows(size_t queries, size_t keys) {
   return std::min(queries, std::clamp<size_t>(rows, 16, 512));
 }
 
+// Scratch floats one thread needs: the forward's score tile with its row maxima and sums; the backward's
+// probabilities and their gradients with two per-row terms.
+size_t floats_per_thread(int64_t rows, int64_t keys, bool backward) {
+  return static_cast<size_t>((backward ? 2 : 1) * rows * keys + 2 * rows);
+}
+
+int64_t rows_per_tile(int rows, int64_t queries, int64_t keys) {
+  return rows > 0 ? std::min<int64_t>(rows, queries) : static_cast<int64_t>(tile_rows(queries, keys));
+}
+
+int pair_threads(int64_t pairs) {
+  return static_cast<int>(std::min<int64_t>(kernels::compute_threads(), std::max<int64_t>(pairs, 1)));
+}
+
 void check(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("[zrecipe.native.flash_attention] " + what);
 }
@@ -153,7 +167,7 @@ class PairRunner {
  public:
   PairRunner(int64_t pairs, size_t floats_per_thread)
       : pairs_(pairs),
-        threads_(static_cast<int>(std::min<int64_t>(kernels::compute_threads(), std::max<int64_t>(pairs, 1)))),
+        threads_(pair_threads(pairs)),
         per_thread_(floats_per_thread),
         scratch_(mx::allocator::malloc(sizeof(float) * std::max<size_t>(per_thread_ * threads_, 1))) {}
 
@@ -188,6 +202,11 @@ void alloc_all(std::vector<mx::array>& outputs) {
 }  // namespace
 
 // -- operation ----------------------------------------------------------------------------------------
+
+size_t flash_attention_scratch_bytes(int64_t batch, int64_t heads, int64_t queries, int64_t keys, bool backward) {
+  const int64_t pairs = batch * heads;
+  return sizeof(float) * pair_threads(pairs) * floats_per_thread(rows_per_tile(0, queries, keys), keys, backward);
+}
 
 std::vector<mx::array> flash_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                                        const std::optional<mx::array>& mask, int rows, mx::StreamOrDevice s) {
@@ -237,10 +256,10 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
   Operand q(inputs[0]), k(inputs[1]), v(inputs[2]);
   MaskView mask = masked_ ? MaskView(inputs[3]) : MaskView();
   const int64_t B = q.shape[0], H = q.shape[1], L = q.shape[2], D = q.shape[3], S = k.shape[2];
-  const int64_t R = rows_ > 0 ? std::min<int64_t>(rows_, L) : static_cast<int64_t>(tile_rows(L, S));
+  const int64_t R = rows_per_tile(rows_, L, S);
   encoder.dispatch([=, masked = masked_, scale = scale_, o = outputs[0].data<float>(),
                     lse = outputs[1].data<float>()]() mutable {
-    PairRunner runner(B * H, R * S + 2 * R);  // a score tile, its row maxima and sums
+    PairRunner runner(B * H, floats_per_thread(R, S, false));
     std::unique_ptr<float[]> keep[3];
     q.prepare(keep[0]);
     k.prepare(keep[1]);
@@ -316,10 +335,10 @@ void FlashAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vec
       d_lse(inputs[at + 3]);
   MaskView mask = masked_ ? MaskView(inputs[3]) : MaskView();
   const int64_t B = q.shape[0], H = q.shape[1], L = q.shape[2], D = q.shape[3], S = k.shape[2];
-  const int64_t R = rows_ > 0 ? std::min<int64_t>(rows_, L) : static_cast<int64_t>(tile_rows(L, S));
+  const int64_t R = rows_per_tile(rows_, L, S);
   encoder.dispatch([=, masked = masked_, scale = scale_, d_q = outputs[0].data<float>(),
                     d_k = outputs[1].data<float>(), d_v = outputs[2].data<float>()]() mutable {
-    PairRunner runner(B * H, 2 * R * S + 2 * R);  // probabilities, their gradients, two per-row terms
+    PairRunner runner(B * H, floats_per_thread(R, S, true));
     std::unique_ptr<float[]> keep[5];
     q.prepare(keep[0]);
     k.prepare(keep[1]);

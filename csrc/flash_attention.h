@@ -30,6 +30,9 @@ std::vector<mx::array> flash_attention(const mx::array& q, const mx::array& k, c
                                        const std::optional<mx::array>& mask, int rows = 0,
                                        mx::StreamOrDevice s = {});
 
+// Bytes of scratch one call takes while it runs (MLX's allocator; freed at its end), for the memory model.
+size_t flash_attention_scratch_bytes(int64_t batch, int64_t heads, int64_t queries, int64_t keys, bool backward);
+
 class FlashAttention : public mx::Primitive {
  public:
   FlashAttention(mx::Stream stream, float scale, bool masked, int rows)

@@ -136,6 +136,15 @@ def flash_attention(
     return module.flash_attention(q, k, v, scale, mask, rows=rows)[0]
 
 
+def flash_attention_scratch_bytes(batch: int, heads: int, queries: int, keys: int, backward: bool) -> int:
+    """Bytes of scratch one `flash_attention` call (or, `backward`, its VJP) takes while it runs (only
+    where the compiled kernels are loaded)."""
+    module = _load()[0]
+    if module is None:
+        raise RuntimeError("zrecipe.native.flash_attention_scratch_bytes: the compiled kernels are not loaded")
+    return module.flash_attention_scratch_bytes(batch, heads, queries, keys, backward)
+
+
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis, in float32."""
     module = _module()

@@ -10,8 +10,9 @@ The estimate adds up, for a transformer config (tiny or real), what MLX holds at
   from the first adapted one up; full: every block), in units of `dim` (`Calibration.saved_*`); with
   gradient checkpointing only each block's inputs stay (`checkpointed`), plus one block's activations
   while it is recomputed; then the working set of the block being differentiated (its gradients and MLX's
-  run-ahead: the CPU backend allocates up to ten operations' outputs before they run), and the score tiles
-  of the blockwise attention (`kernels.block_rows`) alive at once;
+  run-ahead: the CPU backend allocates up to ten operations' outputs before they run), and the attention's
+  own working memory: the score tiles of the blockwise attention (`kernels.block_rows`) alive at once, or
+  one call's scratch of the compiled flash attention where that is used (the CPU with zrecipe's kernels);
 - full fine-tuning peaks either there or in the optimiser update, where the new parameters and moments are
   computed while the old ones are still held (`Calibration.update`).
 `process_gb` adds what the process holds beyond MLX's own count: MLX's buffer cache (freed buffers kept
@@ -231,6 +232,19 @@ def attention_tile_bytes(config: Any, batch: int, tokens: int) -> int:
     return batch * c.n_heads * block_rows(batch, c.n_heads, tokens, tokens) * tokens * SCORE_BYTES
 
 
+def flash_scratch_bytes(config: Any, batch: int, tokens: int, dtype: str) -> int | None:
+    """Scratch of one backward call of the compiled flash attention for the joint sequence, when that is
+    the training attention here (the CPU with zrecipe's compiled kernels, float32); None otherwise (the
+    blockwise attention: `attention_tile_bytes`). One call's scratch exists at a time (csrc/
+    flash_attention.h), so it counts once at the peak and once more in MLX's cache afterwards."""
+    from zrecipe import native
+
+    if dtype != "float32" or not native.in_use():
+        return None
+    c = _cfg(config)
+    return native.flash_attention_scratch_bytes(batch, c.n_heads, tokens, tokens, backward=True)
+
+
 def estimate_memory(
     config: Any = None,
     mode: str = "lora",
@@ -292,13 +306,18 @@ def estimate_memory(
     else:
         widths = saved * sum(blocks) + working * top
     acts = batch_size * widths * c.dim * size
-    if blocks:
-        acts += k.attention_tiles * attention_tile_bytes(c, batch_size, n_tok)
+    scratch = flash_scratch_bytes(c, batch_size, n_tok, dtype) if blocks else None
+    if scratch is not None:
+        acts += scratch
+        cached_tiles = scratch
+    else:  # the blockwise attention: fitted numbers of its score tiles alive at the peak and cached
+        tile = attention_tile_bytes(c, batch_size, n_tok) if blocks else 0
+        acts += k.attention_tiles * tile
+        cached_tiles = k.cache_tiles * tile
     total = weights + state + acts
     if mode == "full":  # the optimiser update: new parameters and moments beside the old ones and gradients
         total = max(total, weights + state + k.update * trainable * param_bytes)
-    tile = attention_tile_bytes(c, batch_size, n_tok) if blocks else 0
-    process = total + k.cache * acts + k.cache_tiles * tile + k.process_mb * MB
+    process = total + k.cache * acts + cached_tiles + k.process_mb * MB
     return MemoryEstimate(
         mode=mode, batch_size=batch_size, tokens_per_item=n_tok, parameters=linear + other,
         trainable_parameters=trainable, weights_gb=weights / GB, training_state_gb=state / GB,
