@@ -8,7 +8,8 @@
     python benchmarks/bench_memory.py --calibrate FILE # measure the calibration runs (the 24 cases and the
                                                        #   model with 1 and 3 main layers) into FILE (JSON
                                                        #   lines; runs already there are kept), fit, print
-    python benchmarks/bench_memory.py --fit FILE       # fit `memory.CALIBRATION` to measurements in FILE
+    python benchmarks/bench_memory.py --fit FILE       # fit `memory.CALIBRATIONS[<this machine's attention>]`
+                                                       #   to that attention's measurements in FILE
                                                        #   (benchmarks/memory_runs.jsonl: the 48 runs of
                                                        #   the current constants, 2026-12-02)
 
@@ -18,7 +19,9 @@ peak (`mx.get_peak_memory`, weights included) and the process's peak RSS above i
 built (interpreter, MLX and BLAS already loaded). The estimate is `estimate_memory` for the same config;
 error = estimate / measured − 1 (target ±10%).
 
-The constants in `zrecipe.training.memory.CALIBRATION` come from `--calibrate`: the 24 cases and the same
+The constants in `zrecipe.training.memory.CALIBRATIONS` (one set per training attention: the compiled flash
+attention where zrecipe's kernels are loaded, the blockwise one elsewhere; each run records which) come
+from `--calibrate`: the 24 cases and the same
 model with 1 and 3 main layers, fitted by minimising the largest relative error (an L16 norm, Nelder–Mead)
 of `estimate_memory` against MLX's peak and of its process estimate against the RSS growth, together.
 Fitted on the 256² and 512² runs alone, the constants missed the 768² runs by up to 12.4% (so 768² is in
@@ -80,6 +83,7 @@ def calibration_cases() -> list[dict]:
             "batch": batch,
             "checkpointing": ckpt,
             "model": {"n_layers": layers},
+            "attention": attention_here(),
         }
         for res in CALIBRATION_RESOLUTIONS
         for mode in ("lora", "full")
@@ -99,12 +103,16 @@ def fit(path: Path) -> None:
     from zrecipe.training import memory
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Only the runs of the attention this machine trains with: they fit that attention's constants.
+    here = attention_here()
+    rows = [r for r in rows if r["case"].get("attention", "blockwise") == here]
+    base = memory.CALIBRATIONS[here]
     names = [f.name for f in dataclasses.fields(memory.Calibration)]
     peak = np.array([r["mlx_peak_mib"] for r in rows])
     rss = np.array([r["rss_growth_mib"] for r in rows])
 
     def errors(values):
-        cal = dataclasses.replace(memory.CALIBRATION, **dict(zip(names, values, strict=True)))
+        cal = dataclasses.replace(base, **dict(zip(names, values, strict=True)))
         got = [estimate(r["case"], cal) for r in rows]
         return np.concatenate([np.array([e.total_gb * 1024 for e in got]) / peak - 1,
                                np.array([e.process_gb * 1024 for e in got]) / rss - 1])  # fmt: skip
@@ -114,12 +122,12 @@ def fit(path: Path) -> None:
             np.sum(np.minimum(values, 0) ** 2)
         )
 
-    start = [getattr(memory.CALIBRATION, n) for n in names]
+    start = [getattr(base, n) for n in names]
     for _ in range(4):  # restarts: the simplex collapses on 11 parameters
         start = minimize(norm, start, method="Nelder-Mead",
                          options={"maxiter": 20000, "xatol": 1e-4, "fatol": 1e-12}).x  # fmt: skip
     fitted = {n: round(float(v), 3) for n, v in zip(names, start, strict=True)}
-    cal = dataclasses.replace(memory.CALIBRATION, **fitted)
+    cal = dataclasses.replace(base, **fitted)
     print(cal)
     for r in rows:
         e = estimate(r["case"], cal)
@@ -128,10 +136,19 @@ def fit(path: Path) -> None:
               f"{r['rss_growth_mib']:.1f} ({e.process_gb * 1024 / r['rss_growth_mib'] - 1:+.1%})")  # fmt: skip
 
 
+def attention_here() -> str:
+    """The training attention of this machine (`memory.training_attention`), recorded with each case:
+    runs without the key (before the compiled flash attention) used the blockwise one."""
+    from zrecipe.training.memory import training_attention
+
+    return training_attention("float32")
+
+
 def cases(quick: bool) -> list[dict]:
-    """Every (mode, resolution, batch, checkpointing) combination measured."""
+    """Every (mode, resolution, batch, checkpointing) combination measured, with this machine's attention."""
+    attention = attention_here()
     return [
-        {"mode": mode, "resolution": res, "batch": batch, "checkpointing": ckpt}
+        {"mode": mode, "resolution": res, "batch": batch, "checkpointing": ckpt, "attention": attention}
         for mode in ("lora", "full")
         for ckpt in (False, True)
         for res in (RESOLUTIONS[:2] if quick else RESOLUTIONS)
@@ -147,7 +164,7 @@ def estimate(case: dict, calibration=None):
         transformer_config(**{**MODEL, **case.get("model", {})}), case["mode"], case["batch"], width=case["resolution"],
         height=case["resolution"], caption_tokens=CAPTION_TOKENS, dtype="float32",
         lora_targets=[lora_target()], gradient_checkpointing=case["checkpointing"],
-        calibration=calibration or memory.CALIBRATION,
+        calibration=calibration, attention=case.get("attention", "blockwise"),
     )  # fmt: skip
 
 
@@ -157,6 +174,10 @@ def measure(case: dict, steps: int) -> dict:
     from common import prepare_side
 
     prepare_side("zrecipe")  # selects the fast BLAS before MLX loads
+    if case.get("attention", "blockwise") != attention_here():
+        raise SystemExit(
+            f"case {case} asks for {case.get('attention', 'blockwise')} attention; here: {attention_here()}"
+        )
     import mlx.core as mx
     import numpy as np
     from bench_train_step import peak_rss_mib, reset_peak_rss, rss_mib

@@ -116,7 +116,7 @@ def test_auto_batch_never_exceeds_what_was_measured_to_fit(tmp_path, monkeypatch
         # `fits` compares the process estimate (MLX's peak plus its cache and the interpreter) with
         # HEADROOM × the memory: size the memory so that a batch fits exactly when its MLX peak estimate is
         # within the budget.
-        k = memory.CALIBRATION
+        k = memory.CALIBRATIONS[memory.training_attention("float32")]
         available = (budget * (1 + k.cache) + k.process_mb * memory.MB / memory.GB) / MemoryOptimizer.HEADROOM
         monkeypatch.setattr(memory, "system_memory_gb", lambda m=available: m)
         batch, _, note = memory.resolve_batch_size(

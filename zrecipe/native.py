@@ -141,7 +141,9 @@ def flash_attention_scratch_bytes(batch: int, heads: int, queries: int, keys: in
     where the compiled kernels are loaded)."""
     module = _load()[0]
     if module is None:
-        raise RuntimeError("zrecipe.native.flash_attention_scratch_bytes: the compiled kernels are not loaded")
+        raise RuntimeError(
+            "zrecipe.native.flash_attention_scratch_bytes: the compiled kernels are not loaded"
+        )
     return module.flash_attention_scratch_bytes(batch, heads, queries, keys, backward)
 
 

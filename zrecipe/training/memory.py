@@ -18,7 +18,7 @@ The estimate adds up, for a transformer config (tiny or real), what MLX holds at
 `process_gb` adds what the process holds beyond MLX's own count: MLX's buffer cache (freed buffers kept
 for reuse, `Calibration.cache`, `cache_tokens`) and the libraries' allocations and compiled kernels; it
 is what must fit (`MemoryOptimizer.fits`). The constants are fitted to peaks measured by
-`benchmarks/bench_memory.py` (`CALIBRATION`); RESULTS.md "Memory model" has the validation table.
+`benchmarks/bench_memory.py` (`CALIBRATIONS`, one per training attention); RESULTS.md "Memory model" has the validation table.
 """
 
 from __future__ import annotations
@@ -64,27 +64,38 @@ class Calibration:
     checkpointed: float  # kept per token by a checkpointed block
     working_lora: float  # transient per token of the block being differentiated, LoRA
     working_full: float  # the same in full fine-tuning (its Linears' weight gradients are formed there too)
-    attention_tiles: float  # blockwise-attention score tiles alive at once
+    attention_tiles: float  # attention working units alive at once (`attention_work_bytes`)
     update: float  # full fine-tuning: parameter-sized copies alive during the optimiser update
     cache: float  # process memory beyond MLX's peak: freed activation buffers in MLX's cache (fraction)
-    cache_tiles: float  # ... and freed blockwise-attention score tiles (in tiles)
+    cache_tiles: float  # ... and freed attention working units in MLX's cache
     process_mb: float  # ... and the libraries' own allocations and compiled kernels
 
 
-# Fitted by `benchmarks/bench_memory.py --calibrate` to 48 measured training runs (dim 256 with 1, 2 and 3
-# main layers; LoRA and full; 256², 512², 768² (2 layers only); batch 1 and 2; checkpointing off and on),
-# minimising the largest relative error over MLX's peak and the RSS growth together (RESULTS.md "Memory
-# model"). What the numbers say: a block whose backward runs keeps ~21 `dim`-widths per token (q, k, v, the
-# attention output, norms, gates, the SwiGLU's 8/3·dim-wide tensors), LoRA or full alike; the block being
-# differentiated needs ~28 more with LoRA and ~60 in full fine-tuning (the weight gradients' inputs and
-# outputs of every Linear, formed there); a checkpointed block keeps ~8.5 (its input, output and what
-# mx.checkpoint holds to replay it); about half a score tile is alive beyond them; the full update holds
-# ~2.4 parameter-sized temporaries (new parameters and moments beside the old); the process holds ~25% of
-# the activations again in MLX's buffer cache, ~2 freed score tiles and ~22 MB of its own.
-CALIBRATION = Calibration(
-    saved_lora=21.688, saved_full=21.393, checkpointed=8.535, working_lora=27.841, working_full=60.099,
-    attention_tiles=0.524, update=2.445, cache=0.245, cache_tiles=2.162, process_mb=22.132,
-)  # fmt: skip
+# One set of constants per training attention, each fitted by `benchmarks/bench_memory.py --calibrate` to 48
+# training runs with that attention (dim 256 with 1, 2 and 3 main layers; LoRA and full; 256², 512², 768²
+# (2 layers only); batch 1 and 2; checkpointing off and on), minimising the largest relative error over
+# MLX's peak and the RSS growth together (RESULTS.md "Memory model"). The attention changes more than its
+# own working memory: the blockwise one's many small ops also widen the run-ahead of the block being
+# differentiated, so each attention has its own per-token constants too.
+# What the flash numbers say (2026-12-02): a block whose backward runs keeps ~24–27 `dim`-widths per token
+# (q, k, v, the attention output, norms, gates, the SwiGLU's 8/3·dim-wide tensors); the block being
+# differentiated needs ~18 more with LoRA and ~43 in full fine-tuning (the weight gradients' inputs and
+# outputs of every Linear, formed there); a checkpointed block keeps ~8.8 (its input, output and what
+# mx.checkpoint holds to replay it); about half a flash call's scratch is alive at the peak; the full update
+# holds ~2.4 parameter-sized temporaries (new parameters and moments beside the old); the process holds
+# ~24% of the activations again in MLX's buffer cache, the freed scratch, and ~23 MB of its own.
+# The blockwise ones (2026-12-02, before the compiled flash attention): ~21 widths kept per block, ~28 / 60
+# working, ~half a score tile alive and ~2 freed ones cached.
+CALIBRATIONS = {
+    "flash": Calibration(
+        saved_lora=24.024, saved_full=26.733, checkpointed=8.838, working_lora=18.484, working_full=43.231,
+        attention_tiles=0.533, update=2.377, cache=0.244, cache_tiles=1.306, process_mb=22.994,
+    ),
+    "blockwise": Calibration(
+        saved_lora=21.688, saved_full=21.393, checkpointed=8.535, working_lora=27.841, working_full=60.099,
+        attention_tiles=0.524, update=2.445, cache=0.245, cache_tiles=2.162, process_mb=22.132,
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -232,15 +243,23 @@ def attention_tile_bytes(config: Any, batch: int, tokens: int) -> int:
     return batch * c.n_heads * block_rows(batch, c.n_heads, tokens, tokens) * tokens * SCORE_BYTES
 
 
-def flash_scratch_bytes(config: Any, batch: int, tokens: int, dtype: str) -> int | None:
-    """Scratch of one backward call of the compiled flash attention for the joint sequence, when that is
-    the training attention here (the CPU with zrecipe's compiled kernels, float32); None otherwise (the
-    blockwise attention: `attention_tile_bytes`). One call's scratch exists at a time (csrc/
-    flash_attention.h), so it counts once at the peak and once more in MLX's cache afterwards."""
+def training_attention(dtype: str) -> str:
+    """The attention training uses here for `dtype`: `flash` (the compiled kernel: the CPU with zrecipe's
+    kernels loaded, float32) or `blockwise` (kernels.attention; on a CUDA GPU with a fused backward MLX's
+    own kernel, whose memory is of the same order)."""
     from zrecipe import native
 
-    if dtype != "float32" or not native.in_use():
-        return None
+    return "flash" if dtype == "float32" and native.in_use() else "blockwise"
+
+
+def attention_work_bytes(config: Any, batch: int, tokens: int, attention: str) -> int:
+    """The training attention's working unit for the joint sequence, what `Calibration.attention_tiles`
+    counts: one compiled flash attention backward call's scratch (`flash`; one call's exists at a time,
+    csrc/flash_attention.h) or one blockwise score tile (`blockwise`, `attention_tile_bytes`)."""
+    if attention == "blockwise":
+        return attention_tile_bytes(config, batch, tokens)
+    from zrecipe import native
+
     c = _cfg(config)
     return native.flash_attention_scratch_bytes(batch, c.n_heads, tokens, tokens, backward=True)
 
@@ -259,13 +278,16 @@ def estimate_memory(
     optimizer: Any = None,
     ema: bool = False,
     gradient_accumulation: int = 1,
-    calibration: Calibration = CALIBRATION,
+    calibration: Calibration | None = None,
+    attention: str | None = None,
 ) -> MemoryEstimate:
     """Peak training memory for one configuration (GiB). `config`: a TransformerConfig (None = real size).
 
     `optimizer`: the recipe's `zrecipe.recipe.Optimizer` (None: AdamW), whose state is counted by
     `training.optim.optimizer_state_bytes`; `ema`: an EMA shadow of the trainable parameters is kept
     (`training.ema.SHADOW_BYTES_PER_PARAMETER`); `gradient_accumulation` > 1 adds an accumulation buffer.
+    `attention`: `flash` or `blockwise`, the training attention whose working memory is counted (None: the
+    one used here, `training_attention`); `calibration`: constants (None: that attention's `CALIBRATIONS`).
     """
     from zrecipe.recipe import Optimizer
     from zrecipe.training.ema import SHADOW_BYTES_PER_PARAMETER
@@ -273,7 +295,8 @@ def estimate_memory(
 
     c = _cfg(config)
     size = DTYPE_BYTES[dtype]
-    k = calibration
+    attention = attention or training_attention(dtype)
+    k = calibration or CALIBRATIONS[attention]
     linear, other = parameter_count(c)
     if quantize:
         if mode == "full":
@@ -306,18 +329,12 @@ def estimate_memory(
     else:
         widths = saved * sum(blocks) + working * top
     acts = batch_size * widths * c.dim * size
-    scratch = flash_scratch_bytes(c, batch_size, n_tok, dtype) if blocks else None
-    if scratch is not None:
-        acts += scratch
-        cached_tiles = scratch
-    else:  # the blockwise attention: fitted numbers of its score tiles alive at the peak and cached
-        tile = attention_tile_bytes(c, batch_size, n_tok) if blocks else 0
-        acts += k.attention_tiles * tile
-        cached_tiles = k.cache_tiles * tile
+    tile = attention_work_bytes(c, batch_size, n_tok, attention) if blocks else 0
+    acts += k.attention_tiles * tile
     total = weights + state + acts
     if mode == "full":  # the optimiser update: new parameters and moments beside the old ones and gradients
         total = max(total, weights + state + k.update * trainable * param_bytes)
-    process = total + k.cache * acts + cached_tiles + k.process_mb * MB
+    process = total + k.cache * acts + k.cache_tiles * tile + k.process_mb * MB
     return MemoryEstimate(
         mode=mode, batch_size=batch_size, tokens_per_item=n_tok, parameters=linear + other,
         trainable_parameters=trainable, weights_gb=weights / GB, training_state_gb=state / GB,
