@@ -48,4 +48,8 @@ NB_MODULE(_native, m) {
   m.def("set_isa", &zrecipe_native::kernels::select_isa, "name"_a, "Use another supported instruction set.");
   m.def("threads", &zrecipe_native::kernels::threads, "Threads one kernel call may use.");
   m.def("set_threads", &zrecipe_native::kernels::set_threads, "n"_a, "Set the threads one kernel call may use.");
+  m.def("compute_threads", &zrecipe_native::kernels::compute_threads,
+        "Threads one flash_attention call may use.");
+  m.def("set_compute_threads", &zrecipe_native::kernels::set_compute_threads, "n"_a,
+        "Set the threads one flash_attention call may use.");
 }

@@ -217,6 +217,7 @@ std::vector<mx::array> flash_attention(const mx::array& q, const mx::array& k, c
     check(a->dtype() == mx::float32, "takes float32 q, k and v.");
   }
   check(k.shape() == v.shape(), "k and v must have one shape.");
+  check(k.shape(2) > 0 && k.shape(3) > 0, "needs at least one key and a head dim of at least 1.");
   check(q.shape(0) == k.shape(0) && q.shape(1) == k.shape(1) && q.shape(3) == k.shape(3),
         "q and k must agree in batch, heads and head dim (repeat grouped kv heads first).");
   std::vector<mx::array> inputs = {q, k, v};

@@ -133,6 +133,16 @@ int initial_threads() {
 
 std::atomic<int> g_threads{initial_threads()};
 
+int initial_compute_threads() {
+  if (const char* env = std::getenv("ZRECIPE_NATIVE_THREADS")) {
+    int n = std::atoi(env);
+    if (n >= 1) return n;
+  }
+  return cpu_count();
+}
+
+std::atomic<int> g_compute_threads{initial_compute_threads()};
+
 // Flush denormal results to zero and read denormal inputs as zero while a kernel runs (x86: ~100× slower
 // arithmetic on denormals); the caller's floating-point state is restored afterwards.
 struct FlushDenormals {
@@ -251,11 +261,12 @@ void softmax_grad_rows_given(const float* p, float* d, const float* term, size_t
 }
 
 int compute_threads() {
-  if (const char* env = std::getenv("ZRECIPE_NATIVE_THREADS")) {
-    int n = std::atoi(env);
-    if (n >= 1) return n;
-  }
-  return cpu_count();
+  return g_compute_threads.load();
+}
+
+void set_compute_threads(int n) {
+  if (n < 1) throw std::invalid_argument("the thread count must be at least 1");
+  g_compute_threads.store(n);
 }
 
 void parallel(size_t n, size_t grain, int max_threads, const std::function<void(size_t, size_t)>& body) {

@@ -37,8 +37,10 @@ void exp_rows_shift(float* x, const float* shift, size_t rows, size_t cols);
 void softmax_grad_rows_given(const float* p, float* d, const float* term, size_t rows, size_t cols);
 
 // Threads for compute-bound kernels (attention): ZRECIPE_NATIVE_THREADS, else every CPU this process may
-// run on (the elementwise kernels stop at 4: memory bandwidth bounds them).
+// run on (the elementwise kernels stop at 4: memory bandwidth bounds them). Settable like the BLAS's
+// thread count (zrecipe.backend.blas_threads shares both out between concurrent CPU streams).
 int compute_threads();
+void set_compute_threads(int n);
 
 // body(begin, end) over [0, n) in up to `max_threads` contiguous chunks of at least `grain` items, with
 // denormals flushed to zero while it runs.

@@ -137,15 +137,19 @@ def test_the_models_layouts_and_a_broadcast_cotangent(name):
         assert rel(a, b) < 1e-4
 
 
-def test_flash_results_do_not_depend_on_the_thread_count(monkeypatch):
+def test_flash_results_do_not_depend_on_the_thread_count():
     attend = implementation("flash")
     q, k, v, w = inputs(2, 3, 3, 130, 16, seed=5)
     results = []
-    for threads in ("1", "3"):
-        monkeypatch.setenv("ZRECIPE_NATIVE_THREADS", threads)
-        results.append(
-            [attend(q, k, v, 0.25, rows=48), *grads(lambda *a: attend(*a, 0.25, rows=48), q, k, v, w)]
-        )
+    before = native.compute_threads()
+    try:
+        for threads in (1, 3):
+            native.set_compute_threads(threads)
+            results.append(
+                [attend(q, k, v, 0.25, rows=48), *grads(lambda *a: attend(*a, 0.25, rows=48), q, k, v, w)]
+            )
+    finally:
+        native.set_compute_threads(before)
     for a, b in zip(*results, strict=True):
         assert rel(a, b) < 1e-6
 
@@ -160,6 +164,8 @@ def test_flash_rejects_what_it_cannot_compute():
         module.flash_attention(q, mx.zeros((1, 1, 8, 4)), mx.zeros((1, 1, 8, 4)), 0.5)
     with pytest.raises(ValueError, match="mask"):
         module.flash_attention(q, q, q, 0.5, mx.ones((1, 2, 8, 3), mx.bool_))
+    with pytest.raises(ValueError, match="one key"):
+        module.flash_attention(q, mx.zeros((1, 2, 0, 4)), mx.zeros((1, 2, 0, 4)), 0.5)
 
 
 def test_non_float32_inputs_take_the_pure_mlx_path():

@@ -209,19 +209,26 @@ def blas_status() -> str:
 
 @contextmanager
 def blas_threads(n: int | None):
-    """Run the OpenBLAS that zrecipe loaded with `n` threads inside the block (no-op for None, or when
-    zrecipe loaded no OpenBLAS: macOS, `ZRECIPE_BLAS=off`)."""
+    """Run the OpenBLAS that zrecipe loaded, and the compiled flash attention (whose tiles are BLAS calls),
+    with `n` threads inside the block (no-op for None, or when zrecipe loaded no OpenBLAS: macOS,
+    `ZRECIPE_BLAS=off`)."""
     lib = _openblas
     if n is None or lib is None or not hasattr(lib, "openblas_set_num_threads"):
         yield
         return
+    from zrecipe import native
+
     before = lib.openblas_get_num_threads() if hasattr(lib, "openblas_get_num_threads") else 0
+    attention_before = native.compute_threads()
     lib.openblas_set_num_threads(int(n))
+    native.set_compute_threads(int(n))
     try:
         yield
     finally:
         if before > 0:
             lib.openblas_set_num_threads(before)
+        if attention_before:
+            native.set_compute_threads(attention_before)
 
 
 _LANE_STREAMS: list = []  # CPU streams for cpu_lanes(), created once (each MLX CPU stream is a thread)

@@ -147,6 +147,19 @@ def flash_attention_scratch_bytes(batch: int, heads: int, queries: int, keys: in
     return module.flash_attention_scratch_bytes(batch, heads, queries, keys, backward)
 
 
+def compute_threads() -> int | None:
+    """Threads one `flash_attention` call uses (None where the compiled kernels are not loaded)."""
+    module = _load()[0]
+    return module.compute_threads() if module is not None else None
+
+
+def set_compute_threads(n: int) -> None:
+    """Set the threads one `flash_attention` call uses (no-op where the compiled kernels are not loaded)."""
+    module = _load()[0]
+    if module is not None:
+        module.set_compute_threads(int(n))
+
+
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis, in float32."""
     module = _module()
