@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "flash_attention.h"
+#include "group_norm.h"
 #include "kernels.h"
 #include "mlx/version.h"
 #include "primitives.h"
@@ -40,6 +41,9 @@ NB_MODULE(_native, m) {
         "(B, H, S, D) k, v; an optional boolean mask with four axes (True = attend); rows: query rows per tile\n"
         "(0: chosen from the key count).");
 
+  m.def("group_norm", &zrecipe_native::group_norm, "x"_a, "weight"_a, "bias"_a, "groups"_a, "eps"_a, "act"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "GroupNorm of (B, H, W, C) float32 feature maps (PyTorch's statistics), then SiLU when act.");
   m.def("flash_attention_scratch_bytes", &zrecipe_native::flash_attention_scratch_bytes, "batch"_a, "heads"_a,
         "queries"_a, "keys"_a, "backward"_a, "Bytes of scratch one flash_attention call (or its backward) takes.");
 

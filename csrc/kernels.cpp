@@ -31,6 +31,7 @@ struct KernelSet {
   void (*exp_rows_max)(float*, size_t, size_t, float*, float*);
   void (*exp_rows_shift)(float*, const float*, size_t, size_t);
   void (*softmax_grad_rows_given)(const float*, float*, const float*, size_t, size_t);
+  void (*affine_rows)(const float*, float*, size_t, size_t, const float*, const float*, bool);
 };
 
 // One kernel set: entry points compiled for the instruction set named by ATTR, W floats per vector.
@@ -51,14 +52,18 @@ struct KernelSet {
     softmax_grad_rows<W>(p, g, o, rows, cols);                                                       \
   }                                                                                                  \
   ATTR void NAME##_exp_rows_max(float* x, size_t rows, size_t cols, float* m, float* l) {            \
-    zrecipe_native::exp_rows_max<W>(x, rows, cols, m, l);                                                      \
+    zrecipe_native::exp_rows_max<W>(x, rows, cols, m, l);                                            \
   }                                                                                                  \
   ATTR void NAME##_exp_rows_shift(float* x, const float* shift, size_t rows, size_t cols) {          \
-    zrecipe_native::exp_rows_shift<W>(x, shift, rows, cols);                                                   \
+    zrecipe_native::exp_rows_shift<W>(x, shift, rows, cols);                                         \
   }                                                                                                  \
   ATTR void NAME##_softmax_grad_rows_given(const float* p, float* d, const float* t, size_t rows,     \
                                            size_t cols) {                                            \
-    zrecipe_native::softmax_grad_rows_given<W>(p, d, t, rows, cols);                                           \
+    zrecipe_native::softmax_grad_rows_given<W>(p, d, t, rows, cols);                                 \
+  }                                                                                                  \
+  ATTR void NAME##_affine_rows(const float* x, float* o, size_t pixels, size_t channels, const float* s, \
+                               const float* t, bool act) {                                           \
+    zrecipe_native::affine_rows<W>(x, o, pixels, channels, s, t, act);                               \
   }                                                                                                  \
   const KernelSet NAME##_set = {#NAME,                                                               \
                                 NAME##_exp,                                                          \
@@ -68,7 +73,8 @@ struct KernelSet {
                                 NAME##_softmax_grad,                                                 \
                                 NAME##_exp_rows_max,                                                 \
                                 NAME##_exp_rows_shift,                                               \
-                                NAME##_softmax_grad_rows_given};
+                                NAME##_softmax_grad_rows_given,                                      \
+                                NAME##_affine_rows};
 
 #if defined(ZR_X86_64)
 ZR_KERNEL_SET(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), 16)
@@ -267,6 +273,14 @@ int compute_threads() {
 void set_compute_threads(int n) {
   if (n < 1) throw std::invalid_argument("the thread count must be at least 1");
   g_compute_threads.store(n);
+}
+
+void affine_rows(const float* x, float* out, size_t pixels, size_t channels, const float* scale, const float* shift,
+                 bool act) {
+  auto* k = g_set.load();
+  parallel_for(pixels, row_grain(channels), [&](size_t b, size_t e) {
+    k->affine_rows(x + b * channels, out + b * channels, e - b, channels, scale, shift, act);
+  });
 }
 
 void parallel(size_t n, size_t grain, int max_threads, const std::function<void(size_t, size_t)>& body) {

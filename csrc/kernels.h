@@ -28,6 +28,10 @@ void silu_grad(const float* x, const float* g, float* out, size_t n);
 void softmax(const float* x, float* out, size_t rows, size_t cols);
 void softmax_grad(const float* p, const float* g, float* out, size_t rows, size_t cols);
 
+// out[p, c] = x[p, c] · scale[c] + shift[c] for `pixels` rows of `channels`, then SiLU when `act` (threaded).
+void affine_rows(const float* x, float* out, size_t pixels, size_t channels, const float* scale, const float* shift,
+                 bool act);
+
 // Row kernels for code already running on a thread of its own (flash_attention.cpp): one thread each.
 // exp_rows_max: in place x ← exp(x − row max), with each row's max and sum of exponentials.
 void exp_rows_max(float* x, size_t rows, size_t cols, float* row_max, float* row_sum);

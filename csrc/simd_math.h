@@ -279,4 +279,31 @@ ZR_INLINE void softmax_grad_rows_given(const float* p, float* d, const float* te
   }
 }
 
+// -- GroupNorm's last pass (group_norm.cpp) -------------------------------------------------------------
+
+// out[p, c] = x[p, c] · scale[c] + shift[c] over `pixels` rows of `channels` floats, then SiLU when `act`.
+template <int W>
+ZR_INLINE void affine_rows(const float* x, float* out, size_t pixels, size_t channels, const float* scale,
+                           const float* shift, bool act) {
+  const size_t body = channels - channels % W;
+  for (size_t p = 0; p < pixels; ++p) {
+    const float* xr = x + p * channels;
+    float* orow = out + p * channels;
+    for (size_t c = 0; c < body; c += W) {
+      auto y = load<W>(xr + c) * load<W>(scale + c) + load<W>(shift + c);
+      store<W>(orow + c, act ? SiluOp{}(y) : y);
+    }
+    if (body < channels) {  // the tail through the same vector code on padded copies
+      float bx[W] = {}, bs[W] = {}, bt[W] = {}, bo[W];
+      const size_t n = channels - body;
+      std::memcpy(bx, xr + body, n * 4);
+      std::memcpy(bs, scale + body, n * 4);
+      std::memcpy(bt, shift + body, n * 4);
+      auto y = load<W>(bx) * load<W>(bs) + load<W>(bt);
+      store<W>(bo, act ? SiluOp{}(y) : y);
+      std::memcpy(orow + body, bo, n * 4);
+    }
+  }
+}
+
 }  // namespace zrecipe_native

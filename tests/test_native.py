@@ -241,14 +241,74 @@ def test_thread_count_does_not_change_results():
     previous = MODULE.threads()
     try:
         MODULE.set_threads(1)
-        one = [MODULE.exp(x), MODULE.silu(x), MODULE.softmax(x)]
+        maps, ones, zeros = x.reshape(4, 300, 300, 6), mx.ones((6,)), mx.zeros((6,))
+        one = [
+            MODULE.exp(x),
+            MODULE.silu(x),
+            MODULE.softmax(x),
+            MODULE.group_norm(maps, ones, zeros, 3, 1e-6, True),
+        ]
         mx.eval(one)
         MODULE.set_threads(4)
-        four = [MODULE.exp(x), MODULE.silu(x), MODULE.softmax(x)]
+        four = [
+            MODULE.exp(x),
+            MODULE.silu(x),
+            MODULE.softmax(x),
+            MODULE.group_norm(maps, ones, zeros, 3, 1e-6, True),
+        ]
         mx.eval(four)
     finally:
         MODULE.set_threads(previous)
     assert all(mx.array_equal(a, b) for a, b in zip(one, four, strict=True))
+
+
+def group_norm64(x, weight, bias, groups, eps, act):
+    """PyTorch's GroupNorm (+ SiLU) of NHWC x in float64 (the reference)."""
+    b, h, w, c = x.shape
+    g = x.reshape(b, h * w, groups, c // groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    y = ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * weight + bias
+    return y / (1 + np.exp(-y)) if act else y
+
+
+@pytest.mark.parametrize("act", [False, True])
+@pytest.mark.parametrize("shape, groups", [((2, 17, 13, 64), 32), ((1, 9, 70, 20), 4), ((3, 40, 40, 8), 8)])
+def test_group_norm_against_float64(path, shape, groups, act):
+    # (1, 9, 70, 20): channel counts off the vector width; 40² > one reduction chunk of pixels.
+    if path == "mlx":
+        pytest.skip("the pure-MLX GroupNorm is the VAE's compiled chain (tests/test_vae*.py)")
+    k0, k1, k2 = mx.random.split(mx.random.key(3), 3)
+    x = mx.random.normal(shape, key=k0) * 4 + 2
+    weight, bias = mx.random.normal((shape[3],), key=k1), mx.random.normal((shape[3],), key=k2)
+    got = f64(native.group_norm(x, weight, bias, groups, 1e-6, act))
+    want = group_norm64(f64(x), f64(weight), f64(bias), groups, 1e-6, act)
+    assert np.abs(got - want).max() / np.abs(want).max() < 2e-6
+
+
+@needs_module
+def test_group_norm_gradients_and_layouts():
+    from zrecipe.models.z_image.vae_blocks import _group_norm_math
+
+    x = mx.random.normal((2, 12, 10, 32), key=mx.random.key(4)).transpose(0, 2, 1, 3)  # a transposed view
+    weight, bias, cot = mx.random.normal((32,)), mx.random.normal((32,)), mx.random.normal((2, 10, 12, 32))
+    ours = mx.grad(lambda *a: (native.group_norm(*a, 8, 1e-5, True) * cot).sum(), argnums=(0, 1, 2))
+    ref = mx.grad(lambda *a: (_group_norm_math(*a, 8, 1e-5, True) * cot).sum(), argnums=(0, 1, 2))
+    assert np.allclose(f64(native.group_norm(x, weight, bias, 8, 1e-5, True)),
+                       f64(_group_norm_math(x, weight, bias, 8, 1e-5, True)), atol=1e-5)  # fmt: skip
+    for a, b in zip(ours(x, weight, bias), ref(x, weight, bias), strict=True):
+        assert np.abs(f64(a) - f64(b)).max() / np.abs(f64(b)).max() < 1e-5
+
+
+@needs_module
+def test_group_norm_rejects_what_it_cannot_compute():
+    x = mx.zeros((1, 4, 4, 6))
+    with pytest.raises(ValueError, match="groups"):
+        MODULE.group_norm(x, mx.ones((6,)), mx.zeros((6,)), 4, 1e-5, False)
+    with pytest.raises(ValueError, match="one value per channel"):
+        MODULE.group_norm(x, mx.ones((5,)), mx.zeros((6,)), 3, 1e-5, False)
+    with pytest.raises(ValueError, match="float32"):
+        MODULE.group_norm(x.astype(mx.float16), mx.ones((6,)), mx.zeros((6,)), 3, 1e-5, False)
 
 
 @needs_module

@@ -1,4 +1,4 @@
-"""Fast float32 exp, SiLU, softmax and attention on the CPU: zrecipe's compiled kernels, or the pure-MLX path.
+"""Fast float32 exp, SiLU, softmax, attention and GroupNorm on the CPU: zrecipe's compiled kernels, or the pure-MLX path.
 
 MLX's x86 CPU backend evaluates `exp` one float at a time (~25 ns per element against ~0.5 ns for a
 multiply), which made softmax and SiLU a large share of a CPU training step. `zrecipe._native` (built from
@@ -145,6 +145,22 @@ def flash_attention_scratch_bytes(batch: int, heads: int, queries: int, keys: in
             "zrecipe.native.flash_attention_scratch_bytes: the compiled kernels are not loaded"
         )
     return module.flash_attention_scratch_bytes(batch, heads, queries, keys, backward)
+
+
+def group_norm_available(x: mx.array) -> bool:
+    """Whether `group_norm` runs now for x: compiled kernels loaded, MLX on the CPU, float32."""
+    return _module() is not None and x.dtype == mx.float32
+
+
+def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, act: bool) -> mx.array:
+    """GroupNorm of (B, H, W, C) float32 feature maps with PyTorch's statistics (per item and group, over
+    H, W and the group's channels), affine, then SiLU when `act`; one compiled primitive (csrc/group_norm.h),
+    differentiable. Only where `group_norm_available`."""
+    module = _module()
+    if module is None:
+        raise RuntimeError("zrecipe.native.group_norm: the compiled kernels are not in use")
+    f32 = mx.float32
+    return module.group_norm(x, weight.astype(f32), bias.astype(f32), int(groups), float(eps), bool(act))
 
 
 def compute_threads() -> int | None:

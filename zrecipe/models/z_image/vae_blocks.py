@@ -12,6 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx import nn
 
+from zrecipe import native
 from zrecipe.models.z_image.kernels import attention, silu
 
 
@@ -41,7 +42,10 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, dims, eps=eps, affine=True, pytorch_compatible=True)
 
     def __call__(self, x: mx.array, act: bool = False) -> mx.array:
-        """GroupNorm of x (B,H,W,C); with `act`, SiLU of the result (fused)."""
+        """GroupNorm of x (B,H,W,C); with `act`, SiLU of the result (fused). On the CPU with zrecipe's
+        compiled kernels, float32: one native pass (`native.group_norm`, float64 statistics)."""
+        if native.group_norm_available(x):
+            return native.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act)
         return _group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act)
 
 
