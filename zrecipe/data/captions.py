@@ -188,7 +188,17 @@ def _read_sidecars(
         for p in [f.path for f in files]
     ]
     contents = read(paths)
-    return [_decode_sidecar(f, contents[p], extension, required) for f, p in zip(files, paths, strict=True)]
+    out: list[tuple[str | None, str | None]] = []
+    append = out.append
+    for f, p in zip(files, paths, strict=True):
+        raw = contents[p]
+        # The usual caption, non-empty ASCII, decodes to itself with no BOM to drop: inline, without a
+        # call per file. Errors, empty files and other UTF-8 take _decode_sidecar.
+        if type(raw) is bytes and raw.isascii() and (text := raw.decode("ascii").strip()):
+            append((text, None))
+        else:
+            append(_decode_sidecar(f, raw, extension, required))
+    return out
 
 
 def _decode_sidecar(
