@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -290,6 +289,8 @@ def _match_entries(
 
 def _parse_template(template: str) -> tuple[list[tuple[str, str | None]], list[str]]:
     """Template → [(literal, field or None)] and problems (unknown placeholders, bad braces)."""
+    import string  # here: only template captions need it (its import compiles a regex on every plan)
+
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:
