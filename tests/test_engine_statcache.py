@@ -230,3 +230,22 @@ def test_only_the_newest_batches_are_kept(tmp_path):
     _poison(db, oldest[0])
     assert sc.hash_files(newest)[str(newest[0])] == hash_file(newest[0])  # its batch was kept
     assert sc.hash_files(oldest)[str(oldest[0])] == "stale"  # evicted: the rows answer
+
+
+def test_stat_columns_keep_signatures_beyond_64_bits(tmp_path):
+    """A date after 2262 does not fit the packed rows: the columns switch to Python ints, values intact."""
+    from zrecipe.engine.statcache import _stat_columns
+
+    paths = _files(tmp_path, 4)
+    far = 2**63 + 10**9
+    try:
+        os.utime(paths[2], ns=(far, far))
+    except (OverflowError, OSError):
+        pytest.skip("this file system cannot store a date after 2262")
+    errors: dict = {}
+    names, *columns = _stat_columns([*paths, tmp_path / "missing"], errors)
+    assert names == [str(p) for p in paths]
+    assert list(errors) == [str(tmp_path / "missing")]
+    stats = [os.stat(p) for p in paths]
+    expected = [[getattr(st, f) for st in stats] for f in ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino")]
+    assert [list(c) for c in columns] == expected

@@ -23,12 +23,14 @@ Importing this module is cheap (no MLX, no numpy).
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ctypes
 
 _SYSTEM_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -48,6 +50,9 @@ _openblas: ctypes.CDLL | None = None
 
 
 def _cmeel_candidates() -> list[str]:
+    # glob and ctypes are imported where used: `import zrecipe` (every command, --help) needs neither.
+    import glob
+
     found = []
     for entry in sys.path:
         found += glob.glob(os.path.join(entry, "cmeel.prefix", "lib", "libopenblas.so.0"))
@@ -56,6 +61,8 @@ def _cmeel_candidates() -> list[str]:
 
 def wheel_openblas() -> str | None:
     """The library file of the installed `scipy-openblas32` wheel, or None (found without importing it)."""
+    import glob
+
     for entry in sys.path:
         found = sorted(
             glob.glob(os.path.join(entry or ".", "scipy_openblas32", "lib", "libscipy_openblas*.so"))
@@ -112,6 +119,8 @@ def _choose_coretype() -> str | None:
 
 def _describe(lib: ctypes.CDLL, origin: str) -> str:
     """`OpenBLAS 0.3.x (origin, kernels: NAME)` from the library's own report."""
+    import ctypes
+
     try:
         lib.openblas_get_config.restype = ctypes.c_char_p
         lib.openblas_get_corename.restype = ctypes.c_char_p
@@ -154,6 +163,8 @@ def configure_blas() -> str:
     if "mlx.core" in sys.modules:
         _blas_status = "unchanged: mlx was imported before zrecipe could select a fast BLAS"
         return _blas_status
+    import ctypes
+
     failures = []
     for origin, path in _candidates(choice):
         if not os.path.exists(path):

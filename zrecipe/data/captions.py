@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +30,8 @@ class _HasPaths(Protocol):
     rel_path: str
     path: str
 
+
+_REL_PATH = attrgetter("rel_path")
 
 # Batch file reader: paths → {path: content bytes, or the OSError that reading it raised}.
 ReadFiles = Callable[[list[str]], Mapping[str, "bytes | OSError"]]
@@ -99,10 +101,7 @@ def resolve_captions(
     trigger = trigger.strip() if trigger else None
     result = CaptionResult()
     if source_kind == "sidecar":
-        for f, (text, problem) in zip(
-            files, _read_sidecars(files, extension, read or read_files), strict=True
-        ):
-            _store(result, f.rel_path, text, problem)
+        _store_all(result, map(_REL_PATH, files), _read_sidecars(files, extension, read or read_files))
     elif source_kind == "filename":
         for f in files:
             text = caption_from_filename(f.rel_path)
@@ -169,10 +168,20 @@ def apply_template(template: str, rel_path: str, caption: str, trigger: str | No
 
 
 def _store(result: CaptionResult, rel: str, text: str | None, problem: str | None) -> None:
-    if problem:
-        result.problems.append(problem)
-    elif text is not None:
-        result.captions[rel] = text
+    _store_all(result, (rel,), ((text, problem),))
+
+
+def _store_all(
+    result: CaptionResult, rels: Iterable[str], outcomes: Iterable[tuple[str | None, str | None]]
+) -> None:
+    """Record each image's (caption, problem): the problem when there is one, else the caption (None:
+    no caption and no problem). One loop for a whole dataset, not a call per image."""
+    captions, problems = result.captions, result.problems
+    for rel, (text, problem) in zip(rels, outcomes, strict=True):
+        if problem:
+            problems.append(problem)
+        elif text is not None:
+            captions[rel] = text
 
 
 def _read_sidecars(
@@ -188,7 +197,17 @@ def _read_sidecars(
         for p in [f.path for f in files]
     ]
     contents = read(paths)
-    return [_decode_sidecar(f, contents[p], extension, required) for f, p in zip(files, paths, strict=True)]
+    out: list[tuple[str | None, str | None]] = []
+    append = out.append
+    for f, p in zip(files, paths, strict=True):
+        raw = contents[p]
+        # The usual caption, non-empty ASCII, decodes to itself with no BOM to drop: inline, without a
+        # call per file. Errors, empty files and other UTF-8 take _decode_sidecar.
+        if type(raw) is bytes and raw.isascii() and (text := raw.decode("ascii").strip()):
+            append((text, None))
+        else:
+            append(_decode_sidecar(f, raw, extension, required))
+    return out
 
 
 def _decode_sidecar(
@@ -270,6 +289,8 @@ def _match_entries(
 
 def _parse_template(template: str) -> tuple[list[tuple[str, str | None]], list[str]]:
     """Template → [(literal, field or None)] and problems (unknown placeholders, bad braces)."""
+    import string  # here: only template captions need it (its import compiles a regex on every plan)
+
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:

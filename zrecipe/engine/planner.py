@@ -222,8 +222,9 @@ def _keys(graph: Graph, order: list[str]) -> tuple[dict[str, dict[str, str]], di
                 last_params = params
             inputs = node.inputs
             if len(inputs) == 1 and type(x := inputs[0]) is str and x.isascii():
-                # One file hash: the per-item case, inlined (same bytes as key_from_prefix).
-                resolved = [x]
+                # One file hash: the per-item case, inlined (same bytes as key_from_prefix). A list of
+                # literal hashes is its own resolution (nodes are not changed once added): no copy per node.
+                resolved = inputs if type(inputs) is list else [x]
                 key = xxh128_hexdigest(b"%sl1:s%d:%s" % (prefix, len(x), x.encode("ascii")))
             else:
                 try:
@@ -281,7 +282,7 @@ def _plan(graph, store, previous, order, forced, verify, check_inputs) -> Plan:
                     stale.append(up)
                     queue.append(up)
 
-    digests = {k: kind_digest([(p.node.item, p.key) for p in nodes[k]]) for k in order}
+    digests = {k: kind_digest((p.node.item, p.key) for p in nodes[k]) for k in order}
     result = Plan(graph, order, nodes, previous, digests=digests)
     unchanged = previous is not None and all(previous.digests.get(k) == digests[k] for k in order)
     if previous is not None and not unchanged:

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -64,10 +65,21 @@ class Entry:
 
 
 def kind_digest(items: Iterable[tuple[str, str]]) -> str:
-    """Digest of a kind's (item, key) pairs, in order: equal digests → nothing of that kind changed."""
-    # One join and one hash call: ~10× faster than hashing pair by pair at 100,000 items.
-    text = "\n".join([f"{item}\0{key}" for item, key in items])
-    return xxhash.xxh128_hexdigest(text.encode("utf-8", "surrogatepass"))
+    """Digest of a kind's (item, key) pairs, in order: equal digests → nothing of that kind changed.
+
+    The xxh128 of the lines `item NUL key` joined by newlines, hashed a slice of lines at a time: one
+    join per slice is ~10× faster than hashing pair by pair, and 100,000 items never become one text
+    (~30 MB more at the end of every plan)."""
+    h = xxhash.xxh3_128()  # streaming xxh3_128: the same digest as xxh128_hexdigest of the whole text
+    items = iter(items)
+    separator = ""
+    while chunk := [f"{item}\0{key}" for item, key in islice(items, _DIGEST_SLICE)]:
+        h.update((separator + "\n".join(chunk)).encode("utf-8", "surrogatepass"))
+        separator = "\n"
+    return h.hexdigest()
+
+
+_DIGEST_SLICE = 4096  # lines hashed per update in kind_digest
 
 
 class Record:

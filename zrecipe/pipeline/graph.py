@@ -153,7 +153,10 @@ def scan_datasets(recipe, stat_cache=None, produced: Container[str] = ()) -> Sca
         if result.problems:
             lines = [f"dataset {ds.name!r}: {p}" for p in result.problems]
             (scan.skipped if ds.on_error == "skip" else problems).extend(lines)
-        scan.images[ds.name] = [f for f in files if f.rel_path in result.captions]
+        # Captions are keyed by the rel paths of `files`: as many captions as files keeps every image
+        # (no lookup per image).
+        kept = len(result.captions) == len(files)
+        scan.images[ds.name] = files if kept else [f for f in files if f.rel_path in result.captions]
         scan.captions[ds.name] = result.captions
     if problems:
         skip_helps = any(ds.on_error == "fail" for ds in recipe.datasets)
@@ -291,6 +294,7 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
         captions = scan.captions.get(name)
         producer = used.get(name)
         make_caption = makers.get(name)  # the caption node of an image without a winning human caption
+        needs_caption = want_text or make_caption is not None  # not for `--until resize`, say
         on_error = ds.on_error
         resize_params = {
             "resolution": ds.resolution,
@@ -315,6 +319,8 @@ def _add_nodes(graph: Graph, recipe, scan: Scan, hashes, identity, data: Pipelin
                 add(Node("mask", item, masked, sources, None, on_error))
             if want_image:
                 add(Node("encode-image", item, encode_params, [Ref("resize", item), vae], None, on_error))
+            if not needs_caption:
+                continue
             caption = captions.get(rel) if captions is not None else None
             if make_caption is not None and caption is None:
                 add(make_caption(item, hashes[f.path]))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -368,6 +367,8 @@ def _manifest(r: Reader, root: Path) -> Path | None:
 
 
 def _check_template(ctx: Context, path: KeyPath, template: str, trigger: Any) -> None:
+    import string  # here: only template recipes need it (its import compiles a regex on every plan)
+
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:  # unbalanced braces
