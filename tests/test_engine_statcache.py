@@ -249,3 +249,21 @@ def test_stat_columns_keep_signatures_beyond_64_bits(tmp_path):
     stats = [os.stat(p) for p in paths]
     expected = [[getattr(st, f) for st in stats] for f in ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino")]
     assert [list(c) for c in columns] == expected
+
+
+def test_a_date_after_2262_is_hashed_every_time_not_a_crash(tmp_path):
+    """SQLite integers are 64-bit: a file stamped after 2262 (a bad clock, a hostile archive) cannot be
+    recorded. It is left out of the cache (hashed anew on every call, correctly); the others are cached."""
+    paths = _files(tmp_path, 4)
+    far = 2**63 + 10**9
+    try:
+        os.utime(paths[1], ns=(far, far))
+    except (OverflowError, OSError):
+        pytest.skip("this file system cannot store a date after 2262")
+    want = {str(p): hash_file(p) for p in paths}
+    with StatCache(tmp_path / "stat.sqlite") as sc:
+        assert sc.hash_files(paths) == want
+        assert sc.hash_files(paths) == want
+        assert sc.hashed == 1  # only the file that could not be recorded
+        texts = sc.read_small_files(paths)
+        assert texts[str(paths[1])] == paths[1].read_bytes()

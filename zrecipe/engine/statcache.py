@@ -45,6 +45,7 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS files (
 _TEXT_SCHEMA = """CREATE TABLE IF NOT EXISTS texts (
     path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER,
     recorded_ns INTEGER, data BLOB) WITHOUT ROWID"""
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what an SQLite INTEGER holds
 # Batches: whole calls over this many files or more, the newest BATCHES_KEPT of them per table.
 _BATCH_SCHEMA = """CREATE TABLE IF NOT EXISTS batches (
     digest TEXT PRIMARY KEY, tbl TEXT, recorded_ns INTEGER, data BLOB) WITHOUT ROWID"""
@@ -341,10 +342,11 @@ class StatCache:
         self._save(write)
 
     def _write(self, updates: list[tuple], table: str = "files") -> None:
+        # SQLite integers are 64-bit signed: a row with a stat field beyond (a date after 2262, an inode
+        # over 2^63) is not recorded, so that file is hashed anew on every call instead of failing the save.
+        fits = [row for row in updates if all(_INT64_MIN <= v <= _INT64_MAX for v in row[1:5])]
         self._save(
-            lambda: self._db.executemany(
-                f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?)", updates
-            )
+            lambda: self._db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?)", fits)
         )
 
     def _save(self, write) -> None:
