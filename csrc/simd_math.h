@@ -152,40 +152,49 @@ struct SiluGradOp {
   }
 };
 
+// One row's exp(x − max) into `out` (may be x), returning the row's sum and writing its max to `row_max`.
+// The tail goes through the vector exp on a copy padded with −inf (whose exp, 0, adds nothing).
+template <int W>
+ZR_INLINE float exp_row_minus_max(const float* x, float* out, size_t cols, float* row_max) {
+  using F = typename Vec<W>::f;
+  const size_t body = cols - cols % W;
+  float m = -__builtin_inff();
+  if (body) {
+    F mv = load<W>(x);
+    for (size_t i = W; i < body; i += W) mv = max_vec<W>(mv, load<W>(x + i));
+    m = hmax<W>(mv);
+  }
+  for (size_t i = body; i < cols; ++i) m = x[i] > m ? x[i] : m;
+  const F mv = splat<W>(m);
+  F sv = splat<W>(0.0f);
+  for (size_t i = 0; i < body; i += W) {
+    F e = exp_vec<W>(load<W>(x + i) - mv);
+    store<W>(out + i, e);
+    sv += e;
+  }
+  float sum = hsum<W>(sv);
+  if (body < cols) {
+    float t[W];
+    for (int k = 0; k < W; ++k) t[k] = -__builtin_inff();
+    std::memcpy(t, x + body, (cols - body) * 4);
+    F e = exp_vec<W>(load<W>(t) - mv);
+    sum += hsum<W>(e);
+    std::memcpy(t, &e, sizeof(e));
+    std::memcpy(out + body, t, (cols - body) * 4);
+  }
+  *row_max = m;
+  return sum;
+}
+
 // Softmax of each of `rows` rows of `cols` contiguous floats: max, exp(x − max) with its sum, scale.
 // A row of a few thousand floats stays in L1/L2 between the three passes, so memory is read once.
 template <int W>
 ZR_INLINE void softmax_rows(const float* x, float* out, size_t rows, size_t cols) {
-  using F = typename Vec<W>::f;
   const size_t body = cols - cols % W;
   for (size_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * cols;
     float* orow = out + r * cols;
-    float m = -__builtin_inff();
-    if (body) {
-      F mv = load<W>(xr);
-      for (size_t i = W; i < body; i += W) mv = max_vec<W>(mv, load<W>(xr + i));
-      m = hmax<W>(mv);
-    }
-    for (size_t i = body; i < cols; ++i) m = xr[i] > m ? xr[i] : m;
-    const F mv = splat<W>(m);
-    F sv = splat<W>(0.0f);
-    for (size_t i = 0; i < body; i += W) {
-      F e = exp_vec<W>(load<W>(xr + i) - mv);
-      store<W>(orow + i, e);
-      sv += e;
-    }
-    float sum = hsum<W>(sv);
-    if (body < cols) {  // tail: the vector exp on a padded copy (the padding's e^(-inf) = 0 adds nothing)
-      float b[W];
-      for (int k = 0; k < W; ++k) b[k] = -__builtin_inff();
-      std::memcpy(b, xr + body, (cols - body) * 4);
-      F e = exp_vec<W>(load<W>(b) - mv);
-      sum += hsum<W>(e);
-      std::memcpy(b, &e, sizeof(e));
-      std::memcpy(orow + body, b, (cols - body) * 4);
-    }
-    const float inv = 1.0f / sum;
+    float m;
+    const float inv = 1.0f / exp_row_minus_max<W>(x + r * cols, orow, cols, &m);
     for (size_t i = 0; i < body; i += W) store<W>(orow + i, load<W>(orow + i) * inv);
     for (size_t i = body; i < cols; ++i) orow[i] *= inv;
   }
@@ -230,27 +239,7 @@ ZR_INLINE float exp_tail(float* row, size_t body, size_t cols, typename Vec<W>::
 // In place, per row: m = max, x ← exp(x − m), l = Σ exp(x − m) (the unnormalised softmax, its max and sum).
 template <int W>
 ZR_INLINE void exp_rows_max(float* x, size_t rows, size_t cols, float* row_max, float* row_sum) {
-  using F = typename Vec<W>::f;
-  const size_t body = cols - cols % W;
-  for (size_t r = 0; r < rows; ++r) {
-    float* xr = x + r * cols;
-    float m = -__builtin_inff();
-    if (body) {
-      F mv = load<W>(xr);
-      for (size_t i = W; i < body; i += W) mv = max_vec<W>(mv, load<W>(xr + i));
-      m = hmax<W>(mv);
-    }
-    for (size_t i = body; i < cols; ++i) m = xr[i] > m ? xr[i] : m;
-    const F mv = splat<W>(m);
-    F sv = splat<W>(0.0f);
-    for (size_t i = 0; i < body; i += W) {
-      F e = exp_vec<W>(load<W>(xr + i) - mv);
-      store<W>(xr + i, e);
-      sv += e;
-    }
-    row_max[r] = m;
-    row_sum[r] = hsum<W>(sv) + exp_tail<W>(xr, body, cols, mv);
-  }
+  for (size_t r = 0; r < rows; ++r) row_sum[r] = exp_row_minus_max<W>(x + r * cols, x + r * cols, cols, row_max + r);
 }
 
 // In place, per row: x ← exp(x − shift[r]) (probabilities back from scores and the log-sum-exp).
