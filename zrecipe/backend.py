@@ -75,8 +75,9 @@ def wheel_openblas() -> str | None:
 def blas_copy_folder() -> Path:
     """Where the unprefixed copy of the wheel's OpenBLAS lives: $XDG_CACHE_HOME/zrecipe/blas (or
     ~/.cache/zrecipe/blas), else a per-user folder in the temp directory when that is not writable."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "zrecipe" / "blas"
+    from zrecipe.cache_home import user_cache_folder
+
+    return user_cache_folder("blas")
 
 
 def _unprefixed_wheel(path: str) -> str:

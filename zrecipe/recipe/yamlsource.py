@@ -4,17 +4,22 @@ PyYAML's composer keeps a start mark on every node; we build the dicts and lists
 tree and record `path → line` on the way (a path is a tuple of keys and list indices). Two YAML 1.1 quirks
 are fixed because JSON recipes go through the same parser: `1e-4` (exponent without a dot) is a float, and
 a JSON file indented with tabs is parsed with the tabs read as spaces.
+
+PyYAML is imported on the first parse of a text not seen before (`parse_cache`): importing it is ~10 ms,
+a large part of a no-op `zrecipe plan`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from zrecipe.errors import RecipeError
+from zrecipe.recipe import parse_cache
+
+if TYPE_CHECKING:
+    import yaml
 
 Path_ = tuple  # a key path: ("datasets", 0, "captions")
 
@@ -22,15 +27,23 @@ _MAX_NODES = 200_000  # guards against alias bombs ("billion laughs")
 _MAX_DEPTH = 64
 
 
-class _Loader(yaml.SafeLoader):
+@functools.cache
+def _loader_class() -> type:
     """SafeLoader with YAML 1.2 / JSON floats (`1e-4`, `1.0E5`), which YAML 1.1 reads as strings."""
+    import re
 
+    import yaml
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return _Loader
+
 
 _COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
@@ -38,7 +51,10 @@ _COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 class _Walker:
     """Builds plain data from a node tree, recording lines and structural problems."""
 
-    def __init__(self, loader: _Loader, label: str):
+    def __init__(self, loader: yaml.SafeLoader, label: str):
+        import yaml
+
+        self.yaml = yaml
         self.loader = loader
         self.label = label
         self.lines: dict[Path_, int] = {}
@@ -49,6 +65,7 @@ class _Walker:
         self.problems.append((path, message, node.start_mark.line + 1))
 
     def build(self, node: yaml.Node, path: Path_, active: frozenset[int]) -> Any:
+        yaml = self.yaml
         self.count += 1
         if self.count > _MAX_NODES:
             raise _TooBig()
@@ -94,21 +111,33 @@ class _TooBig(Exception):
     pass
 
 
-def _compose(text: str) -> tuple[_Loader, yaml.Node | None]:
-    loader = _Loader(text)
+def _compose(text: str) -> tuple[yaml.SafeLoader, yaml.Node | None]:
+    loader = _loader_class()(text)
     return loader, loader.get_single_node()
 
 
 def parse_recipe_text(text: str, label: str) -> tuple[Any, dict[Path_, int], list[tuple[Path_, str, int]]]:
     """Parse YAML/JSON text. Returns (data, lines, structural problems as (path, message, line)).
 
-    Raises RecipeError for text that is not YAML at all (with the line of the syntax error)."""
+    Raises RecipeError for text that is not YAML at all (with the line of the syntax error). The result
+    depends on the text alone (`label` only names the file in errors), so it is remembered by the text."""
+    remembered = parse_cache.read(text)
+    if remembered is not None:
+        return remembered
+    result = _parse(text, label)
+    parse_cache.write(text, result)
+    return result
+
+
+def _parse(text: str, label: str) -> tuple[Any, dict[Path_, int], list[tuple[Path_, str, int]]]:
+    import yaml
+
     try:
         loader, node = _compose(text)
     except yaml.YAMLError as exc:
         if "\t" in text and _is_json(text):
             # Valid JSON has tabs only between tokens, so reading them as spaces changes nothing.
-            return parse_recipe_text(text.replace("\t", " "), label)
+            return _parse(text.replace("\t", " "), label)
         raise RecipeError(_syntax_message(exc, label), [_syntax_message(exc, label)]) from None
     except RecursionError:
         msg = f"{label}: the recipe is nested too deeply to read"

@@ -91,8 +91,12 @@ def model_cache_dir() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """zrecipe's own cache folder outside any store: $ZRECIPE_CACHE or ~/.cache/zrecipe."""
-    return Path(os.environ.get("ZRECIPE_CACHE") or Path.home() / ".cache" / "zrecipe").expanduser()
+    """zrecipe's own cache folder outside any store: $ZRECIPE_CACHE, else the per-user cache folder
+    ($XDG_CACHE_HOME/zrecipe or ~/.cache/zrecipe)."""
+    from zrecipe.cache_home import user_cache_folder
+
+    explicit = os.environ.get("ZRECIPE_CACHE")
+    return Path(explicit).expanduser() if explicit else user_cache_folder()
 
 
 @contextlib.contextmanager
