@@ -173,7 +173,6 @@ def vae_breakdown(runs: int) -> dict[str, float]:
     import mlx.core as mx
     import numpy as np
     import torch
-    from mlx import nn
 
     from zrecipe.models.z_image import vae_blocks
     from zrecipe.models.z_image.vae import load_vae
@@ -189,7 +188,7 @@ def vae_breakdown(runs: int) -> dict[str, float]:
     mx.eval(vae.parameters())
     x = mx.array(np.random.default_rng(0).uniform(-1, 1, (4, 128, 128, 3)).astype(np.float32))
     patches = {
-        "convolutions": (nn.Conv2d, "__call__"),
+        "convolutions": (vae_blocks.Conv2d, "__call__"),
         "GroupNorm + SiLU": (vae_blocks.GroupNorm, "__call__"),
     }
     ms, gflop = op_breakdown(lambda: vae.encode(x), patches, runs)

@@ -5,6 +5,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "conv2d.h"
 #include "flash_attention.h"
 #include "group_norm.h"
 #include "kernels.h"
@@ -44,6 +45,12 @@ NB_MODULE(_native, m) {
   m.def("group_norm", &zrecipe_native::group_norm, "x"_a, "weight"_a, "bias"_a, "groups"_a, "eps"_a, "act"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "GroupNorm of (B, H, W, C) float32 feature maps (PyTorch's statistics), then SiLU when act.");
+  m.def("conv2d", &zrecipe_native::conv2d, "x"_a, "weight"_a, "stride"_a, "padding"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "Convolution of (B, H, W, C) float32 maps with (O, KH, KW, C) weights, zero padding on every side,\n"
+        "one stride for both axes; unfolds one tile of output pixels at a time.");
+  m.def("conv2d_scratch_bytes", &zrecipe_native::conv2d_scratch_bytes, "out_pixels"_a, "kernel_h"_a, "kernel_w"_a,
+        "channels"_a, "Bytes of scratch one conv2d call takes.");
   m.def("flash_attention_scratch_bytes", &zrecipe_native::flash_attention_scratch_bytes, "batch"_a, "heads"_a,
         "queries"_a, "keys"_a, "backward"_a, "Bytes of scratch one flash_attention call (or its backward) takes.");
 

@@ -11,21 +11,12 @@
 #include "kernels.h"
 #include "layout.h"
 #include "mlx/backend/cpu/encoder.h"
-
-// The process's CBLAS (undefined here, bound at load time as libmlx's own is) and, where the BLAS is
-// OpenBLAS, its thread control (weak: null with any other BLAS).
-extern "C" {
-void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
-                 const float* b, int ldb, float beta, float* c, int ldc);
-int openblas_get_num_threads(void) __attribute__((weak));
-void openblas_set_num_threads(int) __attribute__((weak));
-}
+#include "tasks.h"
 
 namespace zrecipe_native {
 
 namespace {
 
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 // Query rows per tile: a (rows, keys) float32 tile of about this many elements (2 MiB), rows a multiple
 // of 16 in [16, 512]. Measured on the CPU (benchmarks/bench_attention.py): smaller tiles make the
 // rank-`rows` updates of dK and dV slow, larger ones fall out of the cache.
@@ -44,10 +35,6 @@ size_t floats_per_thread(int64_t rows, int64_t keys, bool backward) {
 
 int64_t rows_per_tile(int rows, int64_t queries, int64_t keys) {
   return rows > 0 ? std::min<int64_t>(rows, queries) : static_cast<int64_t>(tile_rows(queries, keys));
-}
-
-int pair_threads(int64_t pairs) {
-  return static_cast<int>(std::min<int64_t>(kernels::compute_threads(), std::max<int64_t>(pairs, 1)));
 }
 
 void check(bool ok, const std::string& what) {
@@ -144,57 +131,6 @@ struct TileMask {
   }
 };
 
-// While (batch, head) pairs run on several threads, each BLAS call runs on its own thread (OpenBLAS would
-// otherwise start its whole pool inside every call). Restores OpenBLAS's thread count afterwards.
-struct SerialBlas {
-  int saved = 0;
-  explicit SerialBlas(bool on) {
-    if (on && openblas_get_num_threads && openblas_set_num_threads) {
-      saved = openblas_get_num_threads();
-      if (saved > 1) openblas_set_num_threads(1);
-    }
-  }
-  ~SerialBlas() {
-    if (saved > 1) openblas_set_num_threads(saved);
-  }
-};
-
-// Work of one (batch, head) pair per call of body(pair, scratch); pairs are dealt round-robin to up to
-// compute_threads() threads, each with its own `floats_per_thread` of scratch. The scratch comes from
-// MLX's allocator, so that MLX's memory counters include it, and is taken inside the task: tasks of a
-// stream run one after another, so two calls' scratch is never alive at once.
-class PairRunner {
- public:
-  PairRunner(int64_t pairs, size_t floats_per_thread)
-      : pairs_(pairs),
-        threads_(pair_threads(pairs)),
-        per_thread_(floats_per_thread),
-        scratch_(mx::allocator::malloc(sizeof(float) * std::max<size_t>(per_thread_ * threads_, 1))) {}
-
-  template <class Body>
-  void run(const Body& body) const {
-    SerialBlas serial(threads_ > 1);
-    float* base = static_cast<float*>(scratch_.buffer().raw_ptr());
-    kernels::parallel(threads_, 1, threads_, [&](size_t first, size_t last) {
-      for (size_t t = first; t < last; ++t) {
-        for (int64_t u = static_cast<int64_t>(t); u < pairs_; u += threads_) body(u, base + t * per_thread_);
-      }
-    });
-  }
-
- private:
-  int64_t pairs_;
-  int threads_;
-  size_t per_thread_;
-  mx::allocator::Data scratch_;
-};
-
-void sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
-           float beta, float* c, int ldc) {
-  cblas_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c,
-              ldc);
-}
-
 void alloc_all(std::vector<mx::array>& outputs) {
   for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
 }
@@ -205,7 +141,7 @@ void alloc_all(std::vector<mx::array>& outputs) {
 
 size_t flash_attention_scratch_bytes(int64_t batch, int64_t heads, int64_t queries, int64_t keys, bool backward) {
   const int64_t pairs = batch * heads;
-  return sizeof(float) * pair_threads(pairs) * floats_per_thread(rows_per_tile(0, queries, keys), keys, backward);
+  return sizeof(float) * task_threads(pairs) * floats_per_thread(rows_per_tile(0, queries, keys), keys, backward);
 }
 
 std::vector<mx::array> flash_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
@@ -260,7 +196,7 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
   const int64_t R = rows_per_tile(rows_, L, S);
   encoder.dispatch([=, masked = masked_, scale = scale_, o = outputs[0].data<float>(),
                     lse = outputs[1].data<float>()]() mutable {
-    PairRunner runner(B * H, floats_per_thread(R, S, false));
+    TaskRunner runner(B * H, floats_per_thread(R, S, false));
     std::unique_ptr<float[]> keep[3];
     q.prepare(keep[0]);
     k.prepare(keep[1]);
@@ -339,7 +275,7 @@ void FlashAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vec
   const int64_t R = rows_per_tile(rows_, L, S);
   encoder.dispatch([=, masked = masked_, scale = scale_, d_q = outputs[0].data<float>(),
                     d_k = outputs[1].data<float>(), d_v = outputs[2].data<float>()]() mutable {
-    PairRunner runner(B * H, floats_per_thread(R, S, true));
+    TaskRunner runner(B * H, floats_per_thread(R, S, true));
     std::unique_ptr<float[]> keep[5];
     q.prepare(keep[0]);
     k.prepare(keep[1]);

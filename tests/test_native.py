@@ -311,6 +311,106 @@ def test_group_norm_rejects_what_it_cannot_compute():
         MODULE.group_norm(x.astype(mx.float16), mx.ones((6,)), mx.zeros((6,)), 3, 1e-5, False)
 
 
+def conv2d64(x, w, stride, padding):
+    """NHWC x, OHWI w, zero padding on every side, in float64 (the reference)."""
+    b, h, wd, c = x.shape
+    o, kh, kw, _ = w.shape
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    out = np.zeros((b, ho, wo, o))
+    for i in range(kh):
+        for j in range(kw):
+            taps = xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride, :]
+            out += taps @ w[:, i, j, :].T
+    return out
+
+
+CONV_CASES = [  # (x shape, (out channels, kernel), stride, padding)
+    ((2, 17, 13, 16), (7, 3), 1, 1),  # channels off the vector width, odd sizes
+    ((1, 33, 33, 32), (32, 3), 2, 0),  # the VAE's downsampling (after its own pad)
+    ((3, 9, 11, 20), (6, 5), 1, 2),
+    ((1, 8, 8, 16), (4, 3), 1, 3),  # padding wider than the kernel's reach: rows of zeros
+    ((1, 70, 70, 16), (8, 3), 1, 1),  # several tiles of output pixels
+    ((2, 6, 6, 16), (5, 1), 2, 1),
+]
+
+
+@needs_module
+@pytest.mark.parametrize("shape, kernel, stride, padding", CONV_CASES)
+def test_conv2d_against_float64_and_mlx(shape, kernel, stride, padding):
+    k0, k1 = mx.random.split(mx.random.key(5))
+    x = mx.random.normal(shape, key=k0)
+    w = mx.random.normal((kernel[0], kernel[1], kernel[1], shape[3]), key=k1) * 0.2
+    got = native.conv2d(x, w, stride, padding)
+    mlx_own = mx.conv2d(x, w, stride=stride, padding=padding)
+    want = conv2d64(f64(x), f64(w), stride, padding)
+    assert got.shape == mlx_own.shape == want.shape
+    assert np.abs(f64(got) - want).max() / np.abs(want).max() < 1e-6
+    assert np.abs(f64(got) - f64(mlx_own)).max() / np.abs(want).max() < 1e-6
+
+
+@needs_module
+def test_conv2d_gradients_layouts_and_threads():
+    x = mx.random.normal((2, 12, 10, 16), key=mx.random.key(6)).transpose(0, 2, 1, 3)  # a transposed view
+    w = mx.random.normal((8, 3, 3, 16), key=mx.random.key(7)) * 0.2
+    cot = mx.random.normal((2, 5, 6, 8), key=mx.random.key(8))
+    ours = mx.grad(lambda a, b: (native.conv2d(a, b, 2, 1) * cot).sum(), argnums=(0, 1))(x, w)
+    ref = mx.grad(lambda a, b: (mx.conv2d(a, b, stride=2, padding=1) * cot).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref, strict=True):
+        assert np.abs(f64(a) - f64(b)).max() / np.abs(f64(b)).max() < 1e-6
+    big = mx.random.normal((2, 80, 80, 16), key=mx.random.key(9))
+    previous = MODULE.compute_threads()
+    try:
+        MODULE.set_compute_threads(1)
+        one = native.conv2d(big, w, 1, 1)
+        mx.eval(one)
+        MODULE.set_compute_threads(4)
+        four = native.conv2d(big, w, 1, 1)
+        mx.eval(four)
+    finally:
+        MODULE.set_compute_threads(previous)
+    assert mx.array_equal(one, four)
+
+
+@needs_module
+def test_conv2d_never_holds_the_unfolded_input():
+    """Peak memory: the input, the output and the tiles' scratch; MLX's own conv2d holds 9x the input."""
+    x = mx.random.normal((1, 192, 192, 64), key=mx.random.key(10))
+    w = mx.random.normal((64, 3, 3, 64), key=mx.random.key(11))
+    mx.eval(x, w)
+    peaks = {}
+    for name, conv in [
+        ("native", lambda: native.conv2d(x, w, 1, 1)),
+        ("mlx", lambda: mx.conv2d(x, w, padding=1)),
+    ]:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(conv())
+        peaks[name] = mx.get_peak_memory() - base
+    output = x.nbytes  # same shape
+    scratch = native.conv2d_scratch_bytes(192 * 192, 3, 3, 64)
+    assert peaks["native"] <= output + scratch + (1 << 20), peaks
+    assert peaks["mlx"] > 8 * x.nbytes  # what the native path avoids (if MLX stops unfolding, drop this)
+
+
+def test_vae_conv_module_equals_mlx_conv_module(path):
+    """vae_blocks.Conv2d: nn.Conv2d's parameters and results on either path, and MLX's own below
+    CONV2D_MIN_CHANNELS channels or for a 1x1 kernel."""
+    from zrecipe.models.z_image.vae_blocks import Conv2d
+
+    for c_in, kernel, stride, padding in [(16, 3, 1, 1), (32, 3, 2, 0), (3, 3, 1, 1), (16, 1, 1, 0)]:
+        ours, theirs = Conv2d(c_in, 8, kernel, stride, padding), nn.Conv2d(c_in, 8, kernel, stride, padding)
+        theirs.update(ours.parameters())
+        x = mx.random.normal((2, 11, 11, c_in), key=mx.random.key(12))
+        assert native.conv2d_available(x, ours.weight) == (
+            path != "mlx" and c_in >= native.CONV2D_MIN_CHANNELS and kernel > 1
+        )
+        a, b = f64(ours(x)), f64(theirs(x))
+        assert np.abs(a - b).max() / np.abs(b).max() < 1e-6
+        assert sorted(k for k, _ in tree_flatten(ours.parameters())) == ["bias", "weight"]
+
+
 @needs_module
 def test_module_rejects_what_it_cannot_compute():
     with pytest.raises(ValueError, match="float32"):

@@ -163,6 +163,44 @@ def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: 
     return module.group_norm(x, weight.astype(f32), bias.astype(f32), int(groups), float(eps), bool(act))
 
 
+# Fewer input channels than this: the unfold copies rows too short to pay for per-tile products (the VAE's
+# 3-channel conv_in took 4.1 ms against MLX's 2.0), so MLX's own convolution is used.
+CONV2D_MIN_CHANNELS = 16
+
+
+def conv2d_available(x: mx.array, weight: mx.array) -> bool:
+    """Whether `conv2d` runs now for x and these OHWI weights: compiled kernels loaded, MLX on the CPU,
+    float32, a kernel larger than 1×1 (a 1×1 convolution is a plain matrix product in MLX too) and at
+    least CONV2D_MIN_CHANNELS input channels."""
+    return (
+        _module() is not None
+        and x.dtype == mx.float32
+        and weight.dtype == mx.float32
+        and x.ndim == 4
+        and weight.ndim == 4
+        and weight.shape[1] * weight.shape[2] > 1
+        and x.shape[-1] >= CONV2D_MIN_CHANNELS
+    )
+
+
+def conv2d(x: mx.array, weight: mx.array, stride: int, padding: int) -> mx.array:
+    """Convolution of (B, H, W, C) float32 maps with (O, KH, KW, C) weights (MLX's layouts), zero padding
+    on every side, one stride for both axes — MLX's `conv2d` without unfolding the whole input (one tile of
+    output pixels per thread at a time: csrc/conv2d.h), differentiable. Only where `conv2d_available`."""
+    module = _module()
+    if module is None:
+        raise RuntimeError("zrecipe.native.conv2d: the compiled kernels are not in use")
+    return module.conv2d(x, weight, int(stride), int(padding))
+
+
+def conv2d_scratch_bytes(out_pixels: int, kernel_h: int, kernel_w: int, channels: int) -> int:
+    """Bytes of scratch one `conv2d` call takes (every thread's unfolded tile)."""
+    module = _load()[0]
+    if module is None:
+        raise RuntimeError("zrecipe.native.conv2d_scratch_bytes: the compiled kernels are not loaded")
+    return module.conv2d_scratch_bytes(out_pixels, kernel_h, kernel_w, channels)
+
+
 def compute_threads() -> int | None:
     """Threads one `flash_attention` call uses (None where the compiled kernels are not loaded)."""
     module = _load()[0]

@@ -49,18 +49,33 @@ class GroupNorm(nn.GroupNorm):
         return _group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act)
 
 
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` (same parameters, same results) that, on the CPU with zrecipe's compiled kernels, never
+    unfolds the whole input: MLX's CPU convolution copies every pixel KH·KW times first (1.5 GB for a
+    512² map of 128 channels) and is slow at few channels; `native.conv2d` unfolds a tile at a time."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        sy, sx = self.stride
+        py, px = self.padding
+        if (self.dilation in (1, (1, 1)) and self.groups == 1 and sy == sx and py == px
+                and native.conv2d_available(x, self.weight)):  # fmt: skip
+            y = native.conv2d(x, self.weight, sy, py)
+            return y + self.bias if "bias" in self else y
+        return super().__call__(x)
+
+
 class ResnetBlock2D(nn.Module):
     """diffusers `ResnetBlock2D` without time embedding: norm-SiLU-conv twice plus a (1×1 conv) shortcut."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels, eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.norm2 = GroupNorm(groups, out_channels, eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         # diffusers adds the 1×1 shortcut only when the channel count changes.
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.conv1(self.norm1(x, act=True))
@@ -75,7 +90,7 @@ class Downsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
@@ -87,7 +102,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
@@ -176,7 +191,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         ch, groups, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
         self.down_blocks = [
             DownEncoderBlock2D(
                 ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, eps, add_downsample=i < len(ch) - 1
@@ -185,7 +200,7 @@ class Encoder(nn.Module):
         ]
         self.mid_block = MidBlock(ch[-1], groups, eps, cfg.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(groups, ch[-1], eps)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -202,7 +217,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, groups, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
         rev = list(reversed(ch))
-        self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, rev[0], kernel_size=3, padding=1)
         self.mid_block = MidBlock(rev[0], groups, eps, cfg.mid_block_add_attention)
         self.up_blocks = [
             UpDecoderBlock2D(
@@ -216,7 +231,7 @@ class Decoder(nn.Module):
             for i in range(len(ch))
         ]
         self.conv_norm_out = GroupNorm(groups, ch[0], eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
