@@ -102,3 +102,29 @@ def test_read_only_home_uses_a_private_temp_folder(tmp_path):
         "from zrecipe import backend; print(backend.blas_status())", HOME=str(home), XDG_CACHE_HOME=""
     )
     assert status.startswith("OpenBLAS") and f"zrecipe-blas-{os.getuid()}" in status, status
+
+
+def _doctor(**env: str) -> str:
+    full = {
+        k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "ZRECIPE_OPENBLAS_CORETYPE")
+    }
+    result = subprocess.run([sys.executable, "-m", "zrecipe.cli.main", "doctor"], capture_output=True,
+                            text=True, timeout=120, env={**full, **env})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@linux
+@pytest.mark.skipif(backend.openblas_coretype() != "SKYLAKEX", reason="needs a CPU with AVX-512")
+def test_an_inherited_weaker_coretype_is_kept_named_and_overridable():
+    """OPENBLAS_CORETYPE from the environment is respected and doctor says it is below the CPU's kernels;
+    ZRECIPE_OPENBLAS_CORETYPE decides for zrecipe over it; without either, the CPU's own kernels run."""
+    inherited = _doctor(OPENBLAS_CORETYPE="Haswell")
+    assert "kernels: Haswell" in inherited
+    assert "note: OPENBLAS_CORETYPE=Haswell (from the environment)" in inherited
+    assert "ZRECIPE_OPENBLAS_CORETYPE=SKYLAKEX" in inherited
+    overridden = _doctor(OPENBLAS_CORETYPE="Haswell", ZRECIPE_OPENBLAS_CORETYPE="SKYLAKEX")
+    assert "kernels: SkylakeX" in overridden and "note:" not in overridden
+    detected = _doctor(OPENBLAS_CORETYPE="Haswell", ZRECIPE_OPENBLAS_CORETYPE="")
+    assert "kernels: SkylakeX" in detected and "note:" not in detected
+    assert "note:" not in _doctor(OPENBLAS_CORETYPE="SkylakeX") and "note:" not in _doctor()

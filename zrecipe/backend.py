@@ -16,7 +16,10 @@ An old system OpenBLAS does not recognise newer CPUs and falls back to its gener
 kernels: measured here, Debian's 0.3.21 on a newer Xeon ran a 2048² sgemm at 11 GFLOP/s instead of ~120.
 So, for a system library and unless `OPENBLAS_CORETYPE` is already set, zrecipe names the kernel family the
 CPU's flags support (AVX-512 → SKYLAKEX, AVX2+FMA → HASWELL) before loading it.
-`ZRECIPE_OPENBLAS_CORETYPE=` (empty) keeps autodetection.
+`ZRECIPE_OPENBLAS_CORETYPE=NAME` chooses the family for any OpenBLAS zrecipe loads, over an inherited
+`OPENBLAS_CORETYPE` (empty: OpenBLAS's own detection). An inherited `OPENBLAS_CORETYPE` is otherwise kept,
+and `zrecipe doctor` says when it is below what the CPU runs: one machine here carried
+`OPENBLAS_CORETYPE=Haswell` on an AVX-512 CPU, which halved the matmul rate (249 against 468 GFLOP/s).
 
 Importing this module is cheap (no MLX, no numpy).
 """
@@ -107,15 +110,53 @@ def openblas_coretype() -> str | None:
     return None
 
 
-def _choose_coretype() -> str | None:
-    """Set OPENBLAS_CORETYPE for this process (see the module docstring); returns what is in force."""
-    if "OPENBLAS_CORETYPE" in os.environ:
-        return os.environ["OPENBLAS_CORETYPE"] or None
+# Kernel families zrecipe names, weakest first (for telling whether an inherited choice is below the CPU's).
+_CORETYPE_RANK = ("HASWELL", "SKYLAKEX")
+
+
+def _apply_zrecipe_coretype() -> bool:
+    """ZRECIPE_OPENBLAS_CORETYPE, when set, decides for zrecipe's OpenBLAS whatever OPENBLAS_CORETYPE the
+    environment carries (empty: OpenBLAS's own detection). Returns whether it was set."""
     override = os.environ.get("ZRECIPE_OPENBLAS_CORETYPE")
-    coretype = override if override is not None else openblas_coretype()
+    if override is None:
+        return False
+    if override:
+        os.environ["OPENBLAS_CORETYPE"] = override
+    else:
+        os.environ.pop("OPENBLAS_CORETYPE", None)
+    return True
+
+
+def _choose_coretype() -> str | None:
+    """For a system OpenBLAS: name the kernel family the CPU supports unless something already chose one
+    (see the module docstring); returns what is in force."""
+    if "OPENBLAS_CORETYPE" in os.environ or os.environ.get("ZRECIPE_OPENBLAS_CORETYPE") == "":
+        return os.environ.get("OPENBLAS_CORETYPE") or None
+    coretype = openblas_coretype()
     if coretype:
         os.environ["OPENBLAS_CORETYPE"] = coretype
-    return coretype or None
+    return coretype
+
+
+def coretype_note() -> str | None:
+    """A hint when OPENBLAS_CORETYPE, inherited from the environment, holds OpenBLAS to weaker kernels than
+    this CPU runs (measured on an AMD EPYC with AVX-512: Haswell kernels 249 GFLOP/s, SkylakeX 468), else
+    None. zrecipe keeps the environment's choice; ZRECIPE_OPENBLAS_CORETYPE overrides it for zrecipe."""
+    if _coretype_origin != "environment" or _openblas is None:
+        return None
+    inherited = os.environ.get("OPENBLAS_CORETYPE", "").upper()
+    best = openblas_coretype()
+    if (
+        best is None
+        or inherited not in _CORETYPE_RANK
+        or _CORETYPE_RANK.index(inherited) >= _CORETYPE_RANK.index(best)
+    ):
+        return None
+    return (
+        f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} (from the environment) keeps OpenBLAS on "
+        f"kernels older than this CPU's; set ZRECIPE_OPENBLAS_CORETYPE={best} (or unset OPENBLAS_CORETYPE) "
+        "for faster matmuls in zrecipe"
+    )
 
 
 def _describe(lib: ctypes.CDLL, origin: str) -> str:
@@ -146,6 +187,9 @@ def _candidates(choice: str) -> list[tuple[str, str]]:
     return out
 
 
+_coretype_origin: str | None = None  # who set OPENBLAS_CORETYPE: "environment", the ZRECIPE_ variable, None
+
+
 def configure_blas() -> str:
     """Load a fast BLAS into the global symbol scope before MLX loads (Linux only). Idempotent.
 
@@ -166,6 +210,11 @@ def configure_blas() -> str:
         return _blas_status
     import ctypes
 
+    global _coretype_origin
+    if _apply_zrecipe_coretype():
+        _coretype_origin = "ZRECIPE_OPENBLAS_CORETYPE"
+    elif "OPENBLAS_CORETYPE" in os.environ:
+        _coretype_origin = "environment"
     failures = []
     for origin, path in _candidates(choice):
         if not os.path.exists(path):
