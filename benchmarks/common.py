@@ -163,6 +163,9 @@ def machine_info() -> dict:
     """CPU model, cores, RAM, load, library versions and the BLAS MLX uses in this process."""
     from zrecipe.backend import blas_status
 
+    # What the environment asked for, read before blas_status() applies ZRECIPE_OPENBLAS_CORETYPE.
+    inherited = os.environ.get("OPENBLAS_CORETYPE", "(unset)")
+    for_zrecipe = os.environ.get("ZRECIPE_OPENBLAS_CORETYPE", "(unset)")
     info = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -170,7 +173,7 @@ def machine_info() -> dict:
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "blas": blas_status(),
-        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "(auto)"),
+        "openblas_coretype": f"{inherited} in the environment, ZRECIPE_OPENBLAS_CORETYPE={for_zrecipe}",
     }
     for module in ("mlx", "torch", "diffusers", "transformers", "numpy"):
         if module == "mlx":
