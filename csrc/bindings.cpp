@@ -45,10 +45,10 @@ NB_MODULE(_native, m) {
   m.def("group_norm", &zrecipe_native::group_norm, "x"_a, "weight"_a, "bias"_a, "groups"_a, "eps"_a, "act"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "GroupNorm of (B, H, W, C) float32 feature maps (PyTorch's statistics), then SiLU when act.");
-  m.def("conv2d", &zrecipe_native::conv2d, "x"_a, "weight"_a, "stride"_a, "padding"_a, nb::kw_only(),
-        "stream"_a = nb::none(),
-        "Convolution of (B, H, W, C) float32 maps with (O, KH, KW, C) weights, zero padding on every side,\n"
-        "one stride for both axes; unfolds one tile of output pixels at a time.");
+  m.def("conv2d", &zrecipe_native::conv2d, "x"_a, "weight"_a, "bias"_a = nb::none(), "stride"_a = 1,
+        "padding"_a = 0, nb::kw_only(), "stream"_a = nb::none(),
+        "Convolution of (B, H, W, C) float32 maps with (O, KH, KW, C) weights (+ bias), zero padding on\n"
+        "every side, one stride for both axes; unfolds one tile of output pixels at a time.");
   m.def("conv2d_scratch_bytes", &zrecipe_native::conv2d_scratch_bytes, "out_pixels"_a, "kernel_h"_a, "kernel_w"_a,
         "channels"_a, "Bytes of scratch one conv2d call takes.");
   m.def("flash_attention_scratch_bytes", &zrecipe_native::flash_attention_scratch_bytes, "batch"_a, "heads"_a,

@@ -41,7 +41,8 @@ size_t conv2d_scratch_bytes(int64_t out_pixels, int kernel_h, int kernel_w, int 
   return sizeof(float) * task_threads(tiles) * rows * k;
 }
 
-mx::array conv2d(const mx::array& x, const mx::array& weight, int stride, int padding, mx::StreamOrDevice s) {
+mx::array conv2d(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias, int stride,
+                 int padding, mx::StreamOrDevice s) {
   mx::Stream stream = mx::to_stream(s);
   check(stream.device.type == mx::Device::cpu, "runs on the CPU only.");
   check(x.ndim() == 4 && weight.ndim() == 4, "takes (batch, height, width, channels) maps and OHWI weights.");
@@ -50,8 +51,14 @@ mx::array conv2d(const mx::array& x, const mx::array& weight, int stride, int pa
   check(stride >= 1 && padding >= 0, "stride must be ≥ 1 and padding ≥ 0.");
   check(x.shape(1) + 2 * padding >= weight.shape(1) && x.shape(2) + 2 * padding >= weight.shape(2),
         "the kernel is larger than the padded map.");
+  std::vector<mx::array> inputs = {x, weight};
+  if (bias) {
+    check(bias->dtype() == mx::float32 && bias->ndim() == 1 && bias->shape(0) == weight.shape(0),
+          "the bias must be float32 with one value per output channel.");
+    inputs.push_back(*bias);
+  }
   auto primitive = std::make_shared<Conv2d>(stream, stride, padding);
-  return mx::array(primitive->output_shapes({x, weight})[0], mx::float32, primitive, {x, weight});
+  return mx::array(primitive->output_shapes(inputs)[0], mx::float32, primitive, inputs);
 }
 
 std::vector<mx::Shape> Conv2d::output_shapes(const std::vector<mx::array>& inputs) {
@@ -83,9 +90,9 @@ void Conv2d::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   std::vector<View> views;
   for (const auto& in : inputs) views.push_back({in.data<float>(), in.shape(), in.strides(), in.flags().row_contiguous});
   encoder.dispatch([views, dst = out.data<float>(), stride = stride_, pad = padding_, oshape = out.shape()] {
-    std::unique_ptr<float[]> keep[2];
-    const float* src[2];
-    for (int i = 0; i < 2; ++i) {
+    std::unique_ptr<float[]> keep[3];
+    const float* src[3] = {nullptr, nullptr, nullptr};
+    for (size_t i = 0; i < views.size(); ++i) {
       const auto& v = views[i];
       src[i] = v.data;
       if (!v.contiguous) {
@@ -103,8 +110,11 @@ void Conv2d::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const int64_t Ho = oshape[1], Wo = oshape[2];
     const int64_t per_item = Ho * Wo, pixels = oshape[0] * per_item;
     if (pixels == 0 || O == 0) return;
+    const float* bias = src[2];
     if (K == 0) {
-      std::fill(dst, dst + pixels * O, 0.0f);
+      for (int64_t p = 0; p < pixels; ++p) {
+        for (int64_t o = 0; o < O; ++o) dst[p * O + o] = bias ? bias[o] : 0.0f;
+      }
       return;
     }
     const int64_t R = tile_pixels(pixels, K);
@@ -142,8 +152,12 @@ void Conv2d::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
           }
         }
       }
+      float* out_rows = dst + p0 * O;
+      if (bias) {
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(out_rows + r * O, bias, sizeof(float) * O);
+      }
       sgemm(false, true, static_cast<int>(rows), static_cast<int>(O), static_cast<int>(K), 1.0f, patch,
-            static_cast<int>(K), w, static_cast<int>(K), 0.0f, dst + p0 * O, static_cast<int>(O));
+            static_cast<int>(K), w, static_cast<int>(K), bias ? 1.0f : 0.0f, out_rows, static_cast<int>(O));
     });
   });
 }
@@ -152,7 +166,8 @@ std::vector<mx::array> Conv2d::vjp(const std::vector<mx::array>& primals, const 
                                    const std::vector<int>& argnums, const std::vector<mx::array>&) {
   auto s = stream();
   auto fn = [this, s](const std::vector<mx::array>& in) {
-    return std::vector<mx::array>{mx::conv2d(in[0], in[1], {stride_, stride_}, {padding_, padding_}, {1, 1}, 1, s)};
+    auto y = mx::conv2d(in[0], in[1], {stride_, stride_}, {padding_, padding_}, {1, 1}, 1, s);
+    return std::vector<mx::array>{in.size() > 2 ? mx::add(y, in[2], s) : y};
   };
   auto grads = mx::vjp(fn, primals, cotangents).second;
   std::vector<mx::array> out;

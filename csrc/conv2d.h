@@ -5,6 +5,8 @@
 // multiplies it by the weights with single-threaded BLAS: memory O(tile), the unfold in cache.
 #pragma once
 
+#include <optional>
+
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -13,8 +15,10 @@ namespace zrecipe_native {
 namespace mx = mlx::core;
 
 // x (B, H, W, C) float32, weight (O, KH, KW, C) float32 (MLX's layouts), zero padding `padding` pixels on
-// every side, the same `stride` along both axes; no dilation, one group. → (B, H', W', O).
-mx::array conv2d(const mx::array& x, const mx::array& weight, int stride, int padding, mx::StreamOrDevice s = {});
+// every side, the same `stride` along both axes; no dilation, one group; plus `bias` (O,) when given, added
+// in the same pass (each tile's output starts as the bias). → (B, H', W', O).
+mx::array conv2d(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias, int stride,
+                 int padding, mx::StreamOrDevice s = {});
 
 // Bytes of scratch one call takes (every thread's unfolded tile).
 size_t conv2d_scratch_bytes(int64_t out_pixels, int kernel_h, int kernel_w, int channels);

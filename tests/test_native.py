@@ -341,12 +341,14 @@ def test_conv2d_against_float64_and_mlx(shape, kernel, stride, padding):
     k0, k1 = mx.random.split(mx.random.key(5))
     x = mx.random.normal(shape, key=k0)
     w = mx.random.normal((kernel[0], kernel[1], kernel[1], shape[3]), key=k1) * 0.2
-    got = native.conv2d(x, w, stride, padding)
-    mlx_own = mx.conv2d(x, w, stride=stride, padding=padding)
-    want = conv2d64(f64(x), f64(w), stride, padding)
-    assert got.shape == mlx_own.shape == want.shape
-    assert np.abs(f64(got) - want).max() / np.abs(want).max() < 1e-6
-    assert np.abs(f64(got) - f64(mlx_own)).max() / np.abs(want).max() < 1e-6
+    bias = mx.random.normal((kernel[0],), key=mx.random.key(13))
+    for b in (None, bias):
+        got = native.conv2d(x, w, stride, padding, b)
+        mlx_own = mx.conv2d(x, w, stride=stride, padding=padding) + (0 if b is None else b)
+        want = conv2d64(f64(x), f64(w), stride, padding) + (0 if b is None else f64(b))
+        assert got.shape == mlx_own.shape == want.shape
+        assert np.abs(f64(got) - want).max() / np.abs(want).max() < 1e-6
+        assert np.abs(f64(got) - f64(mlx_own)).max() / np.abs(want).max() < 1e-6
 
 
 @needs_module
@@ -354,8 +356,11 @@ def test_conv2d_gradients_layouts_and_threads():
     x = mx.random.normal((2, 12, 10, 16), key=mx.random.key(6)).transpose(0, 2, 1, 3)  # a transposed view
     w = mx.random.normal((8, 3, 3, 16), key=mx.random.key(7)) * 0.2
     cot = mx.random.normal((2, 5, 6, 8), key=mx.random.key(8))
-    ours = mx.grad(lambda a, b: (native.conv2d(a, b, 2, 1) * cot).sum(), argnums=(0, 1))(x, w)
-    ref = mx.grad(lambda a, b: (mx.conv2d(a, b, stride=2, padding=1) * cot).sum(), argnums=(0, 1))(x, w)
+    bias = mx.random.normal((8,), key=mx.random.key(14))
+    ours = mx.grad(lambda a, b, c: (native.conv2d(a, b, 2, 1, c) * cot).sum(), argnums=(0, 1, 2))(x, w, bias)
+    ref = mx.grad(
+        lambda a, b, c: ((mx.conv2d(a, b, stride=2, padding=1) + c) * cot).sum(), argnums=(0, 1, 2)
+    )(x, w, bias)
     for a, b in zip(ours, ref, strict=True):
         assert np.abs(f64(a) - f64(b)).max() / np.abs(f64(b)).max() < 1e-6
     big = mx.random.normal((2, 80, 80, 16), key=mx.random.key(9))

@@ -183,14 +183,19 @@ def conv2d_available(x: mx.array, weight: mx.array) -> bool:
     )
 
 
-def conv2d(x: mx.array, weight: mx.array, stride: int, padding: int) -> mx.array:
+def conv2d(
+    x: mx.array, weight: mx.array, stride: int, padding: int, bias: mx.array | None = None
+) -> mx.array:
     """Convolution of (B, H, W, C) float32 maps with (O, KH, KW, C) weights (MLX's layouts), zero padding
-    on every side, one stride for both axes — MLX's `conv2d` without unfolding the whole input (one tile of
-    output pixels per thread at a time: csrc/conv2d.h), differentiable. Only where `conv2d_available`."""
+    on every side, one stride for both axes, plus `bias` (O,) when given (added in the same pass) — MLX's
+    `conv2d` without unfolding the whole input (one tile of output pixels per thread at a time:
+    csrc/conv2d.h), differentiable. Only where `conv2d_available`."""
     module = _module()
     if module is None:
         raise RuntimeError("zrecipe.native.conv2d: the compiled kernels are not in use")
-    return module.conv2d(x, weight, int(stride), int(padding))
+    if bias is not None:
+        bias = bias.astype(mx.float32)
+    return module.conv2d(x, weight, bias, int(stride), int(padding))
 
 
 def conv2d_scratch_bytes(out_pixels: int, kernel_h: int, kernel_w: int, channels: int) -> int:

@@ -59,8 +59,7 @@ class Conv2d(nn.Conv2d):
         py, px = self.padding
         if (self.dilation in (1, (1, 1)) and self.groups == 1 and sy == sx and py == px
                 and native.conv2d_available(x, self.weight)):  # fmt: skip
-            y = native.conv2d(x, self.weight, sy, py)
-            return y + self.bias if "bias" in self else y
+            return native.conv2d(x, self.weight, sy, py, self["bias"] if "bias" in self else None)
         return super().__call__(x)
 
 
