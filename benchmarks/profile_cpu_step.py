@@ -53,10 +53,13 @@ def step_ablations(steps: int) -> dict[str, tuple[float, float, float]]:
         sv = sigma[:, None, None, None]
         return mx.mean(((noise - x0) + model((1 - sv) * x0 + sv * noise, 1 - sigma, caps)) ** 2)
 
+    from zrecipe.models.z_image import transformer_blocks
+
     def timed(no_attention: bool, backward: bool):
-        sdpa = mx.fast.scaled_dot_product_attention
+        # The model calls zrecipe's attention (the compiled flash attention on the CPU), not MLX's SDPA.
+        real_attention = transformer_blocks.attention
         if no_attention:  # keep q/k in the graph (their norms and RoPE), drop softmax and both matmuls
-            mx.fast.scaled_dot_product_attention = lambda q, k, v, scale, mask=None: v + 0 * (q + k)
+            transformer_blocks.attention = lambda q, k, v, scale, mask=None, training=False: v + 0 * (q + k)
         try:
             opt = optim.AdamW(learning_rate=1e-4)
             state = [model.state, opt.state]
@@ -79,7 +82,7 @@ def step_ablations(steps: int) -> dict[str, tuple[float, float, float]]:
 
             return median_ms(run, steps)
         finally:
-            mx.fast.scaled_dot_product_attention = sdpa
+            transformer_blocks.attention = real_attention
 
     return {
         "LoRA step (compiled)": timed(False, True),
