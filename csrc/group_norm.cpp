@@ -87,28 +87,11 @@ void GroupNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   for (const auto& in : inputs) encoder.set_input_array(in);
   out.set_data(mx::allocator::malloc(out.nbytes()));
   encoder.set_output_array(out);
-  struct View {
-    const float* data;
-    mx::Shape shape;
-    mx::Strides strides;
-    bool contiguous;
-  };
-  std::vector<View> views;
-  for (const auto& in : inputs) views.push_back({in.data<float>(), in.shape(), in.strides(), in.flags().row_contiguous});
+  std::vector<Layout> views(inputs.begin(), inputs.end());
   encoder.dispatch([views, dst = out.data<float>(), groups = groups_, eps = eps_, act = act_] {
     std::unique_ptr<float[]> keep[3];
-    const float* src[3];
-    for (int i = 0; i < 3; ++i) {
-      const auto& v = views[i];
-      src[i] = v.data;
-      if (!v.contiguous) {
-        size_t n = 1;
-        for (auto d : v.shape) n *= static_cast<size_t>(d);
-        keep[i].reset(new float[std::max<size_t>(n, 1)]);
-        gather(v.data, v.shape, v.strides, keep[i].get());
-        src[i] = keep[i].get();
-      }
-    }
+    const float* src[3] = {nullptr, nullptr, nullptr};
+    for (size_t i = 0; i < views.size(); ++i) src[i] = views[i].rows(keep[i]);
     const auto& shape = views[0].shape;
     const size_t B = shape[0], pixels = static_cast<size_t>(shape[1]) * shape[2], C = shape[3];
     const size_t per_group = C / groups;

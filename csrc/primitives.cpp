@@ -29,12 +29,6 @@ void check_float32(const mx::array& a, const char* op) {
   }
 }
 
-size_t element_count(const mx::Shape& shape) {
-  size_t n = 1;
-  for (auto d : shape) n *= static_cast<size_t>(d);
-  return n;
-}
-
 }  // namespace
 
 void gather(const float* src, const mx::Shape& shape, const mx::Strides& strides, float* dst) {
@@ -60,25 +54,6 @@ void gather(const float* src, const mx::Shape& shape, const mx::Strides& strides
 }
 
 namespace {
-
-// The row-major view the kernels read: the array's own buffer when it is row-contiguous, else a gathered
-// copy owned by `keep`. Called inside the dispatched task (the data exists only then).
-struct Layout {
-  const float* data;
-  mx::Shape shape;
-  mx::Strides strides;
-  bool row_contiguous;
-
-  explicit Layout(const mx::array& a)
-      : data(a.data<float>()), shape(a.shape()), strides(a.strides()), row_contiguous(a.flags().row_contiguous) {}
-
-  const float* rows(std::unique_ptr<float[]>& keep) const {
-    if (row_contiguous) return data;
-    keep.reset(new float[std::max<size_t>(element_count(shape), 1)]);
-    gather(data, shape, strides, keep.get());
-    return keep.get();
-  }
-};
 
 // Output buffer for a row-major result: the buffer of a row-contiguous input that nothing else holds
 // (the kernels may write in place of their first input), else a new one.
