@@ -127,15 +127,12 @@ def _apply_zrecipe_coretype() -> bool:
     return True
 
 
-def _choose_coretype() -> str | None:
-    """For a system OpenBLAS: name the kernel family the CPU supports unless something already chose one
-    (see the module docstring); returns what is in force."""
-    if "OPENBLAS_CORETYPE" in os.environ or os.environ.get("ZRECIPE_OPENBLAS_CORETYPE") == "":
-        return os.environ.get("OPENBLAS_CORETYPE") or None
-    coretype = openblas_coretype()
+def _choose_coretype() -> None:
+    """For a system OpenBLAS: name the kernel family the CPU supports, unless the environment or
+    ZRECIPE_OPENBLAS_CORETYPE already chose (see the module docstring)."""
+    coretype = openblas_coretype() if _coretype_origin is None else None
     if coretype:
         os.environ["OPENBLAS_CORETYPE"] = coretype
-    return coretype
 
 
 def coretype_note() -> str | None:

@@ -14,6 +14,7 @@ unwritable only turns the cache off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import marshal
 import os
 import sys
@@ -35,8 +36,9 @@ def _stamp(path: str | None) -> bytes:
     return f"{path}:{st.st_mtime_ns}:{st.st_size}".encode() if st else b"-"
 
 
+@functools.cache
 def _parser_identity() -> bytes:
-    """What, besides the text, decides the parse (found without importing PyYAML)."""
+    """What, besides the text, decides the parse (found without importing PyYAML; once per process)."""
     import importlib.util
 
     from zrecipe import __version__
