@@ -65,9 +65,9 @@ def prepare_side(side: str, threads: int | None = None) -> dict:
     """
     if side == "zrecipe":
         import zrecipe  # noqa: F401  (before mlx.core, see zrecipe.backend)
-        from zrecipe.backend import blas_status
+        from zrecipe.backend import blas_status, heap_status
 
-        return {"blas": blas_status()}
+        return {"blas": blas_status(), "heap": heap_status()}
     if side != "torch":
         raise ValueError(f"unknown side {side!r}; expected one of {SIDES}")
     import torch
@@ -161,7 +161,7 @@ def _version(module: str) -> str:
 
 def machine_info() -> dict:
     """CPU model, cores, RAM, load, library versions and the BLAS MLX uses in this process."""
-    from zrecipe.backend import blas_status
+    from zrecipe.backend import blas_status, heap_status
 
     # What the environment asked for, read before blas_status() applies ZRECIPE_OPENBLAS_CORETYPE.
     inherited = os.environ.get("OPENBLAS_CORETYPE", "(unset)")
@@ -173,6 +173,7 @@ def machine_info() -> dict:
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "blas": blas_status(),
+        "heap": heap_status(),
         "openblas_coretype": f"{inherited} in the environment, ZRECIPE_OPENBLAS_CORETYPE={for_zrecipe}",
     }
     for module in ("mlx", "torch", "diffusers", "transformers", "numpy"):
@@ -194,6 +195,7 @@ def add_child_facts(info: dict, children: dict[str, list]) -> dict:
     `children` is what `alternate_sides` returned; each result carries the `"info"` of `prepare_side`.
     """
     info["blas"] = children["zrecipe"][-1]["info"]["blas"]
+    info["heap"] = children["zrecipe"][-1]["info"].get("heap", "?")
     info["torch_threads"] = children["torch"][-1]["info"]["threads"]
     return info
 
@@ -206,7 +208,8 @@ def machine_lines(info: dict) -> list[str]:
         f"Versions: mlx {info['mlx']} ({info['mlx_device']}), torch {info['torch']}"
         f" ({info.get('torch_threads', '?')} threads), diffusers {info['diffusers']}, "
         f"transformers {info['transformers']}, numpy {info['numpy']}, Python {info['python']}.",
-        f"MLX BLAS: {info['blas']}; OPENBLAS_CORETYPE={info['openblas_coretype']}.",
+        f"MLX BLAS: {info['blas']}; OPENBLAS_CORETYPE={info['openblas_coretype']}; "
+        f"heap: {info.get('heap', '?')}.",
     ]
 
 

@@ -128,3 +128,57 @@ def test_an_inherited_weaker_coretype_is_kept_named_and_overridable():
     detected = _doctor(OPENBLAS_CORETYPE="Haswell", ZRECIPE_OPENBLAS_CORETYPE="")
     assert "kernels: SkylakeX" in detected and "note:" not in detected
     assert "note:" not in _doctor(OPENBLAS_CORETYPE="SkylakeX") and "note:" not in _doctor()
+
+
+# After a matrix product, how much CPU time the process spends while its main thread sleeps 0.1 s:
+# OpenBLAS's idle workers spinning (2^28 cycles, ~0.1 s, by OpenBLAS's default) or asleep.
+_IDLE_CPU = """
+import time, zrecipe, mlx.core as mx
+from zrecipe.backend import blas_status
+a = mx.random.normal((1024, 1024)); mx.eval(a)
+for _ in range(3): mx.eval(a @ a)
+start = time.process_time(); time.sleep(0.1); idle = time.process_time() - start
+import os
+print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"), round(idle, 3), blas_status(), sep="|")
+"""
+
+
+@linux
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS starts no worker threads on one CPU")
+def test_openblas_idle_threads_sleep_instead_of_spinning():
+    """zrecipe's own kernels run on threads of their own between BLAS calls; spinning BLAS workers took
+    half the CPU from them (a VAE encode 480 → 310 ms on 2 cores when the workers sleep at once)."""
+    timeout, idle, status = _python(_IDLE_CPU).strip().split("|")
+    assert timeout == backend.OPENBLAS_THREAD_TIMEOUT and "idle threads sleep at once" in status, status
+    assert float(idle) < 0.03, f"{idle} s of CPU while idle: OpenBLAS's workers are spinning"
+    # An inherited setting is the user's: kept, and named.
+    timeout, idle, status = _python(_IDLE_CPU, OPENBLAS_THREAD_TIMEOUT="28").strip().split("|")
+    assert timeout == "28" and "OPENBLAS_THREAD_TIMEOUT from the environment" in status, status
+
+
+# Minor page faults of allocating and freeing a 64 MiB MLX array ten times (above glibc's largest mmap
+# threshold, 32 MiB, so glibc's defaults unmap it on every free and the next one faults every page in).
+_FAULTS = """
+import resource, zrecipe, mlx.core as mx
+from zrecipe.backend import heap_status
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+mx.eval(mx.full((16 << 20,), 1.0)); before = faults()
+for i in range(10):
+    mx.eval(mx.full((16 << 20,), float(i)))
+print(faults() - before, heap_status(), sep="|")
+"""
+
+
+@linux
+def test_freed_large_arrays_are_reused_without_page_faults():
+    """MLX's CPU allocator has no cache: without the heap settings each large array faults its pages in."""
+    faults, status = _python(_FAULTS).strip().split("|")
+    if "glibc" not in status:
+        pytest.skip(f"not glibc: {status}")
+    pages = 10 * (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert int(faults) < pages // 10, f"{faults} faults for {pages} pages allocated ({status})"
+    faults, status = _python(_FAULTS, ZRECIPE_HEAP="glibc").strip().split("|")
+    assert int(faults) > pages // 2 and "ZRECIPE_HEAP=glibc" in status, (faults, status)
+    _, status = _python(_FAULTS, MALLOC_TRIM_THRESHOLD_="131072").strip().split("|")
+    assert "MALLOC_TRIM_THRESHOLD_" in status, status

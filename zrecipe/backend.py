@@ -21,6 +21,19 @@ CPU's flags support (AVX-512 → SKYLAKEX, AVX2+FMA → HASWELL) before loading 
 and `zrecipe doctor` says when it is below what the CPU runs: one machine here carried
 `OPENBLAS_CORETYPE=Haswell` on an AVX-512 CPU, which halved the matmul rate (249 against 468 GFLOP/s).
 
+OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call before they sleep. zrecipe's compiled
+kernels (flash attention, conv2d, GroupNorm) run on threads of their own between BLAS calls, and on a
+machine with as many threads as cores the spinning took half the CPU from them: measured on a 2-core
+Zen 3, a VAE encode went from 480 to 310 ms and its user time from 815 to 380 ms when the threads sleep at
+once. So zrecipe sets `OPENBLAS_THREAD_TIMEOUT` (unless it is already set) before loading OpenBLAS.
+
+MLX's CPU allocator takes every array from `malloc`, and glibc hands blocks above its mmap threshold
+(128 KiB, rising to at most 32 MiB) back to the kernel when they are freed, so each call faulted every page
+of its large arrays in again: ~30,000 minor faults and ~100 ms of system time per VAE encode of the bench
+config. `configure_heap` raises the threshold to 256 MiB and keeps up to 1 GiB free at the heap's top
+(glibc only; `ZRECIPE_HEAP=glibc`, or glibc's own `MALLOC_*_THRESHOLD_`/`MALLOC_TOP_PAD_`/
+`MALLOC_MMAP_MAX_` variables or malloc tunables, keep glibc's behaviour).
+
 Importing this module is cheap (no MLX, no numpy).
 """
 
@@ -186,6 +199,19 @@ def _candidates(choice: str) -> list[tuple[str, str]]:
 
 _coretype_origin: str | None = None  # who set OPENBLAS_CORETYPE: "environment", the ZRECIPE_ variable, None
 
+# 2^4 cycles, OpenBLAS's minimum: idle threads sleep at once. Waking them costs a few microseconds per
+# BLAS call, nothing next to the spinning they did (see the module docstring).
+OPENBLAS_THREAD_TIMEOUT = "4"
+
+
+def _apply_thread_timeout() -> str:
+    """Set OPENBLAS_THREAD_TIMEOUT unless the environment has it; → how long idle threads spin, in words."""
+    inherited = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+    if inherited is not None:
+        return f"idle threads spin 2^{inherited} cycles (OPENBLAS_THREAD_TIMEOUT from the environment)"
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = OPENBLAS_THREAD_TIMEOUT
+    return "idle threads sleep at once"
+
 
 def configure_blas() -> str:
     """Load a fast BLAS into the global symbol scope before MLX loads (Linux only). Idempotent.
@@ -212,6 +238,7 @@ def configure_blas() -> str:
         _coretype_origin = "ZRECIPE_OPENBLAS_CORETYPE"
     elif "OPENBLAS_CORETYPE" in os.environ:
         _coretype_origin = "environment"
+    spin = _apply_thread_timeout()
     failures = []
     for origin, path in _candidates(choice):
         if not os.path.exists(path):
@@ -227,7 +254,8 @@ def configure_blas() -> str:
             failures.append(f"{path} failed to load: {exc}")
             continue
         _openblas = lib
-        _blas_status = _describe(lib, origin if origin.startswith("ZRECIPE") else f"{origin}: {path}")
+        where = origin if origin.startswith("ZRECIPE") else f"{origin}: {path}"
+        _blas_status = f"{_describe(lib, where)}, {spin}"
         return _blas_status
     why = "; ".join(failures) or "no OpenBLAS found"
     _blas_status = (
@@ -235,6 +263,55 @@ def configure_blas() -> str:
         "scipy-openblas32 dependency is present, or install libopenblas0-pthread"
     )
     return _blas_status
+
+
+HEAP_MMAP_THRESHOLD = 256 << 20  # blocks below this come from the heap and are reused
+HEAP_TRIM_THRESHOLD = 1 << 30  # free memory the heap keeps at its top before returning it
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+
+# The environment's say over the same thresholds (then zrecipe leaves the heap alone).
+_GLIBC_HEAP_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+_heap_status: str | None = None
+
+
+def configure_heap() -> str:
+    """Make glibc's malloc reuse freed large blocks instead of unmapping them (see the module docstring).
+    Idempotent; → one line saying what the heap does."""
+    global _heap_status
+    if _heap_status is not None:
+        return _heap_status
+    if not sys.platform.startswith("linux"):
+        _heap_status = "the platform's allocator (not Linux: nothing changed)"
+        return _heap_status
+    if os.environ.get("ZRECIPE_HEAP", "").strip().lower() == "glibc":
+        _heap_status = "glibc's defaults (ZRECIPE_HEAP=glibc)"
+        return _heap_status
+    own = [name for name in _GLIBC_HEAP_VARIABLES if name in os.environ]
+    if own or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        _heap_status = f"as the environment sets it ({', '.join(own) or 'GLIBC_TUNABLES'})"
+        return _heap_status
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        _heap_status = "the C library's defaults (not glibc: nothing changed)"
+        return _heap_status
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) and libc.mallopt(
+        _M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD
+    )
+    _heap_status = (
+        f"glibc, blocks below {HEAP_MMAP_THRESHOLD >> 20} MiB reused, up to {HEAP_TRIM_THRESHOLD >> 30} GiB "
+        "kept free"
+        if ok
+        else "glibc's defaults (mallopt refused the thresholds)"
+    )
+    return _heap_status
+
+
+def heap_status() -> str:
+    """What the heap does in this process (configures it first if nobody has)."""
+    return configure_heap()
 
 
 class _BlasBeforeMlx:
@@ -247,15 +324,18 @@ class _BlasBeforeMlx:
             if cls in sys.meta_path:
                 sys.meta_path.remove(cls)
             configure_blas()
+            configure_heap()
         return None
 
 
 def configure_blas_before_mlx() -> None:
-    """`configure_blas()` at the moment MLX is first imported (at once when it already is), so that a
+    """`configure_blas()` and `configure_heap()` at the moment MLX is first imported (at once when it
+    already is), so that a
     process which never uses MLX (`zrecipe plan`, `--help`) does not load OpenBLAS: ~20 ms and its
     threads. What MLX binds is the same as when the BLAS is loaded at `import zrecipe`."""
     if "mlx" in sys.modules or "mlx.core" in sys.modules:
         configure_blas()
+        configure_heap()
     elif _BlasBeforeMlx not in sys.meta_path:
         sys.meta_path.insert(0, _BlasBeforeMlx)
 

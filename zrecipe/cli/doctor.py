@@ -26,7 +26,7 @@ def doctor_cmd(
         check_store(Store(store_root(cache)))
         return
     from zrecipe import __version__
-    from zrecipe.backend import blas_status, coretype_note, default_compute_dtype
+    from zrecipe.backend import blas_status, coretype_note, default_compute_dtype, heap_status
 
     status = blas_status()  # before importing mlx
     import mlx.core as mx
@@ -41,6 +41,7 @@ def doctor_cmd(
     note = coretype_note()
     if note:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
+    typer.echo(f"heap: {heap_status()}")
     typer.echo(f"default compute dtype: {default_compute_dtype()}")
     typer.echo(f"native kernels: {native.status()}")
     try:
