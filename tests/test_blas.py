@@ -182,3 +182,29 @@ def test_freed_large_arrays_are_reused_without_page_faults():
     assert int(faults) > pages // 2 and "ZRECIPE_HEAP=glibc" in status, (faults, status)
     _, status = _python(_FAULTS, MALLOC_TRIM_THRESHOLD_="131072").strip().split("|")
     assert "MALLOC_TRIM_THRESHOLD_" in status, status
+
+
+@linux
+@pytest.mark.skipif(
+    (backend._cpu_flags() or set()) >= backend._AVX512 or not backend._cpu_flags(),
+    reason="needs an x86-64 CPU without AVX-512",
+)
+@pytest.mark.parametrize("variable", ["ZRECIPE_OPENBLAS_CORETYPE", "OPENBLAS_CORETYPE"])
+def test_a_coretype_the_cpu_cannot_run_is_dropped_with_a_note(variable):
+    """OpenBLAS trusts OPENBLAS_CORETYPE: SkylakeX kernels on a CPU without AVX-512 died with SIGILL at the
+    first matmul. zrecipe drops such a choice and doctor says why."""
+    result = subprocess.run(
+        [sys.executable, "-m", "zrecipe.cli.main", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, variable: "SkylakeX"},
+    )
+    assert result.returncode == 0, result.stderr
+    note = next(line for line in result.stdout.splitlines() if line.startswith("note:"))
+    assert f"{variable}=SkylakeX" in note and "avx512" in note and "ignored" in note, note
+    out = _python(
+        "import zrecipe, mlx.core as mx; a = mx.ones((256, 256)); print(float((a @ a).sum()))",
+        **{variable: "SkylakeX"},
+    )
+    assert float(out) == 256.0**3

@@ -108,19 +108,62 @@ def _unprefixed_wheel(path: str) -> str:
         return str(unprefixed_copy(path, folder, WHEEL_PREFIX))
 
 
-def openblas_coretype() -> str | None:
-    """The OpenBLAS kernel family this x86-64 CPU supports, from /proc/cpuinfo flags (None if unknown)."""
+_AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"})
+_AVX2 = frozenset({"avx2", "fma"})
+# What OpenBLAS's x86-64 kernel families need (the ones a user is likely to name). OpenBLAS trusts
+# OPENBLAS_CORETYPE: naming one the CPU cannot run kills the process with SIGILL at the first matmul.
+_CORETYPE_NEEDS = {
+    "SKYLAKEX": _AVX512,
+    "COOPERLAKE": _AVX512,
+    "SAPPHIRERAPIDS": _AVX512,
+    "HASWELL": _AVX2,
+    "ZEN": _AVX2,
+}
+
+
+def _cpu_flags() -> set[str] | None:
+    """The x86-64 CPU's flags from /proc/cpuinfo (None where there are none to read)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
     except OSError:
         return None
-    have = set(flags)
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= have:
+    return set(flags) if flags is not None else None
+
+
+def openblas_coretype() -> str | None:
+    """The OpenBLAS kernel family this x86-64 CPU supports, from /proc/cpuinfo flags (None if unknown)."""
+    have = _cpu_flags() or set()
+    if _AVX512 <= have:
         return "SKYLAKEX"
-    if {"avx2", "fma"} <= have:
+    if _AVX2 <= have:
         return "HASWELL"
     return None
+
+
+_coretype_refused: str | None = None  # why an OPENBLAS_CORETYPE was dropped, for coretype_note()
+
+
+def _drop_unrunnable_coretype(origin: str) -> bool:
+    """Remove an OPENBLAS_CORETYPE naming kernels this CPU cannot run (OpenBLAS then detects its own),
+    and remember why: a clear note instead of "Illegal instruction"."""
+    global _coretype_refused
+    name = os.environ.get("OPENBLAS_CORETYPE", "")
+    needs = _CORETYPE_NEEDS.get(name.upper())
+    have = _cpu_flags()
+    if needs is None or have is None or needs <= have:
+        return False
+    os.environ.pop("OPENBLAS_CORETYPE")
+    missing = ", ".join(sorted(needs - have))
+    _coretype_refused = (
+        f"{origin} asks for OpenBLAS's {name} kernels, which this CPU cannot run (no {missing}); "
+        f"ignored, the CPU's own were chosen. Unset it or name one of: {', '.join(_runnable_coretypes(have))}"
+    )
+    return True
+
+
+def _runnable_coretypes(have: set[str]) -> list[str]:
+    return [name for name, needs in _CORETYPE_NEEDS.items() if needs <= have] or ["(none: leave it unset)"]
 
 
 # Kernel families zrecipe names, weakest first (for telling whether an inherited choice is below the CPU's).
@@ -151,7 +194,10 @@ def _choose_coretype() -> None:
 def coretype_note() -> str | None:
     """A hint when OPENBLAS_CORETYPE, inherited from the environment, holds OpenBLAS to weaker kernels than
     this CPU runs (measured on an AMD EPYC with AVX-512: Haswell kernels 249 GFLOP/s, SkylakeX 468), else
-    None. zrecipe keeps the environment's choice; ZRECIPE_OPENBLAS_CORETYPE overrides it for zrecipe."""
+    None. zrecipe keeps the environment's choice; ZRECIPE_OPENBLAS_CORETYPE overrides it for zrecipe. Also
+    says when a choice named kernels the CPU cannot run and was dropped."""
+    if _coretype_refused and _openblas is not None:
+        return _coretype_refused
     if _coretype_origin != "environment" or _openblas is None:
         return None
     inherited = os.environ.get("OPENBLAS_CORETYPE", "").upper()
@@ -238,6 +284,10 @@ def configure_blas() -> str:
         _coretype_origin = "ZRECIPE_OPENBLAS_CORETYPE"
     elif "OPENBLAS_CORETYPE" in os.environ:
         _coretype_origin = "environment"
+    if _coretype_origin:
+        what = "ZRECIPE_OPENBLAS_CORETYPE" if _coretype_origin != "environment" else "OPENBLAS_CORETYPE"
+        if _drop_unrunnable_coretype(f"{what}={os.environ.get(what)}"):
+            _coretype_origin = None  # as if unset: a system OpenBLAS gets the CPU's family named
     spin = _apply_thread_timeout()
     failures = []
     for origin, path in _candidates(choice):
