@@ -253,10 +253,12 @@ OPENBLAS_THREAD_TIMEOUT = "4"
 def _apply_thread_timeout() -> str:
     """Set OPENBLAS_THREAD_TIMEOUT unless the environment has it; → how long idle threads spin, in words."""
     inherited = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
-    if inherited is not None:
-        return f"idle threads spin 2^{inherited} cycles (OPENBLAS_THREAD_TIMEOUT from the environment)"
-    os.environ["OPENBLAS_THREAD_TIMEOUT"] = OPENBLAS_THREAD_TIMEOUT
-    return "idle threads sleep at once"
+    if inherited is None:
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = inherited = OPENBLAS_THREAD_TIMEOUT
+    # Described by its value: a child process inherits the 4 that its zrecipe parent set.
+    if inherited.strip().isdigit() and int(inherited) <= int(OPENBLAS_THREAD_TIMEOUT):
+        return "idle threads sleep at once"
+    return f"idle threads spin 2^{inherited} cycles (OPENBLAS_THREAD_TIMEOUT from the environment)"
 
 
 def configure_blas() -> str:
