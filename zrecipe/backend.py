@@ -39,6 +39,7 @@ Importing this module is cheap (no MLX, no numpy).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from contextlib import contextmanager
@@ -121,19 +122,20 @@ _CORETYPE_NEEDS = {
 }
 
 
-def _cpu_flags() -> set[str] | None:
-    """The x86-64 CPU's flags from /proc/cpuinfo (None where there are none to read)."""
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """The x86-64 CPU's flags from /proc/cpuinfo (None where there are none to read); read once."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
     except OSError:
         return None
-    return set(flags) if flags is not None else None
+    return frozenset(flags) if flags is not None else None
 
 
 def openblas_coretype() -> str | None:
     """The OpenBLAS kernel family this x86-64 CPU supports, from /proc/cpuinfo flags (None if unknown)."""
-    have = _cpu_flags() or set()
+    have = _cpu_flags() or frozenset()
     if _AVX512 <= have:
         return "SKYLAKEX"
     if _AVX2 <= have:
@@ -162,7 +164,7 @@ def _drop_unrunnable_coretype(origin: str) -> bool:
     return True
 
 
-def _runnable_coretypes(have: set[str]) -> list[str]:
+def _runnable_coretypes(have: frozenset[str]) -> list[str]:
     return [name for name, needs in _CORETYPE_NEEDS.items() if needs <= have] or ["(none: leave it unset)"]
 
 
@@ -387,8 +389,7 @@ class _BlasBeforeMlx:
 
 def configure_blas_before_mlx() -> None:
     """`configure_blas()` and `configure_heap()` at the moment MLX is first imported (at once when it
-    already is), so that a
-    process which never uses MLX (`zrecipe plan`, `--help`) does not load OpenBLAS: ~20 ms and its
+    already is), so that a process which never uses MLX (`zrecipe plan`, `--help`) does not load OpenBLAS: ~20 ms and its
     threads. What MLX binds is the same as when the BLAS is loaded at `import zrecipe`."""
     if "mlx" in sys.modules or "mlx.core" in sys.modules:
         configure_blas()
